@@ -1,0 +1,321 @@
+"""DiT backbone as used by MeanFlow: patchify, fixed 2-D sin-cos positions, adaLN-Zero blocks.
+
+Notation: x (B, C, H, W) the network input (z_t in the objectives), t (B,) time in [0, 1],
+h = t - r (B,) the interval, y (B,) class ids (``num_classes`` = null class).
+
+The condition c = emb_t(t) + emb_h(h) + emb_y(y) drives every block's adaLN-Zero modulation.
+Tokens are patches of p×p pixels, row-major; N = (H/p)·(W/p).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+from ..registry import BACKBONES
+from .attention import Attention
+from .layers import (
+    LabelEmbedder,
+    TimestepEmbedder,
+    batch_times,
+    check_input_shape,
+    modulate,
+    resolve_blocks,
+    sincos_pos_embed_2d,
+)
+
+__all__ = ["DiT", "DiTBlock", "DIT_SIZES"]
+
+
+def _gelu_tanh() -> nn.Module:
+    return nn.GELU(approximate="tanh")
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: (B, N, D), c (B, D) -> (B, N, D).
+
+    Six modulation vectors (shift, scale, gate for attention and for the MLP) come from SiLU(c)
+    through a zero-initialised linear layer, so the block starts as the identity.
+    ``dropout`` applies after the attention output projection and inside the MLP.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, proj_drop=dropout)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=_gelu_tanh, drop=dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_attn.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_attn, scale_attn))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN + linear to patch pixels: (B, N, D), c (B, D) -> (B, N, p·p·C). Zero-initialised."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion transformer with two time embedders (t and h = t - r) and an optional class embedder.
+
+    ``forward(x, t, h=None, y=None)``: (B, C, H, W) -> (B, C, H, W). ``h=None`` means h = 0;
+    ``y=None`` means the null class (ignored when ``num_classes == 0``).
+    ``forward_features(..., blocks=...)`` also returns the tokens (B, N, hidden_size) after the
+    requested blocks. ``encoder_blocks = (depth // 4,)``: the 0-based block index used by the
+    dispersive loss (block 3 of 12 for B/2, block 7 of 28 for XL/2).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
+        num_classes: int = 0,
+        patch_size: int = 2,
+        depth: int = 12,
+        hidden_size: int = 768,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        time_scale: float = 1.0,
+        dropout: float = 0.0,
+        frequency_size: int = 256,
+    ):
+        super().__init__()
+        channels, height, width = check_input_shape(input_shape, 3, "DiT")
+        if patch_size < 1 or height % patch_size or width % patch_size:
+            raise ValueError(
+                f"DiT input_shape {tuple(input_shape)}: height and width must be divisible by patch_size {patch_size}"
+            )
+        if hidden_size % num_heads:
+            raise ValueError(f"DiT hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        if hidden_size % 4:
+            raise ValueError(f"DiT hidden_size {hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+        if depth < 1:
+            raise ValueError(f"DiT depth must be >= 1, got {depth}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+        self.input_shape = (channels, height, width)
+        self.num_classes = int(num_classes)
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.grid_size = (height // patch_size, width // patch_size)
+        self.num_blocks = depth
+        self.encoder_blocks = (depth // 4,)
+
+        self.x_embedder = nn.Conv2d(channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, *self.grid_size).unsqueeze(0), persistent=False)
+        self.t_embedder = TimestepEmbedder(hidden_size, frequency_size, time_scale)
+        self.h_embedder = TimestepEmbedder(hidden_size, frequency_size, time_scale)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DiT initialisation: xavier linears, zero adaLN modulations and zero output layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        weight = self.x_embedder.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        self.t_embedder.reset_parameters()
+        self.h_embedder.reset_parameters()
+        if self.y_embedder is not None:
+            self.y_embedder.reset_parameters()
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, p·p·C) -> (B, C, H, W)."""
+        channels = self.input_shape[0]
+        p = self.patch_size
+        grid_h, grid_w = self.grid_size
+        x = tokens.reshape(tokens.shape[0], grid_h, grid_w, p, p, channels)
+        x = x.permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(tokens.shape[0], channels, grid_h * p, grid_w * p)
+
+    def condition(self, t: torch.Tensor, h: torch.Tensor | None, y: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+        """c = emb_t(t) + emb_h(h) [+ emb_y(y)]: (B, hidden_size)."""
+        t = batch_times(t, batch_size, device)
+        h = torch.zeros_like(t) if h is None else batch_times(h, batch_size, device)
+        c = self.t_embedder(t) + self.h_embedder(h)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, batch_size, device)
+        return c
+
+    def _run(self, x, t, h, y, blocks: list[int]):
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"DiT built for per-sample shape {self.input_shape}, got input of shape {tuple(x.shape)}")
+        c = self.condition(t, h, y, x.shape[0], x.device)
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.pos_embed.to(tokens.dtype)
+        wanted = set(blocks)
+        captured: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens, c)
+            if index in wanted:
+                captured[index] = tokens
+        out = self.unpatchify(self.final_layer(tokens, c))
+        return out, [captured[i] for i in blocks]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W), t (B,), h (B,) or None, y (B,) or None -> (B, C, H, W)."""
+        return self._run(x, t, h, y, [])[0]
+
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        h: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        *,
+        blocks: int | Iterable[int],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Output and the tokens (B, N, hidden_size) after each requested block (negatives from the end)."""
+        return self._run(x, t, h, y, resolve_blocks(blocks, self.num_blocks))
+
+
+# Literal sizes from the MeanFlow / DiT papers: depth, width, heads, patch.
+DIT_SIZES: dict[str, dict[str, int]] = {
+    "dit_s_2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
+    "dit_s_4": dict(depth=12, hidden_size=384, num_heads=6, patch_size=4),
+    "dit_b_2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "dit_b_4": dict(depth=12, hidden_size=768, num_heads=12, patch_size=4),
+    "dit_m_2": dict(depth=16, hidden_size=1024, num_heads=16, patch_size=2),
+    "dit_l_2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+    "dit_xl_2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+    "test_dit": dict(depth=2, hidden_size=32, num_heads=2, patch_size=2),
+}
+
+
+@BACKBONES.register("dit", family="dit")
+def dit(
+    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
+    num_classes: int = 0,
+    patch_size: int = 2,
+    depth: int = 12,
+    hidden_size: int = 768,
+    num_heads: int = 12,
+    mlp_ratio: float = 4.0,
+    time_scale: float = 1.0,
+    dropout: float = 0.0,
+    frequency_size: int = 256,
+) -> DiT:
+    """DiT with every architecture knob exposed (defaults: B/2)."""
+    return DiT(
+        input_shape, num_classes, patch_size=patch_size, depth=depth, hidden_size=hidden_size,
+        num_heads=num_heads, mlp_ratio=mlp_ratio, time_scale=time_scale, dropout=dropout,
+        frequency_size=frequency_size,
+    )
+
+
+def _sized(name: str, input_shape, num_classes: int, time_scale: float, dropout: float) -> DiT:
+    return DiT(input_shape, num_classes, time_scale=time_scale, dropout=dropout, **DIT_SIZES[name])
+
+
+@BACKBONES.register("dit_s_2", family="dit")
+def dit_s_2(
+    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
+    num_classes: int = 0,
+    time_scale: float = 1.0,
+    dropout: float = 0.0,
+) -> DiT:
+    """DiT-S/2: depth 12, width 384, 6 heads, patch 2."""
+    return _sized("dit_s_2", input_shape, num_classes, time_scale, dropout)
+
+
+@BACKBONES.register("dit_s_4", family="dit")
+def dit_s_4(
+    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
+    num_classes: int = 0,
+    time_scale: float = 1.0,
+    dropout: float = 0.0,
+) -> DiT:
+    """DiT-S/4: depth 12, width 384, 6 heads, patch 4."""
+    return _sized("dit_s_4", input_shape, num_classes, time_scale, dropout)
+
+
+@BACKBONES.register("dit_b_2", family="dit")
+def dit_b_2(
+    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
+    num_classes: int = 0,
+    time_scale: float = 1.0,
+    dropout: float = 0.0,
+) -> DiT:
+    """DiT-B/2: depth 12, width 768, 12 heads, patch 2 (MeanFlow B/2: ~131M params with 1000 classes)."""
+    return _sized("dit_b_2", input_shape, num_classes, time_scale, dropout)
+
+
+@BACKBONES.register("dit_b_4", family="dit")
+def dit_b_4(
+    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
+    num_classes: int = 0,
+    time_scale: float = 1.0,
+    dropout: float = 0.0,
+) -> DiT:
+    """DiT-B/4: depth 12, width 768, 12 heads, patch 4 (MeanFlow ablation model)."""
+    return _sized("dit_b_4", input_shape, num_classes, time_scale, dropout)
+
+
+@BACKBONES.register("dit_m_2", family="dit")
+def dit_m_2(
+    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
+    num_classes: int = 0,
+    time_scale: float = 1.0,
+    dropout: float = 0.0,
+) -> DiT:
+    """DiT-M/2: depth 16, width 1024, 16 heads, patch 2 (MeanFlow M/2)."""
+    return _sized("dit_m_2", input_shape, num_classes, time_scale, dropout)
+
+
+@BACKBONES.register("dit_l_2", family="dit")
+def dit_l_2(
+    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
+    num_classes: int = 0,
+    time_scale: float = 1.0,
+    dropout: float = 0.0,
+) -> DiT:
+    """DiT-L/2: depth 24, width 1024, 16 heads, patch 2 (MeanFlow L/2)."""
+    return _sized("dit_l_2", input_shape, num_classes, time_scale, dropout)
+
+
+@BACKBONES.register("dit_xl_2", family="dit")
+def dit_xl_2(
+    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
+    num_classes: int = 0,
+    time_scale: float = 1.0,
+    dropout: float = 0.0,
+) -> DiT:
+    """DiT-XL/2: depth 28, width 1152, 16 heads, patch 2 (MeanFlow XL/2)."""
+    return _sized("dit_xl_2", input_shape, num_classes, time_scale, dropout)
+
+
+@BACKBONES.register("test_dit", family="dit")
+def test_dit(
+    input_shape: tuple[int, ...] | list[int] = (4, 8, 8),
+    num_classes: int = 0,
+    time_scale: float = 1.0,
+    dropout: float = 0.0,
+) -> DiT:
+    """Tiny DiT for tests: depth 2, width 32, 2 heads, patch 2."""
+    return _sized("test_dit", input_shape, num_classes, time_scale, dropout)

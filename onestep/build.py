@@ -1,0 +1,114 @@
+"""Turn a validated Config into objects: the one place where recipe sections become factory kwargs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from onestep.config import REGULARIZER_LOOP_KEYS, Config
+from onestep.data.base import Dataset
+from onestep.registry import BACKBONES, DATASETS, OBJECTIVES, REGULARIZERS, ConfigError
+
+
+def _kwargs(entry: dict[str, Any], exclude: tuple[str, ...] = ("name",)) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k not in exclude}
+
+
+def build_dataset(cfg: Config) -> Dataset:
+    return DATASETS.build(cfg.data["name"], **_kwargs(cfg.data))
+
+
+def backbone_kwargs(cfg: Config, dataset: Dataset | None) -> dict[str, Any]:
+    """Backbone kwargs with input_shape / num_classes filled from the data (a recipe value must agree)."""
+    kwargs = _kwargs(cfg.backbone)
+    if dataset is None:
+        return kwargs
+    for key, value in (("input_shape", tuple(dataset.shape)), ("num_classes", dataset.num_classes)):
+        given = kwargs.get(key)
+        if given is not None and (tuple(given) if isinstance(given, (list, tuple)) else given) != value:
+            raise ConfigError(
+                f"backbone.{key}={given} does not match the data '{cfg.data['name']}' ({key}={value}); "
+                f"remove it from the recipe or change the data"
+            )
+        kwargs[key] = list(value) if isinstance(value, tuple) else value
+    return kwargs
+
+
+def build_backbone(cfg: Config, dataset: Dataset | None) -> nn.Module:
+    kwargs = backbone_kwargs(cfg, dataset)
+    if "input_shape" in kwargs:
+        kwargs["input_shape"] = tuple(kwargs["input_shape"])
+    return BACKBONES.build(cfg.backbone["name"], **kwargs)
+
+
+def build_objective(cfg: Config, **extra: Any):
+    return OBJECTIVES.build(cfg.objective["name"], **_kwargs(cfg.objective), **extra)
+
+
+@dataclass
+class RegularizerTerm:
+    name: str
+    weight: float
+    blocks: list[int]
+    fn: Any
+    label: str
+
+
+def resolve_blocks(spec: Any, net: nn.Module) -> list[int]:
+    """'encoder' -> the backbone's default encoder blocks; negative indices -> absolute ones."""
+    blocks = list(getattr(net, "encoder_blocks", ())) if spec == "encoder" else list(spec)
+    n = int(getattr(net, "num_blocks", 0))
+    out = []
+    for b in blocks:
+        if not -n <= b < n:
+            raise ConfigError(f"block index {b} is out of range for this backbone ({n} blocks: {-n}..{n - 1})")
+        out.append(b % n)
+    if not out:
+        raise ConfigError("regularizer blocks resolved to an empty list")
+    return out
+
+
+def build_regularizers(cfg: Config, net: nn.Module) -> list[RegularizerTerm]:
+    terms = []
+    for i, entry in enumerate(cfg.regularizers):
+        fn = REGULARIZERS.build(entry["name"], **_kwargs(entry, REGULARIZER_LOOP_KEYS))
+        blocks = resolve_blocks(entry["blocks"], net)
+        label = entry["name"] if len(cfg.regularizers) == 1 else f"{entry['name']}{i}"
+        terms.append(RegularizerTerm(entry["name"], float(entry["weight"]), blocks, fn, label))
+    return terms
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@dataclass
+class LoadedRun:
+    cfg: Config
+    net: nn.Module
+    objective: Any
+    dataset: Dataset
+    step: int
+    path: Any
+
+
+def config_from_checkpoint(state: dict[str, Any]) -> Config:
+    from onestep.config import from_dict
+
+    return from_dict({k: v for k, v in state["config"].items() if k != "meta"})
+
+
+def load_run(path: Any, *, use_ema: bool = True, device: Any = "cpu") -> LoadedRun:
+    """Rebuild the data, backbone (EMA weights by default) and objective of a run dir or checkpoint."""
+    from onestep.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    state = load_checkpoint(ckpt)
+    cfg = config_from_checkpoint(state)
+    dataset = build_dataset(cfg)
+    net = build_backbone(cfg, dataset)
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+    net.load_state_dict(weights)
+    net.to(device).eval().requires_grad_(False)
+    return LoadedRun(cfg, net, build_objective(cfg), dataset, int(state["step"]), ckpt)

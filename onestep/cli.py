@@ -1,0 +1,297 @@
+"""The ``onestep`` command line: train, sample, eval, compare, ls, validate.
+
+Config -> kwargs conversion happens here and in ``onestep.build``; the library below never parses argv.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from onestep.registry import ConfigError
+
+EPILOG = "Docs: README.md. Recipes: `onestep ls recipes`."
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    recipe, overrides = None, []
+    for item in items:
+        if "=" in item or recipe is not None:
+            overrides.append(item)
+        else:
+            recipe = item
+    return recipe, overrides
+
+
+# --------------------------------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    from onestep.config import apply_overrides, find_recipe, from_dict, load_config, load_yaml
+
+    recipe, overrides = _split_recipe_and_overrides(args.items)
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        if recipe is not None:
+            raise ConfigError("--resume takes its recipe from RUN/config.yaml; pass only KEY=VALUE overrides")
+        raw = load_yaml(cfg_path)
+        raw.pop("meta", None)
+        cfg = from_dict(apply_overrides(raw, overrides))
+        name = run_dir.name
+    else:
+        if recipe is None:
+            raise ConfigError("train needs a RECIPE (a YAML path or a name from `onestep ls recipes`)")
+        cfg = load_config(recipe, overrides)
+        name = find_recipe(recipe).stem
+        run_dir = Path(args.run_dir) if args.run_dir else \
+            Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if args.dry_run:
+        return _dry_run(cfg, run_dir)
+    if not args.resume and (run_dir / "checkpoints" / "last.pt").exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --run-dir")
+    from onestep.train.loop import train
+
+    console = _console(stderr=True)
+    out = train(cfg, run_dir, resume=bool(args.resume), argv=sys.argv, console=console,
+                progress=not args.no_progress)
+    print(out)
+    return 0
+
+
+def _dry_run(cfg, run_dir: Path) -> int:
+    from onestep.build import backbone_kwargs, build_backbone, build_dataset, build_objective, build_regularizers, \
+        count_parameters
+    from onestep.config import dump_yaml, to_plain
+
+    console = _console()
+    dataset = None
+    try:
+        dataset = build_dataset(cfg)
+    except (FileNotFoundError, ConfigError) as exc:
+        console.print(f"[yellow]note:[/] data not loaded ({str(exc).splitlines()[0]}); "
+                      f"using backbone input_shape/num_classes from the recipe")
+    net = build_backbone(cfg, dataset)
+    build_objective(cfg)
+    build_regularizers(cfg, net)
+    resolved = cfg.to_dict()
+    resolved["backbone"] = {"name": cfg.backbone["name"], **to_plain(backbone_kwargs(cfg, dataset))}
+    print(dump_yaml(resolved), end="")
+    n = count_parameters(net)
+    print(f"# backbone {cfg.backbone['name']}: {n:,} parameters ({n / 1e6:.1f}M)")
+    print(f"# dry run: nothing trained; the run would be written to {run_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- sample
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from onestep.build import load_run
+    from onestep.eval.evaluate import generate
+    from onestep.train.loop import pick_device
+    from onestep.viz import save_samples_png, to_uint8_images
+
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npz"):
+        raise ConfigError(f"--out must end in .png or .npz, got '{out.name}'")
+    device = pick_device(args.device)
+    run = load_run(args.run, use_ema=not args.no_ema, device=device)
+    if args.class_id is not None and not 0 <= args.class_id < run.dataset.num_classes:
+        raise ConfigError(f"--class {args.class_id}: this run has {run.dataset.num_classes} classes "
+                          f"(allowed 0..{run.dataset.num_classes - 1})" if run.dataset.num_classes else
+                          "--class: this run is unconditional")
+    x, y = generate(run.objective, run.net, run.dataset, num_samples=args.n, nfe=args.nfe, seed=args.seed,
+                    batch_size=args.batch_size, device=device, class_id=args.class_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        ncol = run.dataset.num_classes if args.class_id is None and 0 < run.dataset.num_classes <= 16 else None
+        save_samples_png(x, run.dataset.kind, out, ncol=ncol)
+    else:
+        arrays = {"arr_0": to_uint8_images(x) if run.dataset.kind == "image" else x.numpy().astype(np.float32)}
+        if y is not None:
+            arrays["arr_1"] = y.numpy().astype(np.int64)
+        np.savez(out, **arrays)
+    print(f"wrote {len(x)} samples ({args.nfe} NFE, step {run.step}) to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from onestep.build import load_run
+    from onestep.eval.evaluate import evaluate_model, write_rows
+    from onestep.registry import METRICS
+    from onestep.train.loop import pick_device
+
+    device = pick_device(args.device)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    for m in metrics or []:
+        METRICS.get(m)
+    run = load_run(args.run, use_ema=not args.no_ema, device=device)
+    ev = run.cfg.eval
+    nfes = args.nfe or ev.nfe
+    rows = evaluate_model(run.objective, run.net, run.dataset, nfes=nfes, metrics=metrics or ev.metrics,
+                          num_samples=args.num_samples or ev.num_samples,
+                          seed=ev.seed if args.seed is None else args.seed, batch_size=args.batch_size or ev.batch_size,
+                          device=device, step=run.step, weights="model" if args.no_ema else "ema")
+    run_dir = run.path.parent.parent if run.path.parent.name == "checkpoints" else None
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        write_rows(run_dir, rows)
+    from rich.table import Table
+
+    table = Table(title=f"{run_dir.name if run_dir else run.path} — step {run.step}")
+    for col in ("nfe", "metric", "value", "samples", "samples/s"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["nfe"]), r["metric"], f"{r['value']:.5g}", str(r["num_samples"]), f"{r['samples_per_s']:.0f}")
+    console = _console()
+    console.print(table)
+    for impl in sorted({f"{r['metric']}: {r['implementation']}; reference: {r['reference']}" for r in rows}):
+        console.print(f"  {impl}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- compare
+def cmd_compare(args) -> int:
+    from onestep.report.compare import PUBLISHED, build_table, render, summarize_run
+
+    runs = [summarize_run(r) for r in args.runs]
+    published = None
+    if args.published:
+        datas = {r.info["data"] for r in runs}
+        mapping = {"cifar10": "cifar10", "latents": "imagenet256", "imagenet_latents": "imagenet256"}
+        wanted = {mapping[d] for d in datas if d in mapping}
+        published = [p for p in PUBLISHED if not wanted or p["data"] in wanted]
+    header, rows, notes = build_table(runs, published)
+    print(render(header, rows, notes, fmt=args.format), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- ls / validate
+def cmd_ls(args) -> int:
+    import fnmatch
+    import inspect
+
+    from onestep.config import REPO_RECIPES
+    from onestep.registry import REGISTRIES
+
+    kinds = [args.kind] if args.kind else list(REGISTRIES) + ["recipes"]
+    for kind in kinds:
+        if kind == "recipes":
+            roots = [Path.cwd() / "recipes", REPO_RECIPES]
+            names = sorted({p.stem for root in roots if root.is_dir() for p in root.glob("*.yaml")})
+            entries = [(n, "") for n in names]
+        else:
+            if kind not in REGISTRIES:
+                raise ConfigError(f"unknown kind '{kind}'; allowed: {', '.join(list(REGISTRIES) + ['recipes'])}")
+            reg = REGISTRIES[kind]
+            entries = []
+            for n in reg.names():
+                doc = inspect.getdoc(reg.get(n)) or ""
+                entries.append((n, doc.splitlines()[0] if doc else ""))
+        if args.pattern:
+            entries = [e for e in entries if fnmatch.fnmatch(e[0], f"*{args.pattern}*")]
+        print(f"{kind}:")
+        for n, doc in entries:
+            print(f"  {n:<28} {doc}".rstrip())
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from onestep.config import load_config
+
+    recipe, overrides = _split_recipe_and_overrides(args.items)
+    if recipe is None:
+        raise ConfigError("validate needs a RECIPE")
+    cfg = load_config(recipe, overrides)
+    print(f"OK {recipe}: data={cfg.data['name']} backbone={cfg.backbone['name']} objective={cfg.objective['name']} "
+          f"regularizers={[r['name'] for r in cfg.regularizers]} steps={cfg.train.steps}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onestep", description="One-step generators: train, sample, eval, compare.",
+                                epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a recipe (or resume a run)")
+    t.add_argument("items", nargs="*", metavar="RECIPE [KEY=VALUE ...]")
+    t.add_argument("--run-dir", help="output directory (default runs/RECIPE-TIMESTAMP)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from checkpoints/last.pt")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count, train nothing")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="write samples of a run as PNG or NPZ")
+    s.add_argument("run", metavar="RUN_DIR|CKPT")
+    s.add_argument("--nfe", type=int, default=1)
+    s.add_argument("-n", type=int, default=64, help="number of samples")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    s.add_argument("--class", dest="class_id", type=int, default=None, help="sample only this class")
+    s.add_argument("--batch-size", type=int, default=512)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True, help="FILE.png (grid / density) or FILE.npz (arr_0, arr_1)")
+    s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="score n-NFE samples; rows go to RUN/metrics.jsonl")
+    e.add_argument("run", metavar="RUN_DIR|CKPT")
+    e.add_argument("--nfe", type=int, action="append", help="repeat for several (default: eval.nfe of the recipe)")
+    e.add_argument("--metrics", help="comma-separated metric names (`onestep ls metrics`)")
+    e.add_argument("--num-samples", type=int)
+    e.add_argument("--seed", type=int)
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--no-ema", action="store_true")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("compare", help="one table over runs (and published numbers)")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--published", action="store_true", help="add the published rows (REFERENCE §4)")
+    c.add_argument("--format", choices=["rich", "md", "csv"], default="rich")
+    c.set_defaults(fn=cmd_compare)
+
+    ls = sub.add_parser("ls", help="list registered components or recipes")
+    ls.add_argument("kind", nargs="?", help="backbones|objectives|regularizers|datasets|metrics|recipes")
+    ls.add_argument("pattern", nargs="?")
+    ls.set_defaults(fn=cmd_ls)
+
+    v = sub.add_parser("validate", help="check a recipe (and overrides) without building anything big")
+    v.add_argument("items", nargs="+", metavar="RECIPE [KEY=VALUE ...]")
+    v.set_defaults(fn=cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides given after an option land here
+        if hasattr(args, "items") and all("=" in e and not e.startswith("-") for e in extra):
+            args.items += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from onestep.train.loop import TrainingError
+
+    try:
+        return args.fn(args) or 0
+    except ConfigError as exc:
+        print(f"onestep {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"onestep {args.command}: stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"onestep {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

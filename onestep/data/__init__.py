@@ -1,0 +1,8 @@
+"""Datasets: the ``Dataset`` protocol, the step-indexed ``BatchStream`` and the shipped sets.
+
+Importing this package registers every dataset factory in ``onestep.registry.DATASETS``.
+"""
+from .base import BatchStream, Dataset, TensorDataset
+from . import images, toy  # noqa: F401  (registration side effects)
+
+__all__ = ["BatchStream", "Dataset", "TensorDataset", "images", "toy"]

@@ -1,0 +1,197 @@
+"""Flow matching (rectified flow) with the linear path; the base that MeanFlow builds on.
+
+Notation: x data, e ~ N(0, I) noise, t in [0, 1] (noise at t = 1), z_t = (1 - t) x + t e,
+v = e - x the conditional velocity, u_θ(z, t, h, y) the network output, h = t - r the interval
+(h = 0 here, always, so a flow-matching checkpoint is a valid MeanFlow initialization or teacher).
+
+Loss, per sample i (a sum over all non-batch elements, then the adaptive weight):
+
+    l_i   = Σ (u_θ(z_t, t, h=0, y) − v)²
+    loss_i = w_i · l_i,   w_i = 1 / sg((l_i + c)^p)        (p = 0: plain L2)
+
+Class dropout: with probability ``class_dropout`` a label becomes the null id ``net.num_classes``
+(only for class-conditional nets, ``net.num_classes > 0``).
+
+Sampling (Euler): z_r = z_t − (t − r) · v_θ(z_t, t), optionally with classifier-free guidance
+v_θ = v(∅) + w · (v(c) − v(∅)), w = ``guidance_scale`` (1 = no guidance).
+
+The small functions here (``sum_squares``, ``adaptive_weight``, ``drop_labels``, ``cfg_velocity``,
+``guided_output``, ``velocity``) are shared with MeanFlow.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from onestep.objectives.base import LossOutput, Objective, batch_time, expand_time, register_objective
+from onestep.objectives.time_sampling import TimeDist, sample_time
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks.
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ValueError naming ``name`` and the allowed interval if ``value`` lies outside it."""
+    bad = (low is not None and (value <= low if low_open else value < low)) or \
+          (high is not None and (value >= high if high_open else value > high))
+    if bad:
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def check_adaptive(p: float, c: float) -> None:
+    check_range("adaptive_p", p, 0.0)
+    check_range("adaptive_c", c, 0.0, low_open=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions.
+
+def sum_squares(diff: Tensor) -> Tensor:
+    """(B, ...) -> (B,) sum of squares over all non-batch elements, in float32 or wider."""
+    diff = diff.float() if diff.dtype in (torch.float16, torch.bfloat16) else diff
+    return diff.square().flatten(1).sum(1)
+
+
+def adaptive_weight(l: Tensor, p: float, c: float) -> Tensor:
+    """The adaptive loss weight w = 1 / sg((l + c)^p), (B,) -> (B,); the weighted loss is w · l.
+
+    l is the per-sample sum of squares (divided once, not squared again). p = 0 gives w = 1.
+    """
+    check_adaptive(p, c)
+    if p == 0:
+        return torch.ones_like(l)
+    return 1.0 / (l.detach() + c).pow(p)
+
+
+def num_classes_of(net: nn.Module) -> int:
+    """``net.num_classes`` (0 = unconditional), looking through wrappers with a ``.module``."""
+    while not hasattr(net, "num_classes") and hasattr(net, "module"):
+        net = net.module
+    return int(getattr(net, "num_classes", 0) or 0)
+
+
+def drop_labels(y: Tensor | None, num_classes: int, class_dropout: float,
+                generator: torch.Generator | None = None) -> Tensor | None:
+    """Replace each label by the null id ``num_classes`` with probability ``class_dropout``.
+
+    Unconditional (num_classes = 0), no labels, or class_dropout = 0: returned unchanged.
+    """
+    if y is None or num_classes <= 0 or class_dropout <= 0:
+        return y
+    dropped = torch.rand(y.shape, generator=generator, device=y.device) < class_dropout
+    return torch.where(dropped, torch.full_like(y, num_classes), y)
+
+
+def cfg_velocity(v: Tensor, u_cond: Tensor, u_uncond: Tensor, omega: float, kappa: float) -> Tensor:
+    """MeanFlow's training-time guided velocity ṽ = ω·v + κ·u(c) + (1 − ω − κ)·u(∅).
+
+    Its effective guidance scale is ω / (1 − κ).
+    """
+    return omega * v + kappa * u_cond + (1.0 - omega - kappa) * u_uncond
+
+
+def guided_output(net: nn.Module, x: Tensor, t: Tensor, h: Tensor, y: Tensor | None,
+                  guidance_scale: float = 1.0) -> Tensor:
+    """net(x, t, h, y) with classifier-free guidance out(∅) + w·(out(c) − out(∅)).
+
+    One batched call for cond + uncond; plain call when w = 1, no labels or unconditional net.
+    """
+    num_classes = num_classes_of(net)
+    if num_classes == 0:
+        y = None
+    if guidance_scale == 1.0 or y is None:
+        return net(x, t, h, y)
+    null = torch.full_like(y, num_classes)
+    out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([h, h]), torch.cat([y, null]))
+    cond, uncond = out.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def velocity(net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | None = None,
+             guidance_scale: float = 1.0) -> Tensor:
+    """No-grad instantaneous velocity v_θ(z, t) = net(z, t, h=0, y), optionally guided. (B, ...)."""
+    t = batch_time(t, z)
+    return guided_output(net, z, t, torch.zeros_like(t), y, guidance_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective.
+
+@register_objective("flow_matching")
+class FlowMatching(Objective):
+    """Flow matching on z_t = (1 − t) x + t e with target v = e − x (module docstring).
+
+    Args:
+        time_dist: "logit_normal" (t = sigmoid(N(mean_t, std_t))) or "uniform".
+        mean_t, std_t: logit-normal parameters (SD3/SiT default 0, 1).
+        adaptive_p, adaptive_c: adaptive weight 1 / sg((l + c)^p); p = 0 (default) is plain L2.
+        class_dropout: probability of the null label during training (conditional nets only).
+        guidance_scale: sampling-time CFG scale w (1 = none).
+    """
+
+    uses_jvp = False
+
+    def __init__(self, time_dist: Literal["logit_normal", "uniform"] = "logit_normal", mean_t: float = 0.0,
+                 std_t: float = 1.0, adaptive_p: float = 0.0, adaptive_c: float = 0.01,
+                 class_dropout: float = 0.1, guidance_scale: float = 1.0):
+        if time_dist not in ("logit_normal", "uniform"):
+            raise ValueError(f"time_dist must be one of 'logit_normal', 'uniform'; got {time_dist!r}")
+        check_range("std_t", std_t, 0.0, low_open=True)
+        check_adaptive(adaptive_p, adaptive_c)
+        check_range("class_dropout", class_dropout, 0.0, 1.0, high_open=True)
+        check_range("guidance_scale", guidance_scale, 0.0)
+        self.time_dist: TimeDist = time_dist
+        self.mean_t, self.std_t = float(mean_t), float(std_t)
+        self.adaptive_p, self.adaptive_c = float(adaptive_p), float(adaptive_c)
+        self.class_dropout = float(class_dropout)
+        self.guidance_scale = float(guidance_scale)
+
+    def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
+             feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+        """Per-sample flow-matching loss (B,), features from the same forward."""
+        # Sample t and noise.
+        t = sample_time(x.shape[0], dist=self.time_dist, mean=self.mean_t, std=self.std_t, device=x.device)
+        e = torch.randn_like(x)
+        # Drop labels to the null class.
+        y = drop_labels(y, num_classes_of(net), self.class_dropout)
+        return self.loss_given(net, x, y, e=e, t=t, feature_blocks=feature_blocks)
+
+    def loss_given(self, net: nn.Module, x: Tensor, y: Tensor | None, *, e: Tensor, t: Tensor,
+                   feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+        """The loss for given noise e (like x), times t (B,) and (already dropped) labels y."""
+        if num_classes_of(net) == 0:
+            y = None
+        t = t.to(device=x.device, dtype=x.dtype)
+        h = torch.zeros_like(t)
+        # Noise the data; conditional velocity.
+        z = (1 - expand_time(t, x)) * x + expand_time(t, x) * e
+        v = e - x
+        # Predict with h = 0, keeping features from this pass.
+        if feature_blocks:
+            u, features = net.forward_features(z, t, h, y, blocks=tuple(feature_blocks))
+            features = list(features)
+        else:
+            u, features = net(z, t, h, y), []
+        # Per-sample sum of squares, adaptively weighted.
+        l = sum_squares(u - v)
+        loss = adaptive_weight(l, self.adaptive_p, self.adaptive_c) * l
+        logs = {"mse": float(l.detach().mean()), "loss": float(loss.detach().mean())}
+        return LossOutput(loss=loss, features=features, logs=logs)
+
+    def velocity(self, net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """No-grad v_θ(z, t) with h = 0 and this objective's guidance scale."""
+        return velocity(net, z, t, y, self.guidance_scale)
+
+    @torch.no_grad()
+    def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float,
+                    y: Tensor | None) -> Tensor:
+        """Euler step x_r = x_t − (t − r)·v_θ(x_t, t, h=0, y)."""
+        t, r = batch_time(t, x), batch_time(r, x)
+        return x - expand_time(t - r, x) * self.velocity(net, x, t, y)

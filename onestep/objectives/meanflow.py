@@ -1,0 +1,239 @@
+"""MeanFlow (Geng et al. 2025, arXiv 2505.13447): learn the average velocity for one-step sampling.
+
+Notation: x data, e ~ N(0, I) noise, times 0 <= r <= t <= 1 (noise at t = 1), h = t − r,
+z_t = (1 − t) x + t e, v = e − x the conditional velocity. The network u_θ(z, t, h, y) models the
+average velocity u(z_t, r, t) = 1/(t − r) ∫_r^t v(z_s, s) ds (→ v(z_t, t) as r → t).
+
+MeanFlow identity and target:
+
+    u(z_t, r, t) = v(z_t, t) − (t − r) · du/dt,        du/dt = v·∂_z u + ∂_t u
+    u_tgt        = sg(ṽ − clip(t − r, 0, 1) · du/dt)
+
+du/dt is one forward-mode JVP of (z, t, h) ↦ u_θ(z, t, h, y) with tangent (ṽ, 1, 1), which is the
+tangent (v, 0, 1) in (z, r, t) coordinates since h = t − r. The same primal pass gives u_θ (with
+gradients) and the regularizer features. Loss per sample (a sum over elements, then the adaptive
+weight; ImageNet defaults p = 1, c = 0.01; CIFAR-10 used p = 0.75, c = 1e-3):
+
+    l_i    = Σ (u_θ − u_tgt)²,      loss_i = l_i / sg((l_i + c)^p)
+
+ṽ, the velocity in tangent and target, is v = e − x, except:
+
+- CFG folded into training (class-conditional nets, ω ≠ 1 or κ ≠ 0), for samples whose label was
+  not dropped and whose t lies in [cfg_t_start, cfg_t_end]:
+      ṽ = ω·v + κ·u_θ(z_t, t, h=0 | c) + (1 − ω − κ)·u_θ(z_t, t, h=0 | ∅)
+  (no grad, one batched call). Effective guidance scale ω / (1 − κ); sample with guidance 1.
+- Distillation: with a ``teacher`` (a frozen net in the backbone contract) the teacher's marginal
+  velocity v_φ(z_t, t) (no grad, h = 0) replaces v = e − x, also as the base of the CFG mix.
+
+When r = t the correction vanishes and the loss is plain flow matching on those samples.
+
+Sampling: z_r = z_t − (t − r)·u_θ(z_t, t, h = t − r, y); one step is x = e − u_θ(e, t=1, h=1).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from onestep.objectives.base import LossOutput, Objective, batch_time, expand_time, register_objective
+from onestep.objectives.flow_matching import (adaptive_weight, cfg_velocity, check_adaptive, check_range,
+                                              drop_labels, num_classes_of, sum_squares, velocity)
+from onestep.objectives.time_sampling import check_ratio, sample_t_r
+
+__all__ = ["MeanFlow", "meanflow_target", "meanflow_jvp", "adaptive_weight", "cfg_velocity", "jvp_context"]
+
+
+def jvp_context() -> contextlib.AbstractContextManager:
+    """``onestep.backbones.attention.jvp_attention()`` (attention with forward-mode AD).
+
+    Falls back to a no-op only while the backbones package does not provide it yet.
+    """
+    try:
+        from onestep.backbones.attention import jvp_attention
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("onestep.backbones"):
+            return contextlib.nullcontext()
+        raise
+    return jvp_attention()
+
+
+def meanflow_target(v: Tensor, dudt: Tensor, t: Tensor, r: Tensor) -> Tensor:
+    """Stop-gradient target sg(v − clip(t − r, 0, 1)·du/dt), in float32 (or wider); v, dudt (B, ...)."""
+    dtype = torch.promote_types(torch.promote_types(v.dtype, dudt.dtype), torch.float32)
+    v, dudt = v.detach().to(dtype), dudt.detach().to(dtype)
+    h = expand_time((t - r).detach().to(dtype).clamp(0.0, 1.0), v)
+    return v - h * dudt
+
+
+def meanflow_jvp(net: nn.Module, z: Tensor, t: Tensor, h: Tensor, v: Tensor, y: Tensor | None,
+                 feature_blocks: tuple[int, ...] = ()) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(u_θ(z, t, h, y), du/dt, features) from one ``torch.func.jvp`` along (v, 1, 1) in (z, t, h).
+
+    u and the features keep their graph to the parameters; du/dt is the directional derivative
+    v·∂_z u + ∂_t u at fixed r (h = t − r moves with t).
+    """
+    ones = torch.ones_like(t)
+    blocks = tuple(feature_blocks)
+    if blocks:
+        def fn(z_: Tensor, t_: Tensor, h_: Tensor) -> tuple[Tensor, list[Tensor]]:
+            out, feats = net.forward_features(z_, t_, h_, y, blocks=blocks)
+            return out, list(feats)
+
+        with jvp_context():
+            u, dudt, features = torch.func.jvp(fn, (z, t, h), (v, ones, ones), has_aux=True)
+        return u, dudt, list(features)
+
+    def fn(z_: Tensor, t_: Tensor, h_: Tensor) -> Tensor:
+        return net(z_, t_, h_, y)
+
+    with jvp_context():
+        u, dudt = torch.func.jvp(fn, (z, t, h), (v, ones, ones))
+    return u, dudt, []
+
+
+@register_objective("meanflow")
+class MeanFlow(Objective):
+    """MeanFlow average-velocity objective (module docstring for the equations).
+
+    Args:
+        mean_t, std_t, mean_r, std_r, ratio_r_neq_t, pairing, time_dist: the (t, r) sampler
+            (``time_sampling.sample_t_r``); defaults are ImageNet's: logit-normal(−0.4, 1) twice,
+            sorted, 25 % of samples with r ≠ t (a fixed count per batch). CIFAR-10 v1:
+            mean_t=-0.6, std_t=1.6, mean_r=-4.0, std_r=1.6, pairing="clip".
+        adaptive_p, adaptive_c: adaptive weight 1 / sg((l + c)^p), ImageNet p = 1, c = 0.01
+            (CIFAR-10: p = 0.75, c = 1e-3; p = 0 is plain L2).
+        class_dropout: probability of the null label (conditional nets only); dropped samples get
+            ṽ = v.
+        cfg_omega, cfg_kappa: ω, κ of the training-time guidance (1, 0 = off). Effective scale
+            ω / (1 − κ). Paper: B/2, M/2 ω = 1, κ = 0.5; L/2, XL/2 ω = 0.2, κ = 0.92.
+        cfg_t_start, cfg_t_end: guidance only for t in this closed interval.
+        target_fp32: run the JVP (and so u_θ), ṽ and the target in float32 with autocast off;
+            False runs the JVP under the ambient autocast (the target is still formed in float32).
+        teacher: optional frozen net (backbone contract) whose velocity v_φ(z_t, t) replaces
+            v = e − x (distillation); its labels follow the same null-id convention.
+        teacher_guidance: CFG scale applied to the teacher's velocity (1 = none).
+    """
+
+    uses_jvp = True
+
+    def __init__(self, mean_t: float = -0.4, std_t: float = 1.0, mean_r: float = -0.4, std_r: float = 1.0,
+                 ratio_r_neq_t: float = 0.25, pairing: Literal["sort", "clip"] = "sort",
+                 time_dist: Literal["logit_normal", "uniform"] = "logit_normal",
+                 adaptive_p: float = 1.0, adaptive_c: float = 0.01, class_dropout: float = 0.1,
+                 cfg_omega: float = 1.0, cfg_kappa: float = 0.0, cfg_t_start: float = 0.0,
+                 cfg_t_end: float = 1.0, target_fp32: bool = True,
+                 teacher: Callable[..., Tensor] | None = None, teacher_guidance: float = 1.0):
+        check_ratio(ratio_r_neq_t)
+        if pairing not in ("sort", "clip"):
+            raise ValueError(f"pairing must be one of 'sort', 'clip'; got {pairing!r}")
+        if time_dist not in ("logit_normal", "uniform"):
+            raise ValueError(f"time_dist must be one of 'logit_normal', 'uniform'; got {time_dist!r}")
+        check_range("std_t", std_t, 0.0, low_open=True)
+        check_range("std_r", std_r, 0.0, low_open=True)
+        check_adaptive(adaptive_p, adaptive_c)
+        check_range("class_dropout", class_dropout, 0.0, 1.0, high_open=True)
+        check_range("cfg_omega", cfg_omega, 0.0)
+        check_range("cfg_kappa", cfg_kappa, 0.0, 1.0, high_open=True)
+        check_range("cfg_t_start", cfg_t_start, 0.0, 1.0)
+        check_range("cfg_t_end", cfg_t_end, cfg_t_start, 1.0)
+        check_range("teacher_guidance", teacher_guidance, 0.0)
+        if teacher is not None and not callable(teacher):
+            raise ValueError(f"teacher must be a callable net(z, t, h, y) or None, got {type(teacher).__name__}")
+        self.mean_t, self.std_t, self.mean_r, self.std_r = float(mean_t), float(std_t), float(mean_r), float(std_r)
+        self.ratio_r_neq_t = float(ratio_r_neq_t)
+        self.pairing, self.time_dist = pairing, time_dist
+        self.adaptive_p, self.adaptive_c = float(adaptive_p), float(adaptive_c)
+        self.class_dropout = float(class_dropout)
+        self.cfg_omega, self.cfg_kappa = float(cfg_omega), float(cfg_kappa)
+        self.cfg_t_start, self.cfg_t_end = float(cfg_t_start), float(cfg_t_end)
+        self.target_fp32 = bool(target_fp32)
+        self.teacher = teacher
+        self.teacher_guidance = float(teacher_guidance)
+
+    @property
+    def cfg_effective_scale(self) -> float:
+        """ω / (1 − κ): the guidance scale the trained one-step model imitates."""
+        return self.cfg_omega / (1.0 - self.cfg_kappa)
+
+    def sample_t_r(self, n: int, device: torch.device | str | None = None,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(t, r), each (n,) float32, from this objective's sampler settings."""
+        return sample_t_r(n, mean_t=self.mean_t, std_t=self.std_t, mean_r=self.mean_r, std_r=self.std_r,
+                          ratio_r_neq_t=self.ratio_r_neq_t, pairing=self.pairing, dist=self.time_dist,
+                          generator=generator, device=device)
+
+    def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
+             feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+        """Per-sample MeanFlow loss (B,), features from the JVP's primal pass."""
+        # Sample t >= r and noise.
+        t, r = self.sample_t_r(x.shape[0], device=x.device)
+        e = torch.randn_like(x)
+        # Drop labels to the null class.
+        y = drop_labels(y, num_classes_of(net), self.class_dropout)
+        return self.loss_given(net, x, y, e=e, t=t, r=r, feature_blocks=feature_blocks)
+
+    def loss_given(self, net: nn.Module, x: Tensor, y: Tensor | None, *, e: Tensor, t: Tensor, r: Tensor,
+                   feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+        """The loss for given noise e (like x), times t, r (B,) and (already dropped) labels y."""
+        if num_classes_of(net) == 0:
+            y = None
+        dtype = torch.float32 if self.target_fp32 else x.dtype
+        dtype = torch.promote_types(dtype, x.dtype)
+        precision = (torch.autocast(device_type=x.device.type, enabled=False) if self.target_fp32
+                     else contextlib.nullcontext())
+        with precision:
+            x, e = x.to(dtype), e.to(dtype)
+            t, r = t.to(device=x.device, dtype=dtype), r.to(device=x.device, dtype=dtype)
+            # Noise the data; conditional velocity.
+            z = (1 - expand_time(t, x)) * x + expand_time(t, x) * e
+            v = e - x
+            # Guided (or teacher) velocity, no grad.
+            v_tilde, guided = self.guided_velocity(net, z, t, v, y)
+            # u and du/dt from one JVP along (ṽ, 1, 1) in (z, t, h).
+            u, dudt, features = meanflow_jvp(net, z, t, t - r, v_tilde, y, feature_blocks)
+        # Stop-gradient target, in float32.
+        u_tgt = meanflow_target(v_tilde, dudt, t, r)
+        # Per-sample sum of squares, adaptively weighted.
+        l = sum_squares(u.to(u_tgt.dtype) - u_tgt)
+        loss = adaptive_weight(l, self.adaptive_p, self.adaptive_c) * l
+        logs = {"mse": float(l.detach().mean()), "loss": float(loss.detach().mean())}
+        if guided is not None:
+            logs["guided_fraction"] = float(guided.float().mean())
+        return LossOutput(loss=loss, features=features, logs=logs)
+
+    @torch.no_grad()
+    def guided_velocity(self, net: nn.Module, z: Tensor, t: Tensor, v: Tensor,
+                        y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """ṽ (like v) and the (B,) mask of guided samples (None when guidance is off).
+
+        Base velocity: v, or the teacher's v_φ(z, t). Guided samples (label kept, t in
+        [cfg_t_start, cfg_t_end]) get ω·base + κ·u_θ(z, t, 0 | c) + (1 − ω − κ)·u_θ(z, t, 0 | ∅).
+        """
+        # Replace v by the teacher velocity when distilling.
+        base = v if self.teacher is None else velocity(self.teacher, z, t, y, self.teacher_guidance).to(v.dtype)
+        num_classes = num_classes_of(net)
+        if (self.cfg_omega == 1.0 and self.cfg_kappa == 0.0) or num_classes == 0 or y is None:
+            return base, None
+        # Guide only kept labels with t inside the window.
+        guided = (y != num_classes) & (t >= self.cfg_t_start) & (t <= self.cfg_t_end)
+        index = guided.nonzero().squeeze(1)
+        if index.numel() == 0:
+            return base, guided
+        # One batched call: conditional and null-class u_θ(z, t, h=0).
+        zi, ti, yi = z[index], t[index], y[index]
+        out = net(torch.cat([zi, zi]), torch.cat([ti, ti]), torch.zeros_like(torch.cat([ti, ti])),
+                  torch.cat([yi, torch.full_like(yi, num_classes)]))
+        u_cond, u_uncond = out.to(v.dtype).chunk(2)
+        mixed = cfg_velocity(base[index], u_cond, u_uncond, self.cfg_omega, self.cfg_kappa)
+        return base.index_copy(0, index, mixed), guided
+
+    @torch.no_grad()
+    def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float,
+                    y: Tensor | None) -> Tensor:
+        """z_r = z_t − (t − r)·u_θ(z_t, t, h = t − r, y)."""
+        t, r = batch_time(t, x), batch_time(r, x)
+        if num_classes_of(net) == 0:
+            y = None
+        return x - expand_time(t - r, x) * net(x, t, t - r, y)

@@ -1,0 +1,1 @@
+"""Regularizers: callables ``reg(features) -> scalar`` registered in REGULARIZERS."""

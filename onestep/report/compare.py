@@ -1,0 +1,184 @@
+"""Comparison tables: one row per run, one column per (metric, nfe, implementation, reference).
+
+Numbers from different metric implementations or references never share a column: such a metric
+gets one column per variant, labelled [a], [b], ..., and a footnote says what each variant is.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# REFERENCE.md §4: published 1-NFE (and 2-NFE) FID. Source and evaluation suite per row.
+PUBLISHED: list[dict[str, Any]] = [
+    *[{"run": f"{m} (published)", "data": "imagenet256", "nfe": 1, "value": v, "source": s,
+       "implementation": "FID-50K, ADM TF evaluation suite", "objective": o}
+      for m, v, s, o in [
+          ("iCT-XL/2", 34.24, "MeanFlow paper, Tab. 2", "ict"),
+          ("Shortcut-XL/2", 10.60, "MeanFlow paper, Tab. 2", "shortcut"),
+          ("MeanFlow-B/2", 6.17, "Geng et al. 2025, Tab. 2", "meanflow"),
+          ("MeanFlow-M/2", 5.01, "Geng et al. 2025, Tab. 2", "meanflow"),
+          ("MeanFlow-L/2", 3.84, "Geng et al. 2025, Tab. 2", "meanflow"),
+          ("MeanFlow-XL/2", 3.43, "Geng et al. 2025, Tab. 2", "meanflow"),
+          ("MeanFlow+Disp XL/2", 3.21, "secondary source (REFERENCE §3)", "meanflow"),
+          ("AlphaFlow-XL/2+", 2.58, "AlphaFlow paper", "alphaflow"),
+          ("SoFlow-XL/2", 2.96, "SoFlow paper", "soflow"),
+          ("iMF-XL/2", 1.72, "iMF paper", "meanflow"),
+          ("iMF-B/2", 3.39, "iMF paper", "meanflow"),
+      ]],
+    {"run": "MeanFlow-XL/2 (published)", "data": "imagenet256", "nfe": 2, "value": 2.93,
+     "source": "Geng et al. 2025, Tab. 2", "implementation": "FID-50K, ADM TF evaluation suite", "objective": "meanflow"},
+    {"run": "IMM-XL/2 (published)", "data": "imagenet256", "nfe": 2, "value": 7.77,
+     "source": "IMM paper (1x2 NFE)", "implementation": "FID-50K, ADM TF evaluation suite", "objective": "imm"},
+    *[{"run": f"{m} (published)", "data": "cifar10", "nfe": 1, "value": v, "source": s,
+       "implementation": "FID-50K, paper's own pipeline (EDM/ADM-style Inception)", "objective": o}
+      for m, v, s, o in [
+          ("CD", 3.55, "Song et al. 2023", "consistency_distillation"), ("CT", 8.70, "Song et al. 2023", "ct"),
+          ("iCT", 2.83, "Song & Dhariwal 2023", "ict"), ("iCT-deep", 2.51, "Song & Dhariwal 2023", "ict"),
+          ("ECT", 3.60, "Geng et al. 2024", "ect"), ("sCT", 2.97, "Lu & Song 2024", "sct"),
+          ("sCD", 3.66, "Lu & Song 2024", "scd"), ("IMM", 3.20, "Zhou et al. 2025", "imm"),
+          ("MeanFlow", 2.92, "Geng et al. 2025", "meanflow"), ("TCM", 2.46, "TCM paper", "tcm"),
+      ]],
+    *[{"run": f"{m} (published)", "data": "cifar10", "nfe": 2, "value": v, "source": s,
+       "implementation": "FID-50K, paper's own pipeline (EDM/ADM-style Inception)", "objective": o}
+      for m, v, s, o in [("iCT", 2.46, "Song & Dhariwal 2023", "ict"), ("ECT", 2.11, "Geng et al. 2024", "ect")]],
+]
+
+
+@dataclass
+class RunSummary:
+    name: str
+    info: dict[str, Any]
+    values: dict[tuple, float] = field(default_factory=dict)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def summarize_run(run_dir: str | Path) -> RunSummary:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        from onestep.registry import ConfigError
+
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    stats = _read_jsonl(run_dir / "stats.jsonl")
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    regs = ",".join(f"{r['name']}(w={r.get('weight')})" for r in cfg.get("regularizers") or []) or "-"
+    last_stats = stats[-1] if stats else {}
+    rates = [s["images_per_s"] for s in stats if "images_per_s" in s]
+    info = {
+        "data": cfg.get("data", {}).get("name", "?"),
+        "objective": cfg.get("objective", {}).get("name", "?"),
+        "backbone": cfg.get("backbone", {}).get("name", "?"),
+        "regularizers": regs,
+        "steps": last_stats.get("step", 0),
+        "params": (cfg.get("meta") or {}).get("parameters"),
+        "train_img_s": round(sum(rates) / len(rates), 1) if rates else None,
+    }
+    summary = RunSummary(run_dir.name, info)
+    # Latest step wins; within a step, the last row written wins.
+    latest_step = {}
+    for row in metrics:
+        key = (row["metric"], row["nfe"], row.get("implementation", "?"), row.get("reference", "?"))
+        if row.get("step", 0) >= latest_step.get(key, -1):
+            latest_step[key] = row.get("step", 0)
+            summary.values[key] = row["value"]
+    return summary
+
+
+def build_table(runs: list[RunSummary], published: list[dict[str, Any]] | None = None):
+    """Returns (header, rows, footnotes)."""
+    runs = list(runs)
+    for p in published or []:
+        runs.append(RunSummary(p["run"], {"data": p["data"], "objective": p["objective"], "backbone": "-",
+                                          "regularizers": "-", "steps": None, "params": None, "train_img_s": None,
+                                          "source": p["source"]},
+                               {("fid", p["nfe"], p["implementation"], p["data"]): p["value"]}))
+    keys = sorted({k for r in runs for k in r.values}, key=lambda k: (k[0], k[1], k[2], k[3]))
+    variants: dict[tuple, list[tuple]] = {}
+    for k in keys:
+        variants.setdefault((k[0], k[1]), []).append(k)
+    columns, footnotes = [], []
+    for (metric, nfe), ks in variants.items():
+        for i, k in enumerate(ks):
+            label = f"{metric}@{nfe}"
+            if len(ks) > 1:
+                tag = chr(ord("a") + i)
+                label += f" [{tag}]"
+                footnotes.append(f"[{tag}] {metric}@{nfe}: {k[2]}; reference: {k[3]}")
+            columns.append((label, k))
+    if any(len(ks) > 1 for ks in variants.values()):
+        footnotes.insert(0, "Columns marked [a], [b], ... hold the same metric computed with a different "
+                            "implementation or reference; their numbers are not comparable across columns.")
+    impl_notes = sorted({f"{k[0]}@{k[1]}: {k[2]}; reference: {k[3]}" for ks in variants.values() if len(ks) == 1
+                         for k in ks})
+    footnotes.extend(impl_notes)
+    sources = [f"{r.name}: {r.info['source']}" for r in runs if r.info.get("source")]
+    if sources:
+        footnotes.append("Published rows: " + "; ".join(sources))
+    header = ["run", "data", "objective", "backbone", "regularizers", "steps", "params", "train img/s"] + \
+             [c[0] for c in columns]
+    rows = []
+    for r in runs:
+        params = r.info.get("params")
+        row = [r.name, r.info["data"], r.info["objective"], r.info["backbone"], r.info["regularizers"],
+               "" if r.info.get("steps") is None else str(r.info["steps"]),
+               "" if not params else f"{params / 1e6:.2f}M",
+               "" if r.info.get("train_img_s") is None else f"{r.info['train_img_s']:.0f}"]
+        for _, k in columns:
+            v = r.values.get(k)
+            row.append("" if v is None else _fmt(v))
+        rows.append(row)
+    return header, rows, footnotes
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) < 1000 else f"{v:.1f}"
+
+
+def render(header, rows, footnotes, fmt: str = "rich", console=None) -> str:
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(header)
+        w.writerows(rows)
+        return buf.getvalue()
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        if footnotes:
+            lines.append("")
+            lines += [f"- {n}" for n in footnotes]
+        return "\n".join(lines) + "\n"
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for h in header:
+        table.add_column(h, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    console = console or Console()
+    with console.capture() as cap:
+        console.print(table)
+        for n in footnotes:
+            console.print(f"  {n}", highlight=False)
+    return cap.get()

@@ -1,0 +1,41 @@
+"""The only sampling loop: previews, ``onestep sample`` and ``onestep eval`` all call ``sample``."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def sample(objective, net: nn.Module, noise: Tensor, y: Tensor | None = None, nfe: int = 1,
+           grid: Tensor | None = None) -> Tensor:
+    """Integrate from noise (t = 1) to data (t = 0) in ``nfe`` network calls.
+
+    noise: (B, ...) standard normal; y: (B,) class ids or None; grid: descending times of length
+    nfe + 1 (default ``objective.time_grid(nfe)``). Returns (B, ...) samples in data coordinates.
+    """
+    grid = objective.time_grid(nfe) if grid is None else torch.as_tensor(grid, dtype=torch.float32)
+    if grid.ndim != 1 or len(grid) < 2:
+        raise ValueError(f"grid must be 1-D with at least 2 times, got shape {tuple(grid.shape)}")
+    x = objective.prior(noise)
+    for t, r in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+        rr = torch.full((x.shape[0],), r, device=x.device, dtype=x.dtype)
+        x = objective.sample_step(net, x, tt, rr, y)
+    return x
+
+
+def seeded_noise(seeds, shape: tuple[int, ...], device=None, dtype=torch.float32) -> Tensor:
+    """Noise with one generator per sample, so sample i is the same at any batch size."""
+    out = torch.empty((len(seeds), *shape), dtype=dtype)
+    g = torch.Generator()
+    for i, s in enumerate(seeds):
+        g.manual_seed(int(s))
+        out[i] = torch.randn(shape, generator=g, dtype=dtype)
+    return out.to(device)
+
+
+def balanced_labels(indices, num_classes: int) -> Tensor | None:
+    """Class i % num_classes for sample index i (None when unconditional)."""
+    if num_classes <= 0:
+        return None
+    return torch.as_tensor(list(indices), dtype=torch.long) % num_classes

@@ -1,0 +1,278 @@
+"""The one training loop: from scratch, from an init checkpoint, or resumed.
+
+Per step: batch(step) -> objective.loss -> total = mean(loss) + sum_k weight_k * reg_k(features)
+-> backward -> clip -> optimizer -> EMA. All randomness of a step comes from generators seeded by
+(seed, step, rank), so a resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onestep import __version__
+from onestep.build import (backbone_kwargs, build_backbone, build_dataset, build_objective,
+                           build_regularizers, count_parameters)
+from onestep.config import Config, dump_yaml, to_plain
+from onestep.data.base import BatchStream
+from onestep.registry import ConfigError
+from onestep.sampling import balanced_labels, sample, seeded_noise
+from onestep.train.checkpoint import load_checkpoint, save_checkpoint
+from onestep.train.ema import EMA
+from onestep.viz import save_samples_png
+
+
+class TrainingError(RuntimeError):
+    """The run stopped (e.g. a non-finite loss); the message says why and what was kept."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + step) * 65_537 + rank + 17
+
+
+def versions() -> dict[str, str]:
+    return {"onestep": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
+
+
+def resolved_config(cfg: Config, dataset, net, argv: list[str] | None) -> dict[str, Any]:
+    out = cfg.to_dict()
+    out["backbone"] = {"name": cfg.backbone["name"], **to_plain(backbone_kwargs(cfg, dataset))}
+    out["meta"] = {
+        "versions": versions(),
+        "argv": list(argv or sys.argv),
+        "parameters": count_parameters(net),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return out
+
+
+def lr_at(step: int, base_lr: float, warmup: int) -> float:
+    return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+
+
+def autocast_ctx(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, argv: list[str] | None = None,
+                 console=None, progress: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.console = console
+        self.progress = progress
+        t = cfg.train
+        self.device = pick_device(t.device)
+        torch.manual_seed(cfg.seed)
+        self.dataset = build_dataset(cfg)
+        self.net = build_backbone(cfg, self.dataset).to(self.device)
+        self.objective = build_objective(cfg)
+        if t.precision == "fp16" and getattr(self.objective, "uses_jvp", False):
+            raise ConfigError(f"train.precision=fp16 is refused for '{cfg.objective['name']}' (its JVP target "
+                              f"overflows in fp16); use bf16 or fp32")
+        self.regs = build_regularizers(cfg, self.net)
+        self.feature_blocks = tuple(sorted({b for r in self.regs for b in r.blocks}))
+        opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt_cls(self.net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.step = 0
+        if resume:
+            self._load_resume()
+        elif t.init_from:
+            self._load_init(t.init_from)
+        self.ema = EMA(self.net, t.ema_decay, t.ema_warmup)
+        if resume:
+            self.ema.load_state_dict(self._resume_state["ema"])
+            del self._resume_state
+        self.stream = BatchStream(self.dataset, t.batch_size, seed=cfg.seed)
+        self.preview_noise = seeded_noise(range(t.num_preview if self.dataset.kind == "image" else 4096),
+                                          tuple(self.dataset.shape), self.device)
+        n_prev = self.preview_noise.shape[0]
+        self.preview_labels = balanced_labels(range(n_prev), self.dataset.num_classes)
+        if self.preview_labels is not None:
+            self.preview_labels = self.preview_labels.to(self.device)
+
+    # -- state -------------------------------------------------------------------------------
+    def _load_resume(self) -> None:
+        state = load_checkpoint(self.run_dir)
+        self.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self._resume_state = state
+
+    def _load_init(self, path: str) -> None:
+        state = load_checkpoint(path)
+        weights = state["ema"] if state.get("ema") is not None else state["model"]
+        try:
+            self.net.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise ConfigError(f"train.init_from={path}: weights do not fit this backbone: "
+                              f"{str(exc).splitlines()[0][:200]}") from None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "config": self._config_dict,
+            "versions": versions(),
+        }
+
+    # -- pieces ------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        t = self.cfg.train
+        torch.manual_seed(step_seed(self.cfg.seed, step))
+        x, y = self.stream.batch(step)
+        x = x.to(self.device, non_blocking=True)
+        y = None if y is None else y.to(self.device, non_blocking=True)
+        lr = lr_at(step, t.lr, t.warmup_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.net.train()
+        with autocast_ctx(self.device, t.precision):
+            out = self.objective.loss(self.net, x, y, step=step, feature_blocks=self.feature_blocks)
+        main = out.loss.float().mean()
+        total = main
+        logs: dict[str, float] = {"loss_main": main.item()}
+        feats = dict(zip(self.feature_blocks, out.features))
+        for reg in self.regs:
+            value = torch.stack([reg.fn(feats[b].float()) for b in reg.blocks]).mean()
+            total = total + reg.weight * value
+            logs[f"loss_{reg.label}"] = value.item()
+        loss_value = total.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(self._diverged_message(step, "loss", loss_value))
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        clip = t.grad_clip if t.grad_clip else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip).item()
+        if not math.isfinite(grad_norm):
+            raise TrainingError(self._diverged_message(step, "gradient norm", grad_norm))
+        self.opt.step()
+        self.ema.update(self.net, step)
+        logs.update({"loss": loss_value, "grad_norm": grad_norm, "lr": lr})
+        for k, v in out.logs.items():
+            logs[k] = float(v)
+        return logs
+
+    def _diverged_message(self, step: int, what: str, value: float) -> str:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        kept = f"last good checkpoint kept: {last}" if last.exists() else "no checkpoint had been written yet"
+        return (f"non-finite {what} ({value}) at step {step}; training stopped without saving this state, "
+                f"{kept}. Lower train.lr, set train.grad_clip, or use precision fp32.")
+
+    def preview(self) -> Path:
+        self.ema.model.eval()
+        x = sample(self.objective, self.ema.model, self.preview_noise, self.preview_labels, nfe=1)
+        ncol = self.dataset.num_classes if 0 < self.dataset.num_classes <= 16 else None
+        return save_samples_png(x, self.dataset.kind, self.run_dir / "samples" / f"step_{self.step:09d}_nfe1.png",
+                                ncol=ncol)
+
+    def save(self, numbered: bool) -> Path:
+        return save_checkpoint(self.run_dir, self.state(), numbered=numbered, keep=self.cfg.train.keep_checkpoints)
+
+    def periodic_eval(self) -> None:
+        from onestep.eval.evaluate import evaluate_model, write_rows
+
+        ev = self.cfg.eval
+        rows = evaluate_model(self.objective, self.ema.model, self.dataset, nfes=ev.nfe, metrics=ev.metrics,
+                              num_samples=ev.num_samples, seed=ev.seed, batch_size=ev.batch_size,
+                              device=self.device, step=self.step, weights="ema")
+        write_rows(self.run_dir, rows)
+
+    # -- main --------------------------------------------------------------------------------
+    def run(self) -> Path:
+        t = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._config_dict = resolved_config(self.cfg, self.dataset, self.net, self._argv)
+        if self.step == 0 or not (self.run_dir / "config.yaml").exists():
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self._config_dict))
+        stats_path = self.run_dir / "stats.jsonl"
+        per_step = t.batch_size
+        t0 = time.perf_counter()
+        last_log_t, last_log_step = t0, self.step
+        progress = _Progress(self.console, total=t.steps, start=self.step, enabled=self.progress)
+        with progress, open(stats_path, "a") as stats:
+            while self.step < t.steps:
+                logs = self.train_step(self.step)
+                self.step += 1
+                progress.update(self.step, logs["loss"])
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    now = time.perf_counter()
+                    rate = (self.step - last_log_step) / max(now - last_log_t, 1e-9)
+                    last_log_t, last_log_step = now, self.step
+                    row = {"step": self.step, **{k: round(v, 6) for k, v in logs.items()},
+                           "steps_per_s": round(rate, 3), "images_per_s": round(rate * per_step, 1),
+                           "time_s": round(now - t0, 2)}
+                    stats.write(json.dumps(row) + "\n")
+                    stats.flush()
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self.preview()
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step != t.steps:
+                    self.save(numbered=True)
+                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step != t.steps:
+                    self.periodic_eval()
+        self.save(numbered=True)
+        self.preview()
+        if self.cfg.eval.every:
+            self.periodic_eval()
+        return self.run_dir
+
+    _argv: list[str] | None = None
+
+
+class _Progress:
+    """A rich progress bar with loss and steps/s (silent when disabled)."""
+
+    def __init__(self, console, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} step/s"),
+                            TimeRemainingColumn(), console=console, transient=False)
+        self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), rate=0.0)
+        self.t0, self.s0 = time.perf_counter(), start
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def update(self, step: int, loss: float) -> None:
+        if self.enabled:
+            rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, completed=step, loss=loss, rate=rate)
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, argv: list[str] | None = None,
+          console=None, progress: bool = True) -> Path:
+    trainer = Trainer(cfg, run_dir, resume=resume, argv=argv, console=console, progress=progress)
+    trainer._argv = argv
+    return trainer.run()

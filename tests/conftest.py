@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_RECIPE = """
+seed: 3
+data: {name: checkerboard}
+backbone: {name: test_mlp}
+objective: {name: meanflow}
+train:
+  steps: 12
+  batch_size: 32
+  lr: 0.001
+  ema_decay: 0.9
+  log_every: 4
+  checkpoint_every: 6
+  num_preview: 16
+eval:
+  nfe: [1, 2]
+  num_samples: 256
+  batch_size: 100
+"""
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RECIPE)
+    return path

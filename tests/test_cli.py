@@ -1,0 +1,107 @@
+"""End-to-end CLI on a tiny recipe (train -> sample -> eval -> compare), resume, and NaN handling."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from onestep.cli import main
+from onestep.config import load_config
+from onestep.train.checkpoint import load_checkpoint
+from onestep.train.loop import Trainer, TrainingError
+
+
+def _params(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_train_sample_eval_compare(tiny_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_recipe), "--run-dir", str(run), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run)  # last line: the run directory
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == ["step_000000006.pt", "step_000000012.pt"]
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 12 and set(state) >= {"model", "ema", "optimizer", "config"}
+    stats = [json.loads(l) for l in (run / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [4, 8, 12] and all(np.isfinite(s["loss"]) for s in stats)
+    assert list((run / "samples").glob("*.png"))
+
+    assert main(["sample", str(run), "-n", "10", "--out", str(tmp_path / "s.npz")]) == 0
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert arr.shape == (10, 2) and arr.dtype == np.float32
+    assert main(["sample", str(run), "-n", "100", "--nfe", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+    assert main(["eval", str(run), "--nfe", "1", "--nfe", "2", "--num-samples", "200"]) == 0
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["nfe"], r["metric"]) for r in rows} == {(n, m) for n in (1, 2)
+                                                     for m in ("sliced_wasserstein", "energy_distance")}
+    assert all(r["num_samples"] == 200 and r["implementation"] and r["reference"] and r["step"] == 12 for r in rows)
+    capsys.readouterr()
+    assert main(["compare", str(run), "--format", "md"]) == 0
+    table = capsys.readouterr().out
+    assert "sliced_wasserstein@1" in table and "run" in table.splitlines()[0]
+
+
+def test_refuses_to_overwrite_and_bad_input(tiny_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_recipe), "--run-dir", str(run), "--no-progress", "train.steps=2"]) == 0
+    assert main(["train", str(tiny_recipe), "--run-dir", str(run), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", str(tiny_recipe), "train.stepz=3"]) == 2
+    assert "unknown key 'stepz'" in capsys.readouterr().err
+    assert main(["sample", str(run), "--out", str(tmp_path / "x.jpg")]) == 2
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "--out must end in .png or .npz" in err and "not found" in err
+
+
+def test_resume_continues_the_same_run(tiny_recipe, tmp_path):
+    straight, split = tmp_path / "a", tmp_path / "b"
+    assert main(["train", str(tiny_recipe), "--run-dir", str(straight), "--no-progress"]) == 0
+    assert main(["train", str(tiny_recipe), "--run-dir", str(split), "--no-progress", "train.steps=6"]) == 0
+    assert load_checkpoint(split)["step"] == 6
+    assert main(["train", "--resume", str(split), "--no-progress", "train.steps=12"]) == 0
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    assert b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(tiny_recipe), run)
+    real_loss = trainer.objective.loss
+
+    def poisoned(net, x, y, *, step, feature_blocks=()):
+        out = real_loss(net, x, y, step=step, feature_blocks=feature_blocks)
+        if step == 8:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.objective.loss = poisoned
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 8.*last good checkpoint kept"):
+        trainer.run()
+    kept = load_checkpoint(run)
+    assert kept["step"] == 6
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_dry_run_prints_config_and_params(capsys):
+    assert main(["train", "meanflow_b2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "name: dit_b_2" in out
+    n = int(out.split("# backbone dit_b_2: ")[1].split(" parameters")[0].replace(",", ""))
+    assert 129_500_000 < n < 132_500_000
+
+
+def test_ls_and_validate(capsys):
+    assert main(["ls", "backbones", "dit"]) == 0
+    out = capsys.readouterr().out
+    assert "dit_xl_2" in out and "mlp_toy" not in out
+    assert main(["ls", "recipes"]) == 0
+    assert "toy_meanflow" in capsys.readouterr().out
+    assert main(["validate", "toy_meanflow", "train.steps=5"]) == 0
+    assert main(["validate", "toy_meanflow", "objective.name=nope"]) == 2
