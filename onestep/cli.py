@@ -195,13 +195,29 @@ def cmd_ls(args) -> int:
             entries = []
             for n in reg.names():
                 doc = inspect.getdoc(reg.get(n)) or ""
-                entries.append((n, doc.splitlines()[0] if doc else ""))
+                doc = doc.splitlines()[0] if doc else ""
+                if kind == "backbones":
+                    doc = f"{_backbone_summary(reg, n)}  {doc}"
+                entries.append((n, doc))
         if args.pattern:
             entries = [e for e in entries if fnmatch.fnmatch(e[0], f"*{args.pattern}*")]
         print(f"{kind}:")
         for n, doc in entries:
             print(f"  {n:<28} {doc}".rstrip())
     return 0
+
+
+def _backbone_summary(reg, name: str) -> str:
+    """Blocks, default encoder blocks and parameters at the factory's default input (built on 'meta')."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            net = reg.build(name)
+    except Exception:  # a factory without defaults for every argument
+        return ""
+    params = sum(p.numel() for p in net.parameters())
+    return f"blocks={net.num_blocks:<3} encoder={list(net.encoder_blocks)!s:<6} params={params / 1e6:7.2f}M"
 
 
 def cmd_validate(args) -> int:

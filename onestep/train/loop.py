@@ -170,9 +170,9 @@ class Trainer:
             raise TrainingError(self._diverged_message(step, "gradient norm", grad_norm))
         self.opt.step()
         self.ema.update(self.net, step)
+        # The objective's own logs first; the loop's keys (total loss, grad norm, lr) win on a clash.
+        logs = {**{k: float(v) for k, v in out.logs.items()}, **logs}
         logs.update({"loss": loss_value, "grad_norm": grad_norm, "lr": lr})
-        for k, v in out.logs.items():
-            logs[k] = float(v)
         return logs
 
     def _diverged_message(self, step: int, what: str, value: float) -> str:
