@@ -34,7 +34,10 @@ def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 def cmd_train(args) -> int:
     from onestep.config import apply_overrides, find_recipe, from_dict, load_config, load_yaml
 
+    from onestep.train import distributed
+
     recipe, overrides = _split_recipe_and_overrides(args.items)
+    dist_info = distributed.init_from_env() if not args.dry_run else distributed.DistInfo()
     if args.resume:
         run_dir = Path(args.resume)
         cfg_path = run_dir / "config.yaml"
@@ -55,14 +58,24 @@ def cmd_train(args) -> int:
             Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if args.dry_run:
         return _dry_run(cfg, run_dir)
+    run_dir = Path(distributed.broadcast_object(str(run_dir)))  # every rank writes to rank 0's choice
     if not args.resume and (run_dir / "checkpoints" / "last.pt").exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --run-dir")
-    from onestep.train.loop import train
+    from onestep.train.loop import TrainingInterrupted, train
 
     console = _console(stderr=True)
-    out = train(cfg, run_dir, resume=bool(args.resume), argv=sys.argv, console=console,
-                progress=not args.no_progress)
-    print(out)
+    try:
+        out = train(cfg, run_dir, resume=bool(args.resume), argv=sys.argv, console=console,
+                    progress=not args.no_progress)
+    except TrainingInterrupted as exc:
+        if dist_info.is_main:
+            print(f"onestep train: stopped by {exc}", file=sys.stderr)
+            print(exc.run_dir)
+        return 128 + exc.signum
+    finally:
+        distributed.shutdown()
+    if dist_info.is_main:
+        print(out)
     return 0
 
 

@@ -26,7 +26,7 @@ REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 256
-    optimizer: Literal["adam", "adamw"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # sgd: momentum = betas[0]
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0

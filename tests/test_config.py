@@ -30,7 +30,7 @@ def test_overrides_nested_and_lists():
     ({"train": {"stepz": 3}}, r"train: unknown key 'stepz'; allowed: steps, batch_size"),
     ({"train": {"steps": "many"}}, r"train.steps must be int, got str"),
     ({"train": {"lr": -1.0}}, r"train.lr must be > 0"),
-    ({"train": {"optimizer": "sgd"}}, r"train.optimizer must be one of 'adam', 'adamw', got str 'sgd'"),
+    ({"train": {"optimizer": "lion"}}, r"train.optimizer must be one of 'adam', 'adamw', 'sgd', got str 'lion'"),
     ({"backbone": {"name": "dit_xl_3"}}, r"unknown backbone 'dit_xl_3' \(did you mean 'dit_xl_2'\?\); known: .*dit_b_2"),
     ({"backbone": {"name": "test_mlp", "widht": 3}}, r"backbone 'test_mlp': unknown key 'widht'; allowed: "),
     ({"objective": {"name": "meanflow", "ratio_r_neq_t": "a"}}, r"objective 'meanflow': key 'ratio_r_neq_t' must be float"),

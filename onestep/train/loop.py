@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -25,6 +27,7 @@ from onestep.config import Config, dump_yaml, to_plain
 from onestep.data.base import BatchStream
 from onestep.registry import ConfigError
 from onestep.sampling import balanced_labels, sample, seeded_noise
+from onestep.train import distributed
 from onestep.train.checkpoint import load_checkpoint, save_checkpoint
 from onestep.train.ema import EMA
 from onestep.viz import save_samples_png
@@ -34,9 +37,19 @@ class TrainingError(RuntimeError):
     """The run stopped (e.g. a non-finite loss); the message says why and what was kept."""
 
 
-def pick_device(name: str) -> torch.device:
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived: the step in flight finished, a checkpoint was saved, the run can resume."""
+
+    def __init__(self, run_dir: Path, step: int, signum: int):
+        self.run_dir, self.step, self.signum = run_dir, step, signum
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: checkpoint saved to {run_dir / 'checkpoints' / 'last.pt'}; "
+                         f"continue with `onestep train --resume {run_dir}`")
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but CUDA is not available; use 'cpu' or 'auto'")
@@ -80,9 +93,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.console = console
-        self.progress = progress
+        self.dist = distributed.current()
+        self.progress = progress and self.dist.is_main
         t = cfg.train
-        self.device = pick_device(t.device)
+        self.device = pick_device(t.device, self.dist.local_rank)
         torch.manual_seed(cfg.seed)
         self.dataset = build_dataset(cfg)
         self.net = build_backbone(cfg, self.dataset).to(self.device)
@@ -92,18 +106,27 @@ class Trainer:
                               f"overflows in fp16); use bf16 or fp32")
         self.regs = build_regularizers(cfg, self.net)
         self.feature_blocks = tuple(sorted({b for r in self.regs for b in r.blocks}))
-        opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-        self.opt = opt_cls(self.net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        if t.optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.net.parameters(), lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay)
+        else:
+            opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+            self.opt = opt_cls(self.net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.step = 0
         if resume:
             self._load_resume()
         elif t.init_from:
             self._load_init(t.init_from)
+        distributed.broadcast_parameters(self.net)
         self.ema = EMA(self.net, t.ema_decay, t.ema_warmup)
         if resume:
             self.ema.load_state_dict(self._resume_state["ema"])
             del self._resume_state
-        self.stream = BatchStream(self.dataset, t.batch_size, seed=cfg.seed)
+        try:
+            self.stream = BatchStream(self.dataset, t.batch_size, seed=cfg.seed, rank=self.dist.rank,
+                                      world_size=self.dist.world_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self._stop_signal = 0
         self.preview_noise = seeded_noise(range(t.num_preview if self.dataset.kind == "image" else 4096),
                                           tuple(self.dataset.shape), self.device)
         n_prev = self.preview_noise.shape[0]
@@ -141,7 +164,7 @@ class Trainer:
     # -- pieces ------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         t = self.cfg.train
-        torch.manual_seed(step_seed(self.cfg.seed, step))
+        torch.manual_seed(step_seed(self.cfg.seed, step, self.dist.rank))
         x, y = self.stream.batch(step)
         x = x.to(self.device, non_blocking=True)
         y = None if y is None else y.to(self.device, non_blocking=True)
@@ -149,21 +172,27 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.net.train()
+        # Objective loss (per sample) and the regularizers on its gradient-carrying features.
         with autocast_ctx(self.device, t.precision):
             out = self.objective.loss(self.net, x, y, step=step, feature_blocks=self.feature_blocks)
         main = out.loss.float().mean()
         total = main
-        logs: dict[str, float] = {"loss_main": main.item()}
+        terms = {"loss_main": main.detach()}
         feats = dict(zip(self.feature_blocks, out.features))
         for reg in self.regs:
             value = torch.stack([reg.fn(feats[b].float()) for b in reg.blocks]).mean()
             total = total + reg.weight * value
-            logs[f"loss_{reg.label}"] = value.item()
-        loss_value = total.item()
-        if not math.isfinite(loss_value):
-            raise TrainingError(self._diverged_message(step, "loss", loss_value))
+            terms[f"loss_{reg.label}"] = value.detach()
         self.opt.zero_grad(set_to_none=True)
         total.backward()
+        # Average gradients over ranks; the loss and the stop flag ride along in the same all-reduce.
+        extras = torch.stack([total.detach().float(), torch.tensor(float(self._stop_signal), device=total.device)])
+        extras = distributed.sync_gradients(list(self.net.parameters()), extras, self.dist.world_size)
+        loss_value, stop = extras.tolist()
+        if stop > 0 and not self._stop_signal:
+            self._stop_signal = signal.SIGTERM
+        if not math.isfinite(loss_value):
+            raise TrainingError(self._diverged_message(step, "loss", loss_value))
         clip = t.grad_clip if t.grad_clip else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip).item()
         if not math.isfinite(grad_norm):
@@ -171,7 +200,7 @@ class Trainer:
         self.opt.step()
         self.ema.update(self.net, step)
         # The objective's own logs first; the loop's keys (total loss, grad norm, lr) win on a clash.
-        logs = {**{k: float(v) for k, v in out.logs.items()}, **logs}
+        logs = {**{k: float(v) for k, v in out.logs.items()}, **{k: v.item() for k, v in terms.items()}}
         logs.update({"loss": loss_value, "grad_norm": grad_norm, "lr": lr})
         return logs
 
@@ -201,42 +230,73 @@ class Trainer:
         write_rows(self.run_dir, rows)
 
     # -- main --------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
     def run(self) -> Path:
-        t = self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main_proc = self.dist.is_main
         self._config_dict = resolved_config(self.cfg, self.dataset, self.net, self._argv)
-        if self.step == 0 or not (self.run_dir / "config.yaml").exists():
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self._config_dict))
-        stats_path = self.run_dir / "stats.jsonl"
+        if main_proc:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.step == 0 or not (self.run_dir / "config.yaml").exists():
+                (self.run_dir / "config.yaml").write_text(dump_yaml(self._config_dict))
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self._loop(main_proc)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        distributed.barrier()
+        return self.run_dir
+
+    def _loop(self, main_proc: bool) -> None:
+        t = self.cfg.train
         per_step = t.batch_size
         t0 = time.perf_counter()
         last_log_t, last_log_step = t0, self.step
         progress = _Progress(self.console, total=t.steps, start=self.step, enabled=self.progress)
-        with progress, open(stats_path, "a") as stats:
-            while self.step < t.steps:
-                logs = self.train_step(self.step)
-                self.step += 1
-                progress.update(self.step, logs["loss"])
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    now = time.perf_counter()
-                    rate = (self.step - last_log_step) / max(now - last_log_t, 1e-9)
-                    last_log_t, last_log_step = now, self.step
-                    row = {"step": self.step, **{k: round(v, 6) for k, v in logs.items()},
-                           "steps_per_s": round(rate, 3), "images_per_s": round(rate * per_step, 1),
-                           "time_s": round(now - t0, 2)}
-                    stats.write(json.dumps(row) + "\n")
-                    stats.flush()
-                if t.sample_every and self.step % t.sample_every == 0:
-                    self.preview()
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step != t.steps:
-                    self.save(numbered=True)
-                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step != t.steps:
-                    self.periodic_eval()
-        self.save(numbered=True)
-        self.preview()
-        if self.cfg.eval.every:
-            self.periodic_eval()
-        return self.run_dir
+        stats = open(self.run_dir / "stats.jsonl", "a") if main_proc else None
+        try:
+            with progress:
+                while self.step < t.steps:
+                    logs = self.train_step(self.step)
+                    self.step += 1
+                    progress.update(self.step, logs["loss"])
+                    if main_proc and (self.step % t.log_every == 0 or self.step == t.steps):
+                        now = time.perf_counter()
+                        rate = (self.step - last_log_step) / max(now - last_log_t, 1e-9)
+                        last_log_t, last_log_step = now, self.step
+                        row = {"step": self.step, **{k: round(v, 6) for k, v in logs.items()},
+                               "steps_per_s": round(rate, 3), "images_per_s": round(rate * per_step, 1),
+                               "time_s": round(now - t0, 2)}
+                        stats.write(json.dumps(row) + "\n")
+                        stats.flush()
+                    if self._stop_signal:
+                        if main_proc:
+                            self.save(numbered=False)
+                        distributed.barrier()
+                        raise TrainingInterrupted(self.run_dir, self.step, int(self._stop_signal))
+                    if main_proc and t.sample_every and self.step % t.sample_every == 0:
+                        self.preview()
+                    if main_proc and t.checkpoint_every and self.step % t.checkpoint_every == 0 \
+                            and self.step != t.steps:
+                        self.save(numbered=True)
+                    if main_proc and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 \
+                            and self.step != t.steps:
+                        self.periodic_eval()
+        finally:
+            if stats is not None:
+                stats.close()
+        if main_proc:
+            self.save(numbered=True)
+            self.preview()
+            if self.cfg.eval.every:
+                self.periodic_eval()
 
     _argv: list[str] | None = None
 

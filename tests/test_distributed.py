@@ -1,0 +1,129 @@
+"""Two gloo processes with batch B/2 each train to the same parameters as one process with batch B.
+
+The objectives draw their noise and times from the global RNG, which differs per rank by design. To
+compare runs exactly, the test objectives below derive each sample's (e, t, r) from the sample
+itself, so the only thing that can differ between the runs is how gradients are combined.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from onestep.config import from_dict
+from onestep.objectives.flow_matching import FlowMatching
+from onestep.objectives.meanflow import MeanFlow
+from onestep.registry import OBJECTIVES
+from onestep.train.checkpoint import load_checkpoint
+
+
+def _per_sample_randomness(x: torch.Tensor):
+    """(e, t, r) as a function of each sample's bytes: identical whichever rank holds the sample."""
+    flat = x.detach().reshape(x.shape[0], -1).float().cpu()
+    seeds = (flat * 1000).round().long().abs().sum(1) * 7919 + (flat * 97).round().long().abs().sum(1)
+    e, t, r = torch.empty_like(flat), torch.empty(x.shape[0]), torch.empty(x.shape[0])
+    g = torch.Generator()
+    for i, s in enumerate(seeds.tolist()):
+        g.manual_seed(int(s))
+        e[i] = torch.randn(flat.shape[1], generator=g)
+        a, b = torch.rand(2, generator=g).tolist()
+        t[i], r[i] = max(a, b), (min(a, b) if i % 2 else max(a, b))
+    return e.view_as(x).to(x.device), t.to(x.device), r.to(x.device)
+
+
+class IndexedMeanFlow(MeanFlow):
+    def loss(self, net, x, y, *, step, feature_blocks=()):
+        e, t, r = _per_sample_randomness(x)
+        return self.loss_given(net, x, y, e=e, t=t, r=r, feature_blocks=feature_blocks)
+
+
+class IndexedFlowMatching(FlowMatching):
+    def loss(self, net, x, y, *, step, feature_blocks=()):
+        e, t, _ = _per_sample_randomness(x)
+        return self.loss_given(net, x, y, e=e, t=t, feature_blocks=feature_blocks)
+
+
+if "_test_indexed_meanflow" not in OBJECTIVES.names():
+    OBJECTIVES.register("_test_indexed_meanflow")(IndexedMeanFlow)
+    OBJECTIVES.register("_test_indexed_flow_matching")(IndexedFlowMatching)
+
+
+def _raw(objective: str, steps: int = 3) -> dict:
+    return {
+        "seed": 5,
+        "data": {"name": "digits", "conditional": False},
+        "backbone": {"name": "test_dit"},
+        "objective": {"name": objective},
+        "regularizers": [{"name": "dispersive", "weight": 0.5, "blocks": [0], "gather": True}],
+        # SGD: Adam turns float-rounding noise in near-zero gradients into +-lr steps, which would
+        # hide real agreement behind a loose tolerance.
+        "train": {"steps": steps, "batch_size": 16, "optimizer": "sgd", "lr": 0.002, "ema_decay": 0.5, "log_every": 1,
+                  "checkpoint_every": 0, "num_preview": 4},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, objective: str, run_dir: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from onestep.train import distributed
+    from onestep.train.loop import Trainer
+
+    distributed.init_from_env("cpu")
+    try:
+        Trainer(from_dict(_raw(objective)), run_dir, progress=False).run()
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.parametrize("objective", ["_test_indexed_flow_matching", "_test_indexed_meanflow"])
+def test_two_ranks_equal_one_process(objective, tmp_path):
+    from onestep.train.loop import Trainer
+
+    single, double = tmp_path / "single", tmp_path / "double"
+    Trainer(from_dict(_raw(objective)), single, progress=False).run()
+    mp.spawn(_worker, args=(2, _free_port(), objective, str(double)), nprocs=2, join=True)
+    a, b = load_checkpoint(single), load_checkpoint(double)
+    assert a["step"] == b["step"] == 3
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-4, atol=1e-5, msg=k)
+    # The runs really trained: parameters moved away from the freshly built (same seed) model.
+    fresh = Trainer(from_dict(_raw(objective, steps=1)), tmp_path / "fresh", progress=False)
+    diff = sum((a["model"][k].float() - v.float()).abs().sum().item() for k, v in fresh.net.state_dict().items())
+    assert diff > 1e-3
+
+
+def test_ranks_without_sync_would_differ(tmp_path):
+    """The comparison above can fail: one rank training alone on its half-batch ends elsewhere."""
+    from onestep.train.loop import Trainer
+
+    full = Trainer(from_dict(_raw("_test_indexed_meanflow")), tmp_path / "full", progress=False)
+    full.run()
+    half_raw = _raw("_test_indexed_meanflow")
+    half_raw["train"]["batch_size"] = 8
+    half = Trainer(from_dict(half_raw), tmp_path / "half", progress=False)
+    half.run()
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "half")
+    assert any(not torch.allclose(a["model"][k], b["model"][k], atol=1e-5) for k in a["model"])
+
+
+def test_torchrun_cli_two_processes(tmp_path, tiny_recipe):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()), "-m", "onestep", "train",
+           str(tiny_recipe), "--run-dir", str(run), "--no-progress", "train.steps=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(run)
+    assert proc.stdout.count(str(run)) == 1  # only rank 0 prints
+    assert load_checkpoint(run)["step"] == 4
