@@ -50,7 +50,7 @@ class MLP(nn.Module):
         num_classes: int = 0,
         width: int = 256,
         depth: int = 4,
-        time_scale: float = 1000.0,
+        time_scale: float = 10.0,
         frequency_size: int = 64,
         dropout: float = 0.0,
     ):
@@ -118,13 +118,16 @@ def mlp_toy(
     num_classes: int = 0,
     width: int = 256,
     depth: int = 4,
-    time_scale: float = 1000.0,
+    time_scale: float = 10.0,
     frequency_size: int = 64,
     dropout: float = 0.0,
 ) -> MLP:
     """Residual MLP for 2-D toy densities (checkerboard, eight_gaussians) and other vector data.
 
-    ``time_scale`` multiplies t and h before the sinusoidal features; TODO(time_scale experiment).
+    ``time_scale`` multiplies t and h before the sinusoidal features. Default 10: in MeanFlow runs
+    on checkerboard (2000 Adam steps, batch 256, lr 1e-3, CPU), 10 put 87-89 % of 1-NFE samples on
+    the dark cells vs 76-80 % for 1 and 80-82 % for 100; 1000 was clearly worst (59 % at 1000
+    steps). On eight_gaussians 1, 10 and 100 were all close, 10 slightly best by MMD.
     """
     return MLP(input_shape, num_classes, width=width, depth=depth, time_scale=time_scale,
                frequency_size=frequency_size, dropout=dropout)
@@ -134,7 +137,7 @@ def mlp_toy(
 def test_mlp(
     input_shape: tuple[int, ...] | list[int] = (2,),
     num_classes: int = 0,
-    time_scale: float = 1000.0,
+    time_scale: float = 10.0,
 ) -> MLP:
     """Tiny MLP for tests: width 32, depth 2."""
     return MLP(input_shape, num_classes, width=32, depth=2, time_scale=time_scale, frequency_size=16)
