@@ -42,8 +42,33 @@ def build_backbone(cfg: Config, dataset: Dataset | None) -> nn.Module:
     return BACKBONES.build(cfg.backbone["name"], **kwargs)
 
 
-def build_objective(cfg: Config, **extra: Any):
-    return OBJECTIVES.build(cfg.objective["name"], **_kwargs(cfg.objective), **extra)
+# Objective keys handled here rather than by the factory.
+OBJECTIVE_BUILD_KEYS = ("name", "teacher_ema")
+
+
+def build_objective(cfg: Config, dataset: Dataset | None = None, device: Any = "cpu", *, with_teacher: bool = True):
+    """The objective; a ``teacher: RUN_DIR|CKPT`` string becomes a frozen backbone rebuilt from that
+    run's own config (EMA weights unless ``teacher_ema: false``), checked against the data.
+    ``with_teacher=False`` (sampling, evaluation) leaves the teacher out."""
+    kwargs = _kwargs(cfg.objective, OBJECTIVE_BUILD_KEYS)
+    if not with_teacher:
+        kwargs.pop("teacher", None)
+    elif isinstance(kwargs.get("teacher"), str):
+        kwargs["teacher"] = load_teacher(kwargs["teacher"], dataset, use_ema=cfg.objective.get("teacher_ema", True),
+                                         device=device)
+    return OBJECTIVES.build(cfg.objective["name"], **kwargs)
+
+
+def load_teacher(path: str, dataset: Dataset | None, *, use_ema: bool = True, device: Any = "cpu") -> nn.Module:
+    run = load_run(path, use_ema=use_ema, device=device)
+    if dataset is not None:
+        if tuple(run.dataset.shape) != tuple(dataset.shape) or run.dataset.num_classes != dataset.num_classes:
+            raise ConfigError(
+                f"objective.teacher={path} was trained on data of shape {tuple(run.dataset.shape)} with "
+                f"{run.dataset.num_classes} classes; this run's data has shape {tuple(dataset.shape)} with "
+                f"{dataset.num_classes} classes"
+            )
+    return run.net
 
 
 @dataclass
@@ -111,4 +136,5 @@ def load_run(path: Any, *, use_ema: bool = True, device: Any = "cpu") -> LoadedR
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     net.load_state_dict(weights)
     net.to(device).eval().requires_grad_(False)
-    return LoadedRun(cfg, net, build_objective(cfg), dataset, int(state["step"]), ckpt)
+    return LoadedRun(cfg, net, build_objective(cfg, dataset, device, with_teacher=False), dataset,
+                     int(state["step"]), ckpt)

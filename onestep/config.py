@@ -199,7 +199,9 @@ def from_dict(raw: dict[str, Any]) -> Config:
     objective = _component(raw["objective"], "objective", OBJECTIVES)
     validate_component(DATASETS, data, "data")
     validate_component(BACKBONES, backbone, "backbone")
-    validate_component(OBJECTIVES, objective, "objective")
+    validate_component(OBJECTIVES, objective, "objective", exclude=("name", "teacher_ema"))
+    if "teacher_ema" in objective:
+        check_type(objective["teacher_ema"], bool, "objective.teacher_ema")
     regs_raw = raw.get("regularizers") or []
     if not isinstance(regs_raw, list):
         raise ConfigError("section 'regularizers' must be a list of {name, weight, blocks, ...} entries")

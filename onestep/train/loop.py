@@ -100,7 +100,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.dataset = build_dataset(cfg)
         self.net = build_backbone(cfg, self.dataset).to(self.device)
-        self.objective = build_objective(cfg)
+        self.objective = build_objective(cfg, self.dataset, self.device)
         if t.precision == "fp16" and getattr(self.objective, "uses_jvp", False):
             raise ConfigError(f"train.precision=fp16 is refused for '{cfg.objective['name']}' (its JVP target "
                               f"overflows in fp16); use bf16 or fp32")

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Training-step speed and peak memory for objectives x backbones x batch sizes, back to back in one
+process, with each objective's ratio to flow matching on the same backbone, batch and device.
+
+    python tools/bench.py --backbones dit_s_2 --objectives flow_matching,meanflow --batch 32 \
+        --input-shape 4,32,32 --steps 20 [--json] [--device cuda] [--precision bf16]
+
+A step is: objective.loss -> mean -> backward -> Adam step (what the training loop does, minus data
+loading and logging). Peak memory: CUDA -> torch.cuda.max_memory_allocated during the timed steps;
+CPU -> peak resident-set growth over the process baseline sampled every 2 ms (approximate).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from onestep.registry import BACKBONES, OBJECTIVES  # noqa: E402
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _PeakRSS:
+    def __init__(self):
+        self.peak, self._stop = 0.0, threading.Event()
+
+    def __enter__(self):
+        self.base = _rss_mb()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def delta_mb(self) -> float:
+        return self.peak - self.base
+
+
+def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...], steps: int, warmup: int,
+              device: torch.device, precision: str, num_classes: int, objective_kwargs: dict) -> dict:
+    torch.manual_seed(0)
+    net = BACKBONES.build(backbone, input_shape=shape, num_classes=num_classes).to(device)
+    obj = OBJECTIVES.build(objective, **objective_kwargs.get(objective, {}))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device) if num_classes else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = obj.loss(net, x, y, step=0)
+        loss = out.loss.float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with _PeakRSS() as rss:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        elapsed = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else rss.delta_mb
+    ms = 1000 * elapsed / steps
+    return {"backbone": backbone, "objective": objective, "batch": batch, "input_shape": list(shape),
+            "device": str(device), "precision": precision, "ms_per_step": round(ms, 2),
+            "steps_per_s": round(1000 / ms, 3), "images_per_s": round(batch * 1000 / ms, 1),
+            "peak_mem_mb": round(peak, 1), "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbones", default="dit_s_2")
+    p.add_argument("--objectives", default="flow_matching,meanflow")
+    p.add_argument("--batch", default="32", help="comma-separated batch sizes")
+    p.add_argument("--input-shape", default="4,32,32")
+    p.add_argument("--num-classes", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--objective-kwargs", default="{}",
+                   help='JSON per objective, e.g. \'{"meanflow": {"ratio_r_neq_t": 0.25}}\'')
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shape = tuple(int(s) for s in args.input_shape.split(","))
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    rows = []
+    for backbone in [b.strip() for b in args.backbones.split(",") if b.strip()]:
+        for batch in [int(b) for b in args.batch.split(",")]:
+            group = []
+            for objective in objectives:
+                group.append(bench_one(backbone, objective, batch, shape, args.steps, args.warmup, device,
+                                       args.precision, args.num_classes, json.loads(args.objective_kwargs)))
+            ref = next((r for r in group if r["objective"] == "flow_matching"), None)
+            for r in group:
+                r["ratio_to_flow_matching"] = round(r["ms_per_step"] / ref["ms_per_step"], 3) if ref else None
+                r["mem_ratio_to_flow_matching"] = (round(r["peak_mem_mb"] / ref["peak_mem_mb"], 3)
+                                                   if ref and ref["peak_mem_mb"] > 0 else None)
+            rows += group
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"onestep bench — {device}, {args.precision}, {args.steps} timed steps")
+    cols = ["backbone", "objective", "batch", "ms_per_step", "images_per_s", "peak_mem_mb",
+            "ratio_to_flow_matching", "mem_ratio_to_flow_matching"]
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(r[c]) for c in cols])
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
