@@ -1,9 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Caches the toolkit writes (digits classifier, FID statistics) go to a per-session folder, never ~/.cache.
+os.environ.setdefault("ONESTEP_CACHE", tempfile.mkdtemp(prefix="onestep-test-cache-"))
 
 TINY_RECIPE = """
 seed: 3

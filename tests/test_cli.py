@@ -152,3 +152,26 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_recipe, tmp_path, capsys):
     assert main(["train", "--resume", str(run), "--no-progress", "train.steps=4"]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
     assert (run / "checkpoints" / "last.pt").read_bytes() == good[: len(good) // 2]  # nothing overwritten
+
+
+def test_digits_conditional_train_sample_eval(tmp_path, capsys):
+    recipe = tmp_path / "digits.yaml"
+    recipe.write_text(
+        "data: {name: digits}\n"
+        "backbone: {name: test_dit}\n"
+        "objective: {name: meanflow, cfg_omega: 1.0, cfg_kappa: 0.5}\n"
+        "train: {steps: 4, batch_size: 16, lr: 0.001, log_every: 2, num_preview: 20}\n"
+        "eval: {num_samples: 100, batch_size: 50}\n")
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress"]) == 0
+    assert main(["sample", str(run), "-n", "20", "--out", str(tmp_path / "d.npz")]) == 0
+    z = np.load(tmp_path / "d.npz")
+    assert z["arr_0"].shape == (20, 8, 8, 1) and z["arr_0"].dtype == np.uint8
+    assert z["arr_1"].tolist() == [i % 10 for i in range(20)] and z["arr_1"].dtype == np.int64
+    assert main(["sample", str(run), "-n", "5", "--class", "3", "--out", str(tmp_path / "c.npz")]) == 0
+    assert np.load(tmp_path / "c.npz")["arr_1"].tolist() == [3] * 5
+    assert main(["sample", str(run), "-n", "5", "--class", "10", "--out", str(tmp_path / "c.npz")]) == 2
+    assert main(["eval", str(run), "--nfe", "1"]) == 0
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["metric"] for r in rows] == ["digits_fd", "digits_is", "digits_acc"]
+    assert rows[0]["value"] > 0 and 1 <= rows[1]["value"] <= 10 and 0 <= rows[2]["value"] <= 1

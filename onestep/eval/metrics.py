@@ -300,3 +300,6 @@ def mmd_rbf(bandwidth: float = 1.0) -> MMDRBF:
     if not bandwidth > 0:
         raise ConfigError(f"metric 'mmd_rbf': key 'bandwidth' must be > 0, got {bandwidth!r}")
     return MMDRBF(float(bandwidth))
+
+
+from onestep.eval import classifier, fidelity  # noqa: E402,F401  (registers metrics)
