@@ -92,7 +92,7 @@ def _dry_run(cfg, run_dir: Path) -> int:
         console.print(f"[yellow]note:[/] data not loaded ({str(exc).splitlines()[0]}); "
                       f"using backbone input_shape/num_classes from the recipe")
     net = build_backbone(cfg, dataset)
-    build_objective(cfg)
+    build_objective(cfg, dataset, with_teacher=False)
     build_regularizers(cfg, net)
     resolved = cfg.to_dict()
     resolved["backbone"] = {"name": cfg.backbone["name"], **to_plain(backbone_kwargs(cfg, dataset))}

@@ -5,9 +5,10 @@ Contract: ``forward(x, t, h=None, y=None)`` returns a tensor shaped like x;
 attributes ``input_shape``, ``num_classes``, ``num_blocks``, ``encoder_blocks``.
 Wrap ``torch.func.jvp`` through a backbone in ``jvp_attention()``.
 """
-from . import dit, mlp  # noqa: F401  (registers the factories)
+from . import dit, mlp, unet  # noqa: F401  (registers the factories)
 from .attention import jvp_attention
 from .dit import DiT
 from .mlp import MLP
+from .unet import UNet
 
-__all__ = ["jvp_attention", "DiT", "MLP"]
+__all__ = ["jvp_attention", "DiT", "MLP", "UNet"]

@@ -1,10 +1,18 @@
-"""Finite image sets that ship with the dependencies (no downloads).
+"""Finite image sets, held in memory as ``TensorDataset``s with x (N, C, S, S) in [-1, 1] and y (N,) int64.
 
-``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 grayscale images, 10 classes),
-held in memory as a ``TensorDataset`` with x (N, 1, S, S) in [-1, 1] and y (N,) int64.
+``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 grayscale images, 10 classes); ships
+with the dependencies.
+
+Real sets read from a local ``root`` (a missing root is a one-line ``ConfigError`` saying how to get
+the data; ``download: true`` fetches CIFAR-10 / MNIST with torchvision where there is network):
+
+- ``cifar10``: the python batches ``ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``.
+- ``mnist``: torchvision's layout ``ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``.
+- ``imagefolder``: ``ROOT/CLASS/*.png|jpg|...``, center-cropped and resized with PIL.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -70,3 +78,179 @@ def digits(
     if conditional:
         return TensorDataset(x, y, num_classes=10, kind="image", name=name)
     return TensorDataset(x, None, num_classes=0, kind="image", name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real image sets read from a local root (no download unless ``download: true``).
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILES = ("test_batch",)
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")
+
+
+def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, C, H, W) in [0, 255] -> float32 in [-1, 1]."""
+    return x.to(torch.float32) / 127.5 - 1.0
+
+
+def _labelled(x: torch.Tensor, y: torch.Tensor, num_classes: int, conditional: bool, name: str) -> TensorDataset:
+    if conditional:
+        return TensorDataset(x, y, num_classes=num_classes, kind="image", name=name)
+    return TensorDataset(x, None, num_classes=0, kind="image", name=name)
+
+
+def _cifar10_folder(root: str) -> Path | None:
+    """The ``cifar-10-batches-py`` folder under root (or root itself if it is that folder)."""
+    base = Path(root).expanduser()
+    for cand in (base / CIFAR10_FOLDER, base):
+        if all((cand / f).is_file() for f in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES):
+            return cand
+    return None
+
+
+def read_cifar10(folder, train: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read the CIFAR-10 python batches: (x uint8 (N, 3, 32, 32), y int64 (N,), class names)."""
+    import pickle
+    from pathlib import Path
+
+    import numpy as np
+
+    folder = Path(folder)
+    xs, ys = [], []
+    for name in CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(entry["labels"], dtype=np.int64))
+    names = [str(i) for i in range(10)]
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        with open(meta, "rb") as f:
+            info = pickle.load(f, encoding="latin1")
+        info = {k.decode() if isinstance(k, bytes) else k: v for k, v in info.items()}
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in info.get("label_names", names)]
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), names
+
+
+@DATASETS.register("cifar10", tags=("image",))
+def cifar10(root: str = "data", train: bool = True, download: bool = False, conditional: bool = False) -> TensorDataset:
+    """CIFAR-10 (50 000 train / 10 000 test 32x32 RGB images, 10 classes) as (N, 3, 32, 32) in [-1, 1].
+
+    Reads the python version (``ROOT/cifar-10-batches-py/data_batch_1..5``, ``test_batch``,
+    ``batches.meta``). ``download=True`` fetches it with torchvision first (needs network).
+    ``conditional=False`` (the default, as in the unconditional CIFAR-10 results) drops the labels.
+    """
+    folder = _cifar10_folder(root)
+    if folder is None and download:
+        try:
+            import torchvision
+
+            torchvision.datasets.CIFAR10(root, train=train, download=True)
+        except Exception as exc:  # network or disk errors, reported as one line
+            raise ConfigError(f"dataset 'cifar10': download to {root} failed: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}") from None
+        folder = _cifar10_folder(root)
+    if folder is None:
+        raise ConfigError(
+            f"dataset 'cifar10': no CIFAR-10 python batches under data.root={root} (expected "
+            f"{root}/{CIFAR10_FOLDER}/data_batch_1..5 and test_batch); download {CIFAR10_URL} and extract it "
+            f"into {root}, or set data.download=true"
+        )
+    x, y, _ = read_cifar10(folder, train)
+    return _labelled(uint8_to_unit(x), y, 10, conditional, "cifar10" if train else "cifar10_test")
+
+
+@DATASETS.register("mnist", tags=("image",))
+def mnist(root: str = "data", train: bool = True, download: bool = False, conditional: bool = False,
+          image_size: int = 28) -> TensorDataset:
+    """MNIST (60 000 train / 10 000 test 28x28 digits, 10 classes) as (N, 1, S, S) in [-1, 1].
+
+    Read with torchvision from ``ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``;
+    ``download=True`` fetches them first (needs network). ``image_size``: 28 native; 32 pads 2
+    background pixels on each side (LeNet style, for backbones that need 32x32); any other size
+    resizes bilinearly. ``conditional=False`` (default) drops the labels.
+    """
+    from pathlib import Path
+
+    if image_size < 1:
+        raise ConfigError(f"dataset 'mnist': key 'image_size' must be >= 1, got {image_size}")
+    raw = Path(root).expanduser() / "MNIST" / "raw"
+    missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
+    if missing and not download:
+        raise ConfigError(
+            f"dataset 'mnist': missing {', '.join(missing)} under {raw}; put the four uncompressed MNIST idx "
+            f"files there (torchvision layout) or set data.download=true"
+        )
+    try:
+        import torchvision
+
+        data = torchvision.datasets.MNIST(str(Path(root).expanduser()), train=train, download=download)
+    except Exception as exc:
+        raise ConfigError(f"dataset 'mnist': cannot load from {root}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}") from None
+    x = uint8_to_unit(data.data.unsqueeze(1))
+    y = data.targets.to(torch.int64)
+    if image_size == 32 and x.shape[-1] == 28:
+        x = F.pad(x, (2, 2, 2, 2), value=-1.0)
+    elif image_size != x.shape[-1]:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(-1.0, 1.0)
+    return _labelled(x, y, 10, conditional, "mnist" if train else "mnist_test")
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def center_crop_resize(image, image_size: int):
+    """PIL image -> square ``image_size`` image: box-halve while the short side >= 2·size, bicubic
+    resize so the short side is ``image_size``, then center crop (ADM's preprocessing)."""
+    from PIL import Image
+
+    while min(image.size) >= 2 * image_size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(tuple(max(image_size, round(s * scale)) for s in image.size), resample=Image.BICUBIC)
+    left = (image.size[0] - image_size) // 2
+    top = (image.size[1] - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+@DATASETS.register("imagefolder", tags=("image",))
+def imagefolder(root: str, image_size: int = 32, channels: int = 3, conditional: bool = True) -> TensorDataset:
+    """Class subfolders of images (ROOT/CLASS/*.png, ...) as (N, channels, S, S) in [-1, 1].
+
+    Each image is center-cropped and resized to ``image_size`` with PIL; labels are the class
+    folders' indices in sorted name order. ``channels``: 3 (RGB) or 1 (grayscale). Held in memory."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    if channels not in (1, 3):
+        raise ConfigError(f"dataset 'imagefolder': key 'channels' must be 1 or 3, got {channels}")
+    if image_size < 1:
+        raise ConfigError(f"dataset 'imagefolder': key 'image_size' must be >= 1, got {image_size}")
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise ConfigError(f"dataset 'imagefolder': data.root={root} is not a directory (expected ROOT/CLASS/image files)")
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"dataset 'imagefolder': no class subfolders in {root} (expected ROOT/CLASS/image files)")
+    mode = "RGB" if channels == 3 else "L"
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (base / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        for path in files:
+            with Image.open(path) as im:
+                arr = np.asarray(center_crop_resize(im.convert(mode), image_size), dtype=np.uint8)
+            images.append(arr.reshape(image_size, image_size, channels))
+            labels.append(label)
+    if not images:
+        raise ConfigError(f"dataset 'imagefolder': no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders "
+                          f"of {root}")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor(labels, dtype=torch.int64)
+    return _labelled(uint8_to_unit(x), y, len(classes), conditional, f"imagefolder_{base.name}")

@@ -45,6 +45,7 @@ def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, 
         if y is not None:
             labels.append(y)
             y = y.to(device)
+        torch.manual_seed(sample_seed(seed, start))  # multi-step consistency re-noising draws from it
         outs.append(sample(objective, net, noise, y, nfe=nfe).float().cpu())
     return torch.cat(outs), (torch.cat(labels) if labels else None)
 

@@ -265,6 +265,7 @@ def model_generator_fn(objective, net, dataset, *, nfe: int, seed: int, device=N
         y = balanced_labels(idx, dataset.num_classes)
         if y is not None and class_id is not None:
             y = torch.full_like(y, class_id)
+        torch.manual_seed(sample_seed(seed, idx[0]))  # multi-step consistency re-noising draws from it
         return sample(objective, net, noise, None if y is None else y.to(device), nfe=nfe).float()
 
     return generator_fn

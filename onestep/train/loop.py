@@ -140,6 +140,8 @@ class Trainer:
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        if "objective" in state and hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(state["objective"])  # e.g. a consistency EMA target
         self._resume_state = state
 
     def _load_init(self, path: str) -> None:
@@ -152,7 +154,7 @@ class Trainer:
                               f"{str(exc).splitlines()[0][:200]}") from None
 
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step,
             "model": self.net.state_dict(),
             "ema": self.ema.state_dict(),
@@ -160,6 +162,9 @@ class Trainer:
             "config": self._config_dict,
             "versions": versions(),
         }
+        if callable(getattr(self.objective, "state_dict", None)):
+            state["objective"] = self.objective.state_dict()
+        return state
 
     # -- pieces ------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
