@@ -187,6 +187,15 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from onestep.report.plot import plot_runs
+
+    out = args.out or (str(Path(args.runs[0]) / "plots") if len(args.runs) == 1 else "plots")
+    for path in plot_runs(args.runs, out):
+        print(path)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- ls / validate
 def cmd_ls(args) -> int:
     import fnmatch
@@ -287,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--published", action="store_true", help="add the published rows (REFERENCE §4)")
     c.add_argument("--format", choices=["rich", "md", "csv"], default="rich")
     c.set_defaults(fn=cmd_compare)
+
+    pl = sub.add_parser("plot", help="PNG training curves and metric-vs-step plots (needs matplotlib)")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", help="output folder (default RUN/plots, or ./plots for several runs)")
+    pl.set_defaults(fn=cmd_plot)
 
     ls = sub.add_parser("ls", help="list registered components or recipes")
     ls.add_argument("kind", nargs="?", help="backbones|objectives|regularizers|datasets|metrics|recipes")

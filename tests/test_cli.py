@@ -175,3 +175,14 @@ def test_digits_conditional_train_sample_eval(tmp_path, capsys):
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["metric"] for r in rows] == ["digits_fd", "digits_is", "digits_acc"]
     assert rows[0]["value"] > 0 and 1 <= rows[1]["value"] <= 10 and 0 <= rows[2]["value"] <= 1
+
+
+def test_plot_writes_pngs(tiny_recipe, tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_recipe), "--run-dir", str(run), "--no-progress", "train.steps=4",
+                 "eval.every=2", "train.log_every=1"]) == 0
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()][::4] == [2, 4]
+    assert main(["plot", str(run)]) == 0
+    for name in ("training.png", "metrics.png"):
+        assert (run / "plots" / name).stat().st_size > 1000
