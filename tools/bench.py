@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from onestep.registry import BACKBONES, OBJECTIVES  # noqa: E402
+from onestep.registry import BACKBONES, OBJECTIVES, REGULARIZERS  # noqa: E402
 
 
 def _rss_mb() -> float:
@@ -57,10 +58,18 @@ class _PeakRSS:
 
 
 def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...], steps: int, warmup: int,
-              device: torch.device, precision: str, num_classes: int, objective_kwargs: dict) -> dict:
+              device: torch.device, precision: str, num_classes: int, objective_kwargs: dict,
+              regularizer: str | None = None) -> dict:
     torch.manual_seed(0)
     net = BACKBONES.build(backbone, input_shape=shape, num_classes=num_classes).to(device)
-    obj = OBJECTIVES.build(objective, **objective_kwargs.get(objective, {}))
+    name, _, spec = objective.partition(":")  # "meanflow:jvp_only_r_neq_t=false,ratio_r_neq_t=0.5"
+    kwargs = dict(objective_kwargs.get(name, {}))
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        kwargs[key] = yaml.safe_load(value)
+    obj = OBJECTIVES.build(name, **kwargs)
+    reg = REGULARIZERS.build(regularizer) if regularizer else None
+    blocks = tuple(net.encoder_blocks) if reg else ()
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device) if num_classes else None
@@ -68,8 +77,10 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = obj.loss(net, x, y, step=0)
+            out = obj.loss(net, x, y, step=0, feature_blocks=blocks)
         loss = out.loss.float().mean()
+        if reg is not None:
+            loss = loss + 0.5 * reg(out.features[0].float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,7 +103,7 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
         elapsed = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else rss.delta_mb
     ms = 1000 * elapsed / steps
-    return {"backbone": backbone, "objective": objective, "batch": batch, "input_shape": list(shape),
+    return {"backbone": backbone, "objective": objective + (f"+{regularizer}" if regularizer else ""), "batch": batch, "input_shape": list(shape),
             "device": str(device), "precision": precision, "ms_per_step": round(ms, 2),
             "steps_per_s": round(1000 / ms, 3), "images_per_s": round(batch * 1000 / ms, 1),
             "peak_mem_mb": round(peak, 1), "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
@@ -101,7 +112,9 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", default="dit_s_2")
-    p.add_argument("--objectives", default="flow_matching,meanflow")
+    p.add_argument("--objectives", default="flow_matching,meanflow",
+                   help="comma-separated; kwargs after a colon, e.g. 'meanflow:jvp_only_r_neq_t=false' "
+                        "(use ';' between objectives when kwargs contain commas)")
     p.add_argument("--batch", default="32", help="comma-separated batch sizes")
     p.add_argument("--input-shape", default="4,32,32")
     p.add_argument("--num-classes", type=int, default=0)
@@ -111,6 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--objective-kwargs", default="{}",
                    help='JSON per objective, e.g. \'{"meanflow": {"ratio_r_neq_t": 0.25}}\'')
+    p.add_argument("--regularizer", default=None,
+                   help="also time each objective with this regularizer (weight 0.5) on the encoder blocks")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     args = p.parse_args(argv)
@@ -118,14 +133,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shape = tuple(int(s) for s in args.input_shape.split(","))
-    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    sep = ";" if ";" in args.objectives else ","
+    objectives = [o.strip() for o in args.objectives.split(sep) if o.strip()]
     rows = []
     for backbone in [b.strip() for b in args.backbones.split(",") if b.strip()]:
         for batch in [int(b) for b in args.batch.split(",")]:
             group = []
             for objective in objectives:
-                group.append(bench_one(backbone, objective, batch, shape, args.steps, args.warmup, device,
-                                       args.precision, args.num_classes, json.loads(args.objective_kwargs)))
+                for reg in [None] + ([args.regularizer] if args.regularizer else []):
+                    group.append(bench_one(backbone, objective, batch, shape, args.steps, args.warmup, device,
+                                           args.precision, args.num_classes, json.loads(args.objective_kwargs),
+                                           regularizer=reg))
             ref = next((r for r in group if r["objective"] == "flow_matching"), None)
             for r in group:
                 r["ratio_to_flow_matching"] = round(r["ms_per_step"] / ref["ms_per_step"], 3) if ref else None
@@ -146,7 +164,7 @@ def main(argv=None) -> int:
         table.add_column(c)
     for r in rows:
         table.add_row(*[str(r[c]) for c in cols])
-    Console().print(table)
+    Console(width=200).print(table)
     return 0
 
 

@@ -111,6 +111,8 @@ class MeanFlow(Objective):
         cfg_t_start, cfg_t_end: guidance only for t in this closed interval.
         target_fp32: run the JVP (and so u_θ), ṽ and the target in float32 with autocast off;
             False runs the JVP under the ambient autocast (the target is still formed in float32).
+        jvp_only_r_neq_t: take the JVP only for samples with r ≠ t (a plain forward for the rest,
+            whose correction is zero); False runs one JVP over the whole batch. Same loss either way.
         teacher: optional frozen net (backbone contract) whose velocity v_φ(z_t, t) replaces
             v = e − x (distillation); its labels follow the same null-id convention.
         teacher_guidance: CFG scale applied to the teacher's velocity (1 = none).
@@ -123,7 +125,7 @@ class MeanFlow(Objective):
                  time_dist: Literal["logit_normal", "uniform"] = "logit_normal",
                  adaptive_p: float = 1.0, adaptive_c: float = 0.01, class_dropout: float = 0.1,
                  cfg_omega: float = 1.0, cfg_kappa: float = 0.0, cfg_t_start: float = 0.0,
-                 cfg_t_end: float = 1.0, target_fp32: bool = True,
+                 cfg_t_end: float = 1.0, target_fp32: bool = True, jvp_only_r_neq_t: bool = True,
                  teacher: Callable[..., Tensor] | None = None, teacher_guidance: float = 1.0):
         check_ratio(ratio_r_neq_t)
         if pairing not in ("sort", "clip"):
@@ -149,6 +151,7 @@ class MeanFlow(Objective):
         self.cfg_omega, self.cfg_kappa = float(cfg_omega), float(cfg_kappa)
         self.cfg_t_start, self.cfg_t_end = float(cfg_t_start), float(cfg_t_end)
         self.target_fp32 = bool(target_fp32)
+        self.jvp_only_r_neq_t = bool(jvp_only_r_neq_t)
         self.teacher = teacher
         self.teacher_guidance = float(teacher_guidance)
 
@@ -191,8 +194,8 @@ class MeanFlow(Objective):
             v = e - x
             # Guided (or teacher) velocity, no grad.
             v_tilde, guided = self.guided_velocity(net, z, t, v, y)
-            # u and du/dt from one JVP along (ṽ, 1, 1) in (z, t, h).
-            u, dudt, features = meanflow_jvp(net, z, t, t - r, v_tilde, y, feature_blocks)
+            # u and du/dt from a JVP along (ṽ, 1, 1) in (z, t, h).
+            u, dudt, features = self.u_and_dudt(net, z, t, r, v_tilde, y, feature_blocks)
         # Stop-gradient target, in float32.
         u_tgt = meanflow_target(v_tilde, dudt, t, r)
         # Per-sample sum of squares, adaptively weighted.
@@ -202,6 +205,39 @@ class MeanFlow(Objective):
         if guided is not None:
             logs["guided_fraction"] = float(guided.float().mean())
         return LossOutput(loss=loss, features=features, logs=logs)
+
+    def u_and_dudt(self, net: nn.Module, z: Tensor, t: Tensor, r: Tensor, v: Tensor, y: Tensor | None,
+                   feature_blocks: tuple[int, ...] = ()) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """u_θ (with graph), du/dt and features for the batch.
+
+        With ``jvp_only_r_neq_t`` the JVP runs only on the samples with r ≠ t (25 % by default) and a
+        plain forward serves the rest, whose correction term (t − r)·du/dt is zero; results are
+        reassembled in batch order (du/dt = 0 where r = t), so the loss equals the all-JVP path.
+        """
+        moving = t != r
+        n_moving = int(moving.sum())
+        if not self.jvp_only_r_neq_t or n_moving in (0, t.shape[0]):
+            return meanflow_jvp(net, z, t, t - r, v, y, feature_blocks)
+        idx_j, idx_p = moving.nonzero().squeeze(1), (~moving).nonzero().squeeze(1)
+
+        def take(a: Tensor | None, idx: Tensor) -> Tensor | None:
+            return None if a is None else a[idx]
+
+        # JVP on the r != t samples.
+        u_j, dudt_j, feats_j = meanflow_jvp(net, z[idx_j], t[idx_j], (t - r)[idx_j], v[idx_j], take(y, idx_j),
+                                            feature_blocks)
+        # Plain forward (h = 0) on the r == t samples.
+        z_p, t_p, y_p = z[idx_p], t[idx_p], take(y, idx_p)
+        if feature_blocks:
+            u_p, feats_p = net.forward_features(z_p, t_p, torch.zeros_like(t_p), y_p, blocks=tuple(feature_blocks))
+        else:
+            u_p, feats_p = net(z_p, t_p, torch.zeros_like(t_p), y_p), []
+        # Back to batch order.
+        inverse = torch.argsort(torch.cat([idx_j, idx_p]))
+        u = torch.cat([u_j, u_p.to(u_j.dtype)])[inverse]
+        dudt = torch.cat([dudt_j, torch.zeros_like(u_p, dtype=dudt_j.dtype)])[inverse]
+        features = [torch.cat([a, b.to(a.dtype)])[inverse] for a, b in zip(feats_j, feats_p)]
+        return u, dudt, features
 
     @torch.no_grad()
     def guided_velocity(self, net: nn.Module, z: Tensor, t: Tensor, v: Tensor,
