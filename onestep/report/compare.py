@@ -173,10 +173,12 @@ def render(header, rows, footnotes, fmt: str = "rich", console=None) -> str:
 
     table = Table(show_lines=False)
     for h in header:
-        table.add_column(h, overflow="fold")
+        table.add_column(h, no_wrap=True)
     for r in rows:
         table.add_row(*r)
-    console = console or Console()
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    needed = sum(widths) + 3 * len(widths) + 1
+    console = console or Console(width=max(needed, 80), highlight=False)
     with console.capture() as cap:
         console.print(table)
         for n in footnotes:
