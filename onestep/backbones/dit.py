@@ -229,93 +229,31 @@ def dit(
     )
 
 
-def _sized(name: str, input_shape, num_classes: int, time_scale: float, dropout: float) -> DiT:
-    return DiT(input_shape, num_classes, time_scale=time_scale, dropout=dropout, **DIT_SIZES[name])
+def _register_size(name: str, doc: str, default_shape: tuple[int, ...] = (4, 32, 32)) -> None:
+    """Register ``name`` as a factory of the literal size DIT_SIZES[name]."""
+
+    def factory(
+        input_shape: tuple[int, ...] | list[int] = default_shape,
+        num_classes: int = 0,
+        time_scale: float = 1.0,
+        dropout: float = 0.0,
+    ) -> DiT:
+        return DiT(input_shape, num_classes, time_scale=time_scale, dropout=dropout, **DIT_SIZES[name])
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    BACKBONES.register(name, family="dit")(factory)
 
 
-@BACKBONES.register("dit_s_2", family="dit")
-def dit_s_2(
-    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
-    num_classes: int = 0,
-    time_scale: float = 1.0,
-    dropout: float = 0.0,
-) -> DiT:
-    """DiT-S/2: depth 12, width 384, 6 heads, patch 2."""
-    return _sized("dit_s_2", input_shape, num_classes, time_scale, dropout)
-
-
-@BACKBONES.register("dit_s_4", family="dit")
-def dit_s_4(
-    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
-    num_classes: int = 0,
-    time_scale: float = 1.0,
-    dropout: float = 0.0,
-) -> DiT:
-    """DiT-S/4: depth 12, width 384, 6 heads, patch 4."""
-    return _sized("dit_s_4", input_shape, num_classes, time_scale, dropout)
-
-
-@BACKBONES.register("dit_b_2", family="dit")
-def dit_b_2(
-    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
-    num_classes: int = 0,
-    time_scale: float = 1.0,
-    dropout: float = 0.0,
-) -> DiT:
-    """DiT-B/2: depth 12, width 768, 12 heads, patch 2 (MeanFlow B/2: ~131M params with 1000 classes)."""
-    return _sized("dit_b_2", input_shape, num_classes, time_scale, dropout)
-
-
-@BACKBONES.register("dit_b_4", family="dit")
-def dit_b_4(
-    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
-    num_classes: int = 0,
-    time_scale: float = 1.0,
-    dropout: float = 0.0,
-) -> DiT:
-    """DiT-B/4: depth 12, width 768, 12 heads, patch 4 (MeanFlow ablation model)."""
-    return _sized("dit_b_4", input_shape, num_classes, time_scale, dropout)
-
-
-@BACKBONES.register("dit_m_2", family="dit")
-def dit_m_2(
-    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
-    num_classes: int = 0,
-    time_scale: float = 1.0,
-    dropout: float = 0.0,
-) -> DiT:
-    """DiT-M/2: depth 16, width 1024, 16 heads, patch 2 (MeanFlow M/2)."""
-    return _sized("dit_m_2", input_shape, num_classes, time_scale, dropout)
-
-
-@BACKBONES.register("dit_l_2", family="dit")
-def dit_l_2(
-    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
-    num_classes: int = 0,
-    time_scale: float = 1.0,
-    dropout: float = 0.0,
-) -> DiT:
-    """DiT-L/2: depth 24, width 1024, 16 heads, patch 2 (MeanFlow L/2)."""
-    return _sized("dit_l_2", input_shape, num_classes, time_scale, dropout)
-
-
-@BACKBONES.register("dit_xl_2", family="dit")
-def dit_xl_2(
-    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
-    num_classes: int = 0,
-    time_scale: float = 1.0,
-    dropout: float = 0.0,
-) -> DiT:
-    """DiT-XL/2: depth 28, width 1152, 16 heads, patch 2 (MeanFlow XL/2)."""
-    return _sized("dit_xl_2", input_shape, num_classes, time_scale, dropout)
-
-
-@BACKBONES.register("test_dit", family="dit")
-def test_dit(
-    input_shape: tuple[int, ...] | list[int] = (4, 8, 8),
-    num_classes: int = 0,
-    time_scale: float = 1.0,
-    dropout: float = 0.0,
-) -> DiT:
-    """Tiny DiT for tests: depth 2, width 32, 2 heads, patch 2."""
-    return _sized("test_dit", input_shape, num_classes, time_scale, dropout)
+_SIZE_DOCS = {
+    "dit_s_2": "DiT-S/2: depth 12, width 384, 6 heads, patch 2.",
+    "dit_s_4": "DiT-S/4: depth 12, width 384, 6 heads, patch 4.",
+    "dit_b_2": "DiT-B/2: depth 12, width 768, 12 heads, patch 2 (MeanFlow B/2: ~131M params with 1000 classes).",
+    "dit_b_4": "DiT-B/4: depth 12, width 768, 12 heads, patch 4 (MeanFlow ablation model).",
+    "dit_m_2": "DiT-M/2: depth 16, width 1024, 16 heads, patch 2 (MeanFlow M/2).",
+    "dit_l_2": "DiT-L/2: depth 24, width 1024, 16 heads, patch 2 (MeanFlow L/2).",
+    "dit_xl_2": "DiT-XL/2: depth 28, width 1152, 16 heads, patch 2 (MeanFlow XL/2).",
+    "test_dit": "Tiny DiT for tests: depth 2, width 32, 2 heads, patch 2.",
+}
+for _name, _doc in _SIZE_DOCS.items():
+    _register_size(_name, _doc, (4, 8, 8) if _name == "test_dit" else (4, 32, 32))
