@@ -14,6 +14,8 @@ import torch
 import torch.multiprocessing as mp
 
 from onestep.config import from_dict
+from onestep.objectives.consistency import ConsistencyTraining, _weights, karras_sigmas, sigma_to_t
+from onestep.objectives.base import expand_time
 from onestep.objectives.flow_matching import FlowMatching
 from onestep.objectives.meanflow import MeanFlow
 from onestep.registry import OBJECTIVES
@@ -46,9 +48,27 @@ class IndexedFlowMatching(FlowMatching):
         return self.loss_given(net, x, y, e=e, t=t, feature_blocks=feature_blocks)
 
 
+class IndexedConsistencyTraining(ConsistencyTraining):
+    """iCT with the grid index and the shared noise taken from the sample (sg target, as iCT)."""
+
+    def loss(self, net, x, y, *, step, feature_blocks=()):
+        e, t, _ = _per_sample_randomness(x)
+        num = self.num_scales(step)
+        sigmas = karras_sigmas(num, self.sigma_min, self.sigma_max, self.rho)
+        index = (t.cpu() * (num - 1)).long().clamp(max=num - 2)
+        sigma_lo, sigma_hi = sigmas[index].to(x.device), sigmas[index + 1].to(x.device)
+        t_lo, t_hi = sigma_to_t(sigma_lo).to(x.dtype), sigma_to_t(sigma_hi).to(x.dtype)
+        z_hi = (1 - expand_time(t_hi, x)) * x + expand_time(t_hi, x) * e
+        z_lo = (1 - expand_time(t_lo, x)) * x + expand_time(t_lo, x) * e
+        return self.pair_loss(net, net, x, None, z_hi=z_hi, t_hi=t_hi, z_lo=z_lo, t_lo=t_lo,
+                              weight=_weights(self.weighting, sigma_lo, sigma_hi), feature_blocks=feature_blocks,
+                              logs={})
+
+
 if "_test_indexed_meanflow" not in OBJECTIVES.names():
     OBJECTIVES.register("_test_indexed_meanflow")(IndexedMeanFlow)
     OBJECTIVES.register("_test_indexed_flow_matching")(IndexedFlowMatching)
+    OBJECTIVES.register("_test_indexed_consistency")(IndexedConsistencyTraining)
 
 
 def _raw(objective: str, steps: int = 3) -> dict:
@@ -56,7 +76,7 @@ def _raw(objective: str, steps: int = 3) -> dict:
         "seed": 5,
         "data": {"name": "digits", "conditional": False},
         "backbone": {"name": "test_dit"},
-        "objective": {"name": objective},
+        "objective": {"name": objective, **({"total_steps": steps} if "consistency" in objective else {})},
         "regularizers": [{"name": "dispersive", "weight": 0.5, "blocks": [0], "gather": True}],
         # SGD: Adam turns float-rounding noise in near-zero gradients into +-lr steps, which would
         # hide real agreement behind a loose tolerance.
@@ -85,7 +105,8 @@ def _worker(rank: int, world: int, port: int, objective: str, run_dir: str) -> N
         distributed.shutdown()
 
 
-@pytest.mark.parametrize("objective", ["_test_indexed_flow_matching", "_test_indexed_meanflow"])
+@pytest.mark.parametrize("objective", ["_test_indexed_flow_matching", "_test_indexed_meanflow",
+                                       "_test_indexed_consistency"])
 def test_two_ranks_equal_one_process(objective, tmp_path):
     from onestep.train.loop import Trainer
 
