@@ -7,15 +7,14 @@ process, with each objective's ratio to flow matching on the same backbone, batc
 
 A step is: objective.loss -> mean -> backward -> Adam step (what the training loop does, minus data
 loading and logging). Peak memory: CUDA -> torch.cuda.max_memory_allocated during the timed steps;
-CPU -> peak resident-set growth over the process baseline sampled every 2 ms (approximate).
+CPU -> not reported (null): resident-set sampling there mostly measures what the allocator already
+holds from earlier rows, so it cannot give per-row peaks.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,36 +24,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from onestep.registry import BACKBONES, OBJECTIVES, REGULARIZERS  # noqa: E402
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class _PeakRSS:
-    def __init__(self):
-        self.peak, self._stop = 0.0, threading.Event()
-
-    def __enter__(self):
-        self.base = _rss_mb()
-        self.peak = self.base
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def delta_mb(self) -> float:
-        return self.peak - self.base
 
 
 def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...], steps: int, warmup: int,
@@ -95,18 +64,17 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    with _PeakRSS() as rss:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        elapsed = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else rss.delta_mb
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    peak = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1) if device.type == "cuda" else None
     ms = 1000 * elapsed / steps
     return {"backbone": backbone, "objective": objective + (f"+{regularizer}" if regularizer else ""), "batch": batch, "input_shape": list(shape),
             "device": str(device), "precision": precision, "ms_per_step": round(ms, 2),
             "steps_per_s": round(1000 / ms, 3), "images_per_s": round(batch * 1000 / ms, 1),
-            "peak_mem_mb": round(peak, 1), "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
+            "peak_mem_mb": peak, "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
 
 
 def main(argv=None) -> int:
@@ -148,7 +116,7 @@ def main(argv=None) -> int:
             for r in group:
                 r["ratio_to_flow_matching"] = round(r["ms_per_step"] / ref["ms_per_step"], 3) if ref else None
                 r["mem_ratio_to_flow_matching"] = (round(r["peak_mem_mb"] / ref["peak_mem_mb"], 3)
-                                                   if ref and ref["peak_mem_mb"] > 0 else None)
+                                                   if ref and ref["peak_mem_mb"] else None)
             rows += group
     if args.json:
         for r in rows:
