@@ -31,6 +31,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 0 over train.steps after warmup
     grad_clip: float | None = None
     ema_decay: float = 0.9999
     ema_warmup: bool = False

@@ -78,3 +78,14 @@ def test_recipes_exist():
 def test_every_recipe_validates(recipe):
     cfg = load_config(recipe)
     assert cfg.train.steps >= 1
+
+
+def test_lr_schedule():
+    import math
+
+    from onestep.train.loop import lr_at
+
+    assert [lr_at(s, 1.0, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_at(4, 1.0, 4, "cosine", 104) == 1.0
+    assert math.isclose(lr_at(54, 1.0, 4, "cosine", 104), 0.5)
+    assert lr_at(104, 1.0, 4, "cosine", 104) == 0.0

@@ -76,8 +76,14 @@ def resolved_config(cfg: Config, dataset, net, argv: list[str] | None) -> dict[s
     return out
 
 
-def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+def lr_at(step: int, base_lr: float, warmup: int, schedule: str = "constant", total: int = 1) -> float:
+    """Linear warmup over ``warmup`` steps, then constant or cosine decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return base_lr
 
 
 def autocast_ctx(device: torch.device, precision: str):
@@ -173,7 +179,7 @@ class Trainer:
         x, y = self.stream.batch(step)
         x = x.to(self.device, non_blocking=True)
         y = None if y is None else y.to(self.device, non_blocking=True)
-        lr = lr_at(step, t.lr, t.warmup_steps)
+        lr = lr_at(step, t.lr, t.warmup_steps, t.lr_schedule, t.steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.net.train()
