@@ -186,3 +186,11 @@ def test_plot_writes_pngs(tiny_recipe, tmp_path):
     assert main(["plot", str(run)]) == 0
     for name in ("training.png", "metrics.png"):
         assert (run / "plots" / name).stat().st_size > 1000
+
+
+def test_keep_checkpoints_retention(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_recipe), "--run-dir", str(run), "--no-progress", "train.steps=8",
+                 "train.checkpoint_every=2", "train.keep_checkpoints=2"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == ["step_000000006.pt", "step_000000008.pt"]
+    assert load_checkpoint(run)["step"] == 8
