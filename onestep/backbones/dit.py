@@ -8,7 +8,6 @@ Tokens are patches of p×p pixels, row-major; N = (H/p)·(W/p).
 """
 from __future__ import annotations
 
-from typing import Iterable
 
 import torch
 from timm.layers import Mlp
@@ -17,12 +16,12 @@ from torch import nn
 from ..registry import BACKBONES
 from .attention import Attention
 from .layers import (
+    BlockFeatures,
     LabelEmbedder,
     TimestepEmbedder,
     batch_times,
     check_input_shape,
     modulate,
-    resolve_blocks,
     sincos_pos_embed_2d,
 )
 
@@ -70,7 +69,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(BlockFeatures, nn.Module):
     """Diffusion transformer with two time embedders (t and h = t - r) and an optional class embedder.
 
     ``forward(x, t, h=None, y=None)``: (B, C, H, W) -> (B, C, H, W). ``h=None`` means h = 0;
@@ -177,22 +176,6 @@ class DiT(nn.Module):
                 captured[index] = tokens
         out = self.unpatchify(self.final_layer(tokens, c))
         return out, [captured[i] for i in blocks]
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W), t (B,), h (B,) or None, y (B,) or None -> (B, C, H, W)."""
-        return self._run(x, t, h, y, [])[0]
-
-    def forward_features(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        h: torch.Tensor | None = None,
-        y: torch.Tensor | None = None,
-        *,
-        blocks: int | Iterable[int],
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Output and the tokens (B, N, hidden_size) after each requested block (negatives from the end)."""
-        return self._run(x, t, h, y, resolve_blocks(blocks, self.num_blocks))
 
 
 # Literal sizes from the MeanFlow / DiT papers: depth, width, heads, patch.

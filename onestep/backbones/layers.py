@@ -157,3 +157,21 @@ def check_input_shape(input_shape: Sequence[int], ndim: int | tuple[int, ...], w
         want = " or ".join(f"{n}-D" for n in ndims)
         raise ValueError(f"{what} needs a {want} input_shape of positive ints, got {input_shape!r}")
     return shape
+
+
+class BlockFeatures:
+    """Mixin for backbones: ``forward`` and ``forward_features`` on top of one ``_run(x, t, h, y,
+    blocks) -> (out, [features])`` pass, so the two can never disagree."""
+
+    num_blocks: int
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, ...), t (B,), h = t - r (B,) or None, y (B,) or None -> like x."""
+        return self._run(x, t, h, y, [])[0]
+
+    def forward_features(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
+                         y: torch.Tensor | None = None, *, blocks: int | Iterable[int]
+                         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Output and the activations after each requested block (negative indices from the end)."""
+        return self._run(x, t, h, y, resolve_blocks(blocks, self.num_blocks))

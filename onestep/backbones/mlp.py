@@ -10,13 +10,11 @@ Hidden layer i (a feature for ``forward_features``) is the (B, width) activation
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
 from ..registry import BACKBONES
-from .layers import LabelEmbedder, TimestepEmbedder, batch_times, check_input_shape, resolve_blocks
+from .layers import BlockFeatures, LabelEmbedder, TimestepEmbedder, batch_times, check_input_shape
 
 __all__ = ["MLP", "ResidualBlock"]
 
@@ -37,7 +35,7 @@ class ResidualBlock(nn.Module):
         return a + self.fc2(self.drop(hidden))
 
 
-class MLP(nn.Module):
+class MLP(BlockFeatures, nn.Module):
     """Time-conditioned residual MLP: (B, D), t (B,), h (B,) or None, y (B,) or None -> (B, D).
 
     ``forward_features(..., blocks=...)`` also returns the (B, width) activations after the
@@ -94,22 +92,6 @@ class MLP(nn.Module):
             if index in wanted:
                 captured[index] = a
         return self.out_proj(a), [captured[i] for i in blocks]
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, D), t (B,), h (B,) or None, y (B,) or None -> (B, D)."""
-        return self._run(x, t, h, y, [])[0]
-
-    def forward_features(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        h: torch.Tensor | None = None,
-        y: torch.Tensor | None = None,
-        *,
-        blocks: int | Iterable[int],
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Output and the (B, width) activations after each requested hidden layer."""
-        return self._run(x, t, h, y, resolve_blocks(blocks, self.num_blocks))
 
 
 @BACKBONES.register("mlp_toy", family="mlp")

@@ -30,7 +30,7 @@ last block of the down path (before the middle blocks).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from torch import nn
 
 from ..registry import BACKBONES
 from .attention import attention
-from .layers import batch_times, check_input_shape, resolve_blocks
+from .layers import BlockFeatures, batch_times, check_input_shape
 
 __all__ = ["UNet", "UNetBlock", "positional_embedding"]
 
@@ -127,7 +127,7 @@ class UNetBlock(nn.Module):
         return x
 
 
-class UNet(nn.Module):
+class UNet(BlockFeatures, nn.Module):
     """DDPM++ U-Net with two time embeddings (t and h = t − r) and an optional class embedding.
 
     ``forward(x, t, h=None, y=None)``: (B, C, H, W) -> (B, C, H, W); ``h=None`` means h = 0,
@@ -251,17 +251,6 @@ class UNet(nn.Module):
             index += 1
         out = self.conv_out(F.silu(self.norm_out(a)))
         return out, [captured[i] for i in blocks]
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W), t (B,), h (B,) or None, y (B,) or None -> (B, C, H, W)."""
-        return self._run(x, t, h, y, [])[0]
-
-    def forward_features(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
-                         y: torch.Tensor | None = None, *,
-                         blocks: int | Iterable[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Output and the (B, C, H', W') output of each requested block (negatives from the end)."""
-        return self._run(x, t, h, y, resolve_blocks(blocks, self.num_blocks))
 
 
 @BACKBONES.register("unet", family="unet")
