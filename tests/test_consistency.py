@@ -17,6 +17,8 @@ from onestep.objectives.consistency import (
 from onestep.registry import BACKBONES, OBJECTIVES, ConfigError
 from onestep.sampling import sample
 
+from gaussian_closed_form import GaussianClosedForm
+
 DT = torch.float64
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions run faster on one thread
@@ -27,24 +29,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions run fast
 # ----------------------------------------------------------------------------------------------
 # Analytic modules in the backbone contract.
 
-class GaussianData(nn.Module):
+class GaussianData(GaussianClosedForm):
     """Data x ~ N(μ, s²I) (REFERENCE §6). ``forward`` is the exact consistency net
     F*(z, t) = (z − f*(z, t))/t with f*(z, t) = μ + s·(z − m(t))/σ(t) (the flow map to t = 0), so
     z − t·F* = f*; ``velocity`` the exact marginal velocity; ``flow`` the exact ODE map t -> r."""
-
-    num_classes = 0
-
-    def __init__(self, mu: torch.Tensor, s: float):
-        super().__init__()
-        self.register_buffer("mu", mu)
-        self.s = s
-
-    def sigma(self, t):
-        return torch.sqrt((1 - t) ** 2 * self.s ** 2 + t ** 2)
-
-    def flow(self, z, t, r):
-        t, r = t[:, None], r[:, None]
-        return (1 - r) * self.mu + self.sigma(r) / self.sigma(t) * (z - (1 - t) * self.mu)
 
     def f_exact(self, z, t):
         return self.flow(z, t, torch.zeros_like(t))
@@ -52,18 +40,12 @@ class GaussianData(nn.Module):
     def forward(self, z, t, h=None, y=None):
         return (z - self.f_exact(z, t)) / t.clamp(min=1e-300)[:, None]
 
-    def forward_features(self, z, t, h=None, y=None, *, blocks=()):
-        return self.forward(z, t, h, y), []
-
 
 class GaussianVelocity(GaussianData):
     """The same data, as a flow-matching teacher: forward = v(z, t) = m' + σ'/σ·(z − m)."""
 
     def forward(self, z, t, h=None, y=None):
-        t_ = t[:, None]
-        sig = self.sigma(t_)
-        dsig = (t_ - (1 - t_) * self.s ** 2) / sig
-        return -self.mu + dsig / sig * (z - (1 - t_) * self.mu)
+        return self.marginal_velocity(z, t)
 
 
 def build(name, **kw):

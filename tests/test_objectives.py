@@ -13,6 +13,8 @@ from onestep.objectives.meanflow import meanflow_jvp, meanflow_target
 from onestep.objectives.time_sampling import logit_normal, num_r_neq_t, sample_t_r, uniform
 from onestep.registry import BACKBONES, OBJECTIVES, ConfigError
 
+from gaussian_closed_form import GaussianClosedForm
+
 DT = torch.float64
 
 # torch's forward-AD decompositions call the deprecated torch.jit.script when first loaded.
@@ -49,7 +51,7 @@ class SmoothNet(nn.Module):
         return self.forward_features(x, t, h, y, blocks=())[0]
 
 
-class GaussianMeanFlow(nn.Module):
+class GaussianMeanFlow(GaussianClosedForm):
     """Exact average velocity u(z, r, t) for data x ~ N(μ, s²I) (REFERENCE §6), as u(z, t, h).
 
     With σ(t)² = (1 − t)²s² + t², z_r = m(r) + σ(r)/σ(t)·(z − m(t)), m(t) = (1 − t)μ:
@@ -57,30 +59,12 @@ class GaussianMeanFlow(nn.Module):
     which has no 0/0 at r = t (it equals the marginal velocity v(z, t) there).
     """
 
-    num_classes = 0
-
-    def __init__(self, mu: torch.Tensor, s: float):
-        super().__init__()
-        self.register_buffer("mu", mu)
-        self.s = s
-
-    def sigma(self, t):
-        return torch.sqrt((1 - t) ** 2 * self.s ** 2 + t ** 2)
-
     def forward(self, z, t, h=None, y=None):
         h = torch.zeros_like(t) if h is None else h
         r = t - h
         st, sr = self.sigma(t), self.sigma(r)
         ratio = ((t + r) - self.s ** 2 * (2 - t - r)) / (st * (st + sr))
         return -self.mu + (z - (1 - t)[:, None] * self.mu) * ratio[:, None]
-
-    def forward_features(self, z, t, h=None, y=None, *, blocks=()):
-        return self.forward(z, t, h, y), []
-
-    def marginal_velocity(self, z, t):
-        st = self.sigma(t)
-        dsigma = (t - (1 - t) * self.s ** 2) / st
-        return -self.mu + (dsigma / st)[:, None] * (z - (1 - t)[:, None] * self.mu)
 
 
 def u_of(net, z, r, t, y=None):
