@@ -207,11 +207,12 @@ def test_jvp_matches_finite_difference(name, kernel):
 
 
 @pytest.mark.parametrize("name", ["test_dit", "test_mlp"])
-def test_backward_through_jvp_primal_matches_plain_backward(name):
+@pytest.mark.parametrize("kernel", attention_module.JVP_KERNELS)
+def test_backward_through_jvp_primal_matches_plain_backward(name, kernel):
     net = _build(name, dtype=torch.float64)
     x, t, h, y = _inputs(net, dtype=torch.float64)
     v = torch.randn_like(x)
-    u, dudt = _meanflow_style_jvp(net, x, t, h, y, v)
+    u, dudt = _meanflow_style_jvp(net, x, t, h, y, v, kernel)
     target = (v - h[:, None, None, None] * dudt if x.ndim == 4 else v - h[:, None] * dudt).detach()
     ((u - target) ** 2).sum().backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}
@@ -263,6 +264,74 @@ def test_attention_paths_agree():
     with pytest.raises(ValueError, match="explicit"):
         with jvp_attention("nope"):
             pass
+
+
+def _qkv_net(kernel, tangent_grad=True):
+    """A weight W -> (x W split into q, k, v) -> attention -> (B, heads, N, d); x (2, 9, 16)."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 48, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 9, 16, generator=g, dtype=torch.float64)
+    dx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    def fn(inp):
+        q, k, v = (inp @ weight).reshape(2, 9, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        return attention_module.attention(q, k, v)
+
+    with jvp_attention(kernel, tangent_grad=tangent_grad):
+        out, tangent = torch.func.jvp(fn, (x,), (dx,))
+    return weight, out, tangent
+
+
+def test_fused_jvp_rule_matches_explicit_in_value_tangent_and_both_gradients(monkeypatch):
+    # Tiny chunks so the chunked tangent loop runs several times.
+    monkeypatch.setattr(attention_module, "TANGENT_CHUNK_ELEMENTS", 81)
+    w_f, out_f, tan_f = _qkv_net("fused")
+    w_e, out_e, tan_e = _qkv_net("explicit")
+    torch.testing.assert_close(out_f, out_e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tan_f, tan_e, rtol=1e-10, atol=1e-12)
+    assert tan_e.abs().max() > 0.1
+    # Gradient through the primal (SDPA recomputed in backward) ...
+    for a, b in ((out_f, out_e), (tan_f, tan_e)):
+        (g_f,) = torch.autograd.grad((a * a.cos()).sum(), w_f, retain_graph=True)
+        (g_e,) = torch.autograd.grad((b * b.cos()).sum(), w_e, retain_graph=True)
+        # ... and through the tangent (the rule's own ops) agree with the elementary-op path.
+        torch.testing.assert_close(g_f, g_e, rtol=1e-9, atol=1e-10)
+        assert g_e.abs().max() > 1e-3
+
+
+def test_fused_jvp_rule_without_tangent_graph():
+    weight, out, tangent = _qkv_net("fused", tangent_grad=False)
+    assert tangent.grad_fn is None and out.grad_fn is not None
+    _, _, expected = _qkv_net("explicit")
+    torch.testing.assert_close(tangent, expected.detach(), rtol=1e-10, atol=1e-12)
+    (grad,) = torch.autograd.grad(out.sum(), weight)
+    assert grad.abs().sum() > 0
+
+
+def test_fused_jvp_rule_with_missing_tangents():
+    g = torch.Generator().manual_seed(4)
+    q, k, v, dv = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    # Only v moves: the tangent is attention(q, k, dv).
+    with jvp_attention("fused"):
+        _, tangent = torch.func.jvp(lambda vv: attention_module.attention(q, k, vv), (v,), (dv,))
+    torch.testing.assert_close(tangent, attention_module.attention(q, k, dv))
+    # Only q moves: compare with the explicit path.
+    with jvp_attention("fused"):
+        _, t_f = torch.func.jvp(lambda qq: attention_module.attention(qq, k, v), (q,), (dv,))
+    with jvp_attention("explicit"):
+        _, t_e = torch.func.jvp(lambda qq: attention_module.attention(qq, k, v), (q,), (dv,))
+    torch.testing.assert_close(t_f, t_e)
+
+
+def test_fused_jvp_rule_under_bf16_autocast():
+    g = torch.Generator().manual_seed(6)
+    q, k, v, dq = (torch.randn(2, 2, 16, 8, generator=g) for _ in range(4))
+    with jvp_attention("explicit"):
+        _, expected = torch.func.jvp(lambda qq: attention_module.attention(qq, k, v), (q,), (dq,))
+    with torch.autocast("cpu", dtype=torch.bfloat16), jvp_attention("fused"):
+        out, tangent = torch.func.jvp(lambda qq: attention_module.attention(qq, k, v), (q,), (dq,))
+    assert out.dtype == tangent.dtype == torch.bfloat16
+    torch.testing.assert_close(tangent.float(), expected, rtol=0.05, atol=0.05)
 
 
 def test_bf16_autocast():

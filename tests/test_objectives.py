@@ -517,7 +517,8 @@ def test_dit_jvp_matches_finite_difference():
 
 
 def test_jvp_only_on_r_neq_t_equals_full_jvp():
-    """The subset JVP (plain forward where r = t) gives the same loss, gradients and features."""
+    """The subset JVP (plain forward where r = t) and the fused attention JVP rule give the same loss,
+    gradients and features as the plain path (full-batch JVP through explicit softmax attention)."""
     torch.manual_seed(0)
     net = BACKBONES.build("test_dit", input_shape=(4, 8, 8), num_classes=10).double()
     with torch.no_grad():
@@ -528,16 +529,21 @@ def test_jvp_only_on_r_neq_t_equals_full_jvp():
     r = torch.where(torch.arange(8) % 3 == 0, t * 0.3, t)  # 3 of 8 with r != t
     y = torch.randint(0, 11, (8,))
     results = []
-    for subset in (True, False):
-        obj = OBJECTIVES.build("meanflow", jvp_only_r_neq_t=subset, cfg_omega=1.0, cfg_kappa=0.5)
+    configs = [(False, "explicit"), (True, "fused"), (False, "fused"), (True, "explicit"), (True, "sdpa_math")]
+    for subset, kernel in configs:
+        obj = OBJECTIVES.build("meanflow", jvp_only_r_neq_t=subset, jvp_kernel=kernel, cfg_omega=1.0, cfg_kappa=0.5)
         net.zero_grad()
         out = obj.loss_given(net, x, y, e=e, t=t, r=r, feature_blocks=(0, 1))
         (out.loss.sum() + out.features[0].square().mean()).backward()
         results.append((out.loss.detach(), [f.detach() for f in out.features],
                         [p.grad.clone() for p in net.parameters()]))
-    (la, fa, ga), (lb, fb, gb) = results
-    torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-12)
-    for a, b in zip(fa, fb):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    (la, fa, ga) = results[0]
+    assert la.abs().max() > 0 and any(g.abs().max() > 0 for g in ga)
+    for lb, fb, gb in results[1:]:
+        torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-12)
+        for a, b in zip(fa, fb):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ConfigError, match="jvp_kernel. must be one of"):
+        OBJECTIVES.build("meanflow", jvp_kernel="flash")

@@ -8,12 +8,26 @@ Objectives that take a JVP of the network therefore enter ``jvp_attention()``::
     with jvp_attention():
         u, dudt = torch.func.jvp(lambda z, t, h: net(z, t, h, y), (z, t, h), (v, ones, ones))
 
-Inside it, attention is computed as softmax(q·kᵀ/√d)·v from elementary ops (matmul, softmax),
-which support both forward-mode AD (the JVP) and ordinary backward through the primal output.
-Outside it, the fused kernels are used. Both paths compute the same function.
+Kernels inside it (``JVP_KERNELS``):
 
-``jvp_attention(kernel="sdpa_math")`` instead keeps calling SDPA but restricts it to its MATH
-backend (``torch.nn.attention.sdpa_kernel``), which also supports forward AD on torch 2.15.
+- ``"fused"`` (default): attention with its own forward-mode rule (``SDPAWithJVP``). The primal
+  runs through SDPA's fused kernel; the tangent of O = softmax(S)·V, S = s·q·kᵀ, s = 1/√d, is
+
+      dS = s·(dq·kᵀ + q·dkᵀ),   dO = P·dV + (P ⊙ dS)·V − rowsum(P ⊙ dS) ⊙ O,
+
+  a few extra matmuls on P = softmax(S), which is formed only transiently (chunked over batch ×
+  heads) and, with ``tangent_grad=False``, never kept for backward. Backward through the primal
+  output recomputes the fused SDPA (no attention matrix is stored). With ``tangent_grad=True``
+  (default) the tangent is itself differentiable (exact, tested); MeanFlow detaches du/dt and
+  passes False to save the memory of that graph.
+- ``"explicit"``: softmax(q·kᵀ/√d)·v written out with matmuls (forward AD and backward through
+  the elementary ops; the plain baseline that ``tools/bench.py`` measures).
+- ``"sdpa_math"``: SDPA restricted to its MATH backend (``torch.nn.attention.sdpa_kernel``),
+  which also supports forward AD on torch 2.15.
+
+Outside it, the fused kernels are used. All paths compute the same function (tests compare
+primal, tangent and gradients in float64). Attention dropout > 0 inside the block falls back to
+``"explicit"`` (the fused rule would need the dropout mask).
 """
 from __future__ import annotations
 
@@ -25,25 +39,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["jvp_attention", "attention", "Attention", "JVP_KERNELS"]
+__all__ = ["jvp_attention", "attention", "Attention", "SDPAWithJVP", "JVP_KERNELS"]
 
-JVP_KERNELS = ("explicit", "sdpa_math")
+JVP_KERNELS = ("fused", "explicit", "sdpa_math")
 
 # None: fused SDPA (default). Otherwise one of JVP_KERNELS.
 _JVP_KERNEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("onestep_jvp_attention", default=None)
+# Whether the "fused" rule's tangent keeps an autograd graph.
+_TANGENT_GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("onestep_jvp_tangent_grad", default=True)
+# Largest number of attention-matrix elements the "fused" rule forms at once (2^26 = 256 MB fp32).
+TANGENT_CHUNK_ELEMENTS = 1 << 26
 
 
 @contextlib.contextmanager
-def jvp_attention(kernel: str = "explicit") -> Iterator[None]:
+def jvp_attention(kernel: str = "fused", *, tangent_grad: bool = True) -> Iterator[None]:
     """Make attention inside this block support forward-mode AD (enter around ``torch.func.jvp``).
 
-    ``kernel="explicit"`` (default): softmax(q·kᵀ/√d)·v written out with matmuls.
-    ``kernel="sdpa_math"``: SDPA restricted to its MATH backend.
-    Both also support ordinary backward; both materialize the (N, N) attention matrix.
+    ``kernel``: one of ``JVP_KERNELS`` (module docstring). ``tangent_grad=False`` lets the "fused"
+    rule compute tangents without an autograd graph (use it when the JVP output is detached, as
+    MeanFlow's target is); gradients through the primal are unaffected.
     """
     if kernel not in JVP_KERNELS:
         raise ValueError(f"unknown jvp attention kernel '{kernel}'; allowed: {', '.join(JVP_KERNELS)}")
     token = _JVP_KERNEL.set(kernel)
+    grad_token = _TANGENT_GRAD.set(bool(tangent_grad))
     try:
         if kernel == "sdpa_math":
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -53,7 +72,72 @@ def jvp_attention(kernel: str = "explicit") -> Iterator[None]:
         else:
             yield
     finally:
+        _TANGENT_GRAD.reset(grad_token)
         _JVP_KERNEL.reset(token)
+
+
+class SDPAWithJVP(torch.autograd.Function):
+    """SDPA (fused kernel) with a forward-mode rule and a recomputing backward.
+
+    q, k, v: (B, heads, N, d) -> (B, heads, N, d). Works under ``torch.func.jvp`` and ordinary
+    autograd; the tangent formula is in the module docstring.
+    """
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v = inputs
+        ctx.save_for_backward(q, k, v)
+        ctx.save_for_forward(q, k, v, output)
+        ctx.tangent_grad = _TANGENT_GRAD.get()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [a.detach().requires_grad_(need) for a, need in zip((q, k, v), ctx.needs_input_grad)]
+            out = F.scaled_dot_product_attention(*inputs)
+            wanted = [a for a in inputs if a.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
+        return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv):
+        q, k, v, out = ctx.saved_tensors
+        grad = contextlib.nullcontext() if ctx.tangent_grad else torch.no_grad()
+        with grad:
+            return _attention_tangent(q, k, v, out, dq, dk, dv)
+
+
+def _attention_tangent(q, k, v, out, dq, dk, dv) -> torch.Tensor:
+    """dO for O = softmax(s·q·kᵀ)·v along (dq, dk, dv) (None = zero), chunked over batch × heads."""
+    batch, heads, n_q, dim = q.shape
+    n_k = k.shape[-2]
+    work = torch.promote_types(q.dtype, torch.float32)  # softmax and sums in >= fp32
+    scale = dim ** -0.5
+    flat = lambda a: None if a is None else a.reshape(batch * heads, *a.shape[2:])  # noqa: E731
+    q_, k_, v_, o_, dq_, dk_, dv_ = map(flat, (q, k, v, out, dq, dk, dv))
+    chunk = max(1, TANGENT_CHUNK_ELEMENTS // max(1, n_q * n_k))
+    pieces = []
+    for start in range(0, batch * heads, chunk):
+        sl = slice(start, start + chunk)
+        qc, kc, vc = q_[sl].to(work), k_[sl].to(work), v_[sl].to(work)
+        p = torch.softmax(scale * (qc @ kc.transpose(-1, -2)), dim=-1)
+        tangent = torch.zeros_like(vc) if dv_ is None else p @ dv_[sl].to(work)
+        ds = None
+        if dq_ is not None:
+            ds = dq_[sl].to(work) @ kc.transpose(-1, -2)
+        if dk_ is not None:
+            term = qc @ dk_[sl].to(work).transpose(-1, -2)
+            ds = term if ds is None else ds + term
+        if ds is not None:
+            pds = p * (scale * ds)
+            tangent = tangent + pds @ vc - pds.sum(-1, keepdim=True) * o_[sl].to(work)
+        pieces.append(tangent.to(out.dtype))
+    return torch.cat(pieces).reshape(out.shape)
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -70,7 +154,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     ``dropout_p`` is applied to the attention weights (pass 0 in eval mode).
     """
     kernel = _JVP_KERNEL.get()
-    if kernel == "explicit":
+    if kernel == "fused" and dropout_p == 0.0:
+        return SDPAWithJVP.apply(q, k, v)
+    if kernel in ("fused", "explicit"):
         return _explicit_attention(q, k, v, dropout_p)
     try:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)

@@ -45,18 +45,14 @@ from onestep.objectives.time_sampling import check_ratio, sample_t_r
 __all__ = ["MeanFlow", "meanflow_target", "meanflow_jvp", "adaptive_weight", "cfg_velocity", "jvp_context"]
 
 
-def jvp_context() -> contextlib.AbstractContextManager:
-    """``onestep.backbones.attention.jvp_attention()`` (attention with forward-mode AD).
+def jvp_context(kernel: str = "fused") -> contextlib.AbstractContextManager:
+    """``jvp_attention(kernel, tangent_grad=False)``: attention with forward-mode AD for the JVP.
 
-    Falls back to a no-op only while the backbones package does not provide it yet.
+    du/dt only feeds the stop-gradient target, so the attention tangent needs no autograd graph.
     """
-    try:
-        from onestep.backbones.attention import jvp_attention
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("onestep.backbones"):
-            return contextlib.nullcontext()
-        raise
-    return jvp_attention()
+    from onestep.backbones.attention import jvp_attention
+
+    return jvp_attention(kernel, tangent_grad=False)
 
 
 def meanflow_target(v: Tensor, dudt: Tensor, t: Tensor, r: Tensor) -> Tensor:
@@ -68,11 +64,12 @@ def meanflow_target(v: Tensor, dudt: Tensor, t: Tensor, r: Tensor) -> Tensor:
 
 
 def meanflow_jvp(net: nn.Module, z: Tensor, t: Tensor, h: Tensor, v: Tensor, y: Tensor | None,
-                 feature_blocks: tuple[int, ...] = ()) -> tuple[Tensor, Tensor, list[Tensor]]:
+                 feature_blocks: tuple[int, ...] = (), kernel: str = "fused") -> tuple[Tensor, Tensor, list[Tensor]]:
     """(u_θ(z, t, h, y), du/dt, features) from one ``torch.func.jvp`` along (v, 1, 1) in (z, t, h).
 
     u and the features keep their graph to the parameters; du/dt is the directional derivative
-    v·∂_z u + ∂_t u at fixed r (h = t − r moves with t).
+    v·∂_z u + ∂_t u at fixed r (h = t − r moves with t), without a graph through attention.
+    ``kernel``: the attention JVP kernel (``onestep.backbones.attention.JVP_KERNELS``).
     """
     ones = torch.ones_like(t)
     blocks = tuple(feature_blocks)
@@ -81,14 +78,14 @@ def meanflow_jvp(net: nn.Module, z: Tensor, t: Tensor, h: Tensor, v: Tensor, y: 
             out, feats = net.forward_features(z_, t_, h_, y, blocks=blocks)
             return out, list(feats)
 
-        with jvp_context():
+        with jvp_context(kernel):
             u, dudt, features = torch.func.jvp(fn, (z, t, h), (v, ones, ones), has_aux=True)
         return u, dudt, list(features)
 
     def fn(z_: Tensor, t_: Tensor, h_: Tensor) -> Tensor:
         return net(z_, t_, h_, y)
 
-    with jvp_context():
+    with jvp_context(kernel):
         u, dudt = torch.func.jvp(fn, (z, t, h), (v, ones, ones))
     return u, dudt, []
 
@@ -113,6 +110,9 @@ class MeanFlow(Objective):
             False runs the JVP under the ambient autocast (the target is still formed in float32).
         jvp_only_r_neq_t: take the JVP only for samples with r ≠ t (a plain forward for the rest,
             whose correction is zero); False runs one JVP over the whole batch. Same loss either way.
+        jvp_kernel: attention inside the JVP: "fused" (SDPA primal + its own forward-mode rule,
+            default), "explicit" (softmax written out: the plain baseline) or "sdpa_math". Same
+            numbers (tested); only speed and memory differ.
         teacher: optional frozen net (backbone contract) whose velocity v_φ(z_t, t) replaces
             v = e − x (distillation); its labels follow the same null-id convention.
         teacher_guidance: CFG scale applied to the teacher's velocity (1 = none).
@@ -126,12 +126,17 @@ class MeanFlow(Objective):
                  adaptive_p: float = 1.0, adaptive_c: float = 0.01, class_dropout: float = 0.1,
                  cfg_omega: float = 1.0, cfg_kappa: float = 0.0, cfg_t_start: float = 0.0,
                  cfg_t_end: float = 1.0, target_fp32: bool = True, jvp_only_r_neq_t: bool = True,
+                 jvp_kernel: Literal["fused", "explicit", "sdpa_math"] = "fused",
                  teacher: Callable[..., Tensor] | None = None, teacher_guidance: float = 1.0):
         check_ratio(ratio_r_neq_t)
         if pairing not in ("sort", "clip"):
             raise ValueError(f"pairing must be one of 'sort', 'clip'; got {pairing!r}")
         if time_dist not in ("logit_normal", "uniform"):
             raise ValueError(f"time_dist must be one of 'logit_normal', 'uniform'; got {time_dist!r}")
+        from onestep.backbones.attention import JVP_KERNELS
+
+        if jvp_kernel not in JVP_KERNELS:
+            raise ValueError(f"jvp_kernel must be one of {', '.join(map(repr, JVP_KERNELS))}; got {jvp_kernel!r}")
         check_range("std_t", std_t, 0.0, low_open=True)
         check_range("std_r", std_r, 0.0, low_open=True)
         check_adaptive(adaptive_p, adaptive_c)
@@ -152,6 +157,7 @@ class MeanFlow(Objective):
         self.cfg_t_start, self.cfg_t_end = float(cfg_t_start), float(cfg_t_end)
         self.target_fp32 = bool(target_fp32)
         self.jvp_only_r_neq_t = bool(jvp_only_r_neq_t)
+        self.jvp_kernel = jvp_kernel
         self.teacher = teacher
         self.teacher_guidance = float(teacher_guidance)
 
@@ -217,7 +223,7 @@ class MeanFlow(Objective):
         moving = t != r
         n_moving = int(moving.sum())
         if not self.jvp_only_r_neq_t or n_moving in (0, t.shape[0]):
-            return meanflow_jvp(net, z, t, t - r, v, y, feature_blocks)
+            return meanflow_jvp(net, z, t, t - r, v, y, feature_blocks, self.jvp_kernel)
         idx_j, idx_p = moving.nonzero().squeeze(1), (~moving).nonzero().squeeze(1)
 
         def take(a: Tensor | None, idx: Tensor) -> Tensor | None:
@@ -225,7 +231,7 @@ class MeanFlow(Objective):
 
         # JVP on the r != t samples.
         u_j, dudt_j, feats_j = meanflow_jvp(net, z[idx_j], t[idx_j], (t - r)[idx_j], v[idx_j], take(y, idx_j),
-                                            feature_blocks)
+                                            feature_blocks, self.jvp_kernel)
         # Plain forward (h = 0) on the r == t samples.
         z_p, t_p, y_p = z[idx_p], t[idx_p], take(y, idx_p)
         if feature_blocks:
