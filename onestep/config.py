@@ -43,6 +43,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 0
     init_from: str | None = None
+    # torch.compile of the network for the training step (the JVP itself runs on the eager module).
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_backend: str = "inductor"
 
 
 @dataclass

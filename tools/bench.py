@@ -28,7 +28,7 @@ from onestep.registry import BACKBONES, OBJECTIVES, REGULARIZERS  # noqa: E402
 
 def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...], steps: int, warmup: int,
               device: torch.device, precision: str, num_classes: int, objective_kwargs: dict,
-              regularizer: str | None = None) -> dict:
+              regularizer: str | None = None, compile: bool = False) -> dict:
     torch.manual_seed(0)
     net = BACKBONES.build(backbone, input_shape=shape, num_classes=num_classes).to(device)
     name, _, spec = objective.partition(":")  # "meanflow:jvp_only_r_neq_t=false,ratio_r_neq_t=0.5"
@@ -43,10 +43,11 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device) if num_classes else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    train_net = torch.compile(net) if compile else net  # as train.compile: the JVP runs on the eager module
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = obj.loss(net, x, y, step=0, feature_blocks=blocks)
+            out = obj.loss(train_net, x, y, step=0, feature_blocks=blocks)
         loss = out.loss.float().mean()
         if reg is not None:
             loss = loss + 0.5 * reg(out.features[0].float())
@@ -72,7 +73,7 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
     peak = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1) if device.type == "cuda" else None
     ms = 1000 * elapsed / steps
     return {"backbone": backbone, "objective": objective + (f"+{regularizer}" if regularizer else ""), "batch": batch, "input_shape": list(shape),
-            "device": str(device), "precision": precision, "ms_per_step": round(ms, 2),
+            "device": str(device), "precision": precision, "compile": compile, "ms_per_step": round(ms, 2),
             "steps_per_s": round(1000 / ms, 3), "images_per_s": round(batch * 1000 / ms, 1),
             "peak_mem_mb": peak, "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
 
@@ -94,6 +95,9 @@ def main(argv=None) -> int:
                    help='JSON per objective, e.g. \'{"meanflow": {"ratio_r_neq_t": 0.25}}\'')
     p.add_argument("--regularizer", default=None,
                    help="also time each objective with this regularizer (weight 0.5) on the encoder blocks")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="torch.compile the network (inductor; warmup steps absorb compilation); 'both' times "
+                        "each row eager and compiled. Ratios compare rows with the same setting.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     args = p.parse_args(argv)
@@ -107,13 +111,15 @@ def main(argv=None) -> int:
     for backbone in [b.strip() for b in args.backbones.split(",") if b.strip()]:
         for batch in [int(b) for b in args.batch.split(",")]:
             group = []
-            for objective in objectives:
-                for reg in [None] + ([args.regularizer] if args.regularizer else []):
-                    group.append(bench_one(backbone, objective, batch, shape, args.steps, args.warmup, device,
-                                           args.precision, args.num_classes, json.loads(args.objective_kwargs),
-                                           regularizer=reg))
-            ref = next((r for r in group if r["objective"] == "flow_matching"), None)
+            for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+                for objective in objectives:
+                    for reg in [None] + ([args.regularizer] if args.regularizer else []):
+                        group.append(bench_one(backbone, objective, batch, shape, args.steps, args.warmup, device,
+                                               args.precision, args.num_classes, json.loads(args.objective_kwargs),
+                                               regularizer=reg, compile=compiled))
             for r in group:
+                ref = next((q for q in group if q["objective"] == "flow_matching" and q["compile"] == r["compile"]),
+                           None)
                 r["ratio_to_flow_matching"] = round(r["ms_per_step"] / ref["ms_per_step"], 3) if ref else None
                 r["mem_ratio_to_flow_matching"] = (round(r["peak_mem_mb"] / ref["peak_mem_mb"], 3)
                                                    if ref and ref["peak_mem_mb"] else None)
@@ -126,7 +132,7 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     table = Table(title=f"onestep bench — {device}, {args.precision}, {args.steps} timed steps")
-    cols = ["backbone", "objective", "batch", "ms_per_step", "images_per_s", "peak_mem_mb",
+    cols = ["backbone", "objective", "batch", "compile", "ms_per_step", "images_per_s", "peak_mem_mb",
             "ratio_to_flow_matching", "mem_ratio_to_flow_matching"]
     for c in cols:
         table.add_column(c)

@@ -41,6 +41,11 @@ def batch_time(t: Tensor | float, x: Tensor) -> Tensor:
     return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
+def eager_module(net: nn.Module) -> nn.Module:
+    """The plain module behind a ``torch.compile`` wrapper (``torch.func`` transforms run on it)."""
+    return getattr(net, "_orig_mod", net)
+
+
 class Objective:
     """The paper's math, otherwise stateless. Subclasses implement ``loss`` and ``sample_step``.
 

@@ -37,7 +37,8 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from onestep.objectives.base import LossOutput, Objective, batch_time, expand_time, register_objective
+from onestep.objectives.base import (LossOutput, Objective, batch_time, eager_module, expand_time,
+                                     register_objective)
 from onestep.objectives.flow_matching import (adaptive_weight, cfg_velocity, check_adaptive, check_range,
                                               drop_labels, num_classes_of, sum_squares, velocity)
 from onestep.objectives.time_sampling import check_ratio, sample_t_r
@@ -71,6 +72,7 @@ def meanflow_jvp(net: nn.Module, z: Tensor, t: Tensor, h: Tensor, v: Tensor, y: 
     v·∂_z u + ∂_t u at fixed r (h = t − r moves with t), without a graph through attention.
     ``kernel``: the attention JVP kernel (``onestep.backbones.attention.JVP_KERNELS``).
     """
+    net = eager_module(net)  # torch.func.jvp does not trace through a torch.compile wrapper
     ones = torch.ones_like(t)
     blocks = tuple(feature_blocks)
     if blocks:

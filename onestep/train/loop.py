@@ -124,6 +124,11 @@ class Trainer:
             self._load_init(t.init_from)
         distributed.broadcast_parameters(self.net)
         self.ema = EMA(self.net, t.ema_decay, t.ema_warmup)
+        # The module the objective calls: compiled when asked (checkpoints keep self.net's plain keys).
+        self.train_net = self.net
+        if t.compile:
+            self.train_net = torch.compile(self.net, mode=None if t.compile_mode == "default" else t.compile_mode,
+                                           backend=t.compile_backend)
         if resume:
             self.ema.load_state_dict(self._resume_state["ema"])
             del self._resume_state
@@ -185,7 +190,7 @@ class Trainer:
         self.net.train()
         # Objective loss (per sample) and the regularizers on its gradient-carrying features.
         with autocast_ctx(self.device, t.precision):
-            out = self.objective.loss(self.net, x, y, step=step, feature_blocks=self.feature_blocks)
+            out = self.objective.loss(self.train_net, x, y, step=step, feature_blocks=self.feature_blocks)
         main = out.loss.float().mean()
         total = main
         terms = {"loss_main": main.detach()}
