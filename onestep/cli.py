@@ -108,7 +108,8 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from onestep.build import load_run
-    from onestep.eval.evaluate import generate
+    from onestep.eval.evaluate import decodes_to_images, generate
+    from onestep.eval.fidelity import to_uint8_rgb
     from onestep.train.loop import pick_device
     from onestep.viz import save_samples_png, to_uint8_images
 
@@ -121,18 +122,25 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--class {args.class_id}: this run has {run.dataset.num_classes} classes "
                           f"(allowed 0..{run.dataset.num_classes - 1})" if run.dataset.num_classes else
                           "--class: this run is unconditional")
+    if args.latents and run.dataset.kind != "latent":
+        raise ConfigError(f"--latents: this run's data '{run.dataset.name}' is {run.dataset.kind} data, not latents")
+    # Latent runs with a VAE: decode every batch on the device into uint8 images right away.
+    decode = decodes_to_images(run.dataset) and not args.latents
+    transform = (lambda x: to_uint8_rgb(run.dataset.decode(x))) if decode else None
     x, y = generate(run.objective, run.net, run.dataset, num_samples=args.n, nfe=args.nfe, seed=args.seed,
-                    batch_size=args.batch_size, device=device, class_id=args.class_id)
+                    batch_size=args.batch_size, device=device, class_id=args.class_id, transform=transform)
+    kind = "image" if decode else run.dataset.kind
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         ncol = run.dataset.num_classes if args.class_id is None and 0 < run.dataset.num_classes <= 16 else None
-        save_samples_png(x, run.dataset.kind, out, ncol=ncol)
+        save_samples_png(x, kind, out, ncol=ncol)
     else:
-        arrays = {"arr_0": to_uint8_images(x) if run.dataset.kind == "image" else x.numpy().astype(np.float32)}
+        arrays = {"arr_0": to_uint8_images(x) if kind == "image" else x.numpy().astype(np.float32)}
         if y is not None:
             arrays["arr_1"] = y.numpy().astype(np.int64)
         np.savez(out, **arrays)
-    print(f"wrote {len(x)} samples ({args.nfe} NFE, step {run.step}) to {out}")
+    what = "VAE-decoded images" if decode else "latents (model coordinates)" if kind == "latent" else "samples"
+    print(f"wrote {len(x)} {what} ({args.nfe} NFE, step {run.step}) to {out}")
     return 0
 
 
@@ -153,7 +161,9 @@ def cmd_eval(args) -> int:
     rows = evaluate_model(run.objective, run.net, run.dataset, nfes=nfes, metrics=metrics or ev.metrics,
                           num_samples=args.num_samples or ev.num_samples,
                           seed=ev.seed if args.seed is None else args.seed, batch_size=args.batch_size or ev.batch_size,
-                          device=device, step=run.step, weights="model" if args.no_ema else "ema")
+                          device=device, step=run.step, weights="model" if args.no_ema else "ema",
+                          reference=args.reference or ev.reference,
+                          feature_extractor=args.feature_extractor or ev.feature_extractor)
     run_dir = run.path.parent.parent if run.path.parent.name == "checkpoints" else None
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         write_rows(run_dir, rows)
@@ -278,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=512)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="FILE.png (grid / density) or FILE.npz (arr_0, arr_1)")
+    s.add_argument("--latents", action="store_true",
+                   help="latent runs with data.vae: write the raw latents (float32 arr_0) instead of decoded images")
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="score n-NFE samples; rows go to RUN/metrics.jsonl")
@@ -289,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int)
     e.add_argument("--no-ema", action="store_true")
     e.add_argument("--device", default="auto")
+    e.add_argument("--reference", help="fid/kid/prc reference: image FOLDER (ADM center crop), STATS.npz from "
+                                       "tools/fid_stats.py, ADM reference batch .npz, or a dataset name "
+                                       "(default: eval.reference, else the training images)")
+    e.add_argument("--feature-extractor", help="torch-fidelity feature extractor for fid/isc/kid/prc "
+                                               "(default: eval.feature_extractor, else each metric's own)")
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("compare", help="one table over runs (and published numbers)")

@@ -58,6 +58,11 @@ class EvalConfig:
     every: int = 0
     ema: bool = True
     seed: int = 0
+    # torch-fidelity metrics (fid, isc, kid, prc): what to compare against instead of the training
+    # set (a folder, an .npz of statistics or of arr_0 images, a dataset name) -- required for FID
+    # of latent data decoded by data.vae -- and a feature extractor replacing their default.
+    reference: str | None = None
+    feature_extractor: str | None = None
 
 
 @dataclass
@@ -229,6 +234,10 @@ def from_dict(raw: dict[str, Any]) -> Config:
     seed = raw.get("seed", 0)
     check_type(seed, int, "seed")
     _check_values(train, evalc)
+    if evalc.every and data.get("vae") and evalc.reference is None and \
+            set(evalc.metrics or ["fid"]) & {"fid", "kid", "prc"}:
+        raise ConfigError("eval.every > 0 scores VAE-decoded samples (data.vae) with fid/kid/prc, which need "
+                          "eval.reference (an image folder, FID statistics .npz, or ADM reference batch)")
     return Config(data=data, backbone=backbone, objective=objective, regularizers=regularizers,
                   train=train, eval=evalc, seed=seed)
 

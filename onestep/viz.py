@@ -11,8 +11,9 @@ from torch import Tensor
 
 
 def to_uint8_images(x: Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """(N, C, H, W) in [-1, 1] (or already uint8) -> uint8 (N, H, W, C)."""
+    if x.dtype != torch.uint8:
+        x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -47,7 +48,7 @@ def save_samples_png(x: Tensor, kind: str, path: str | Path, ncol: int | None = 
     """Image data -> grid; 2-D vector data -> density picture."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "latent":  # a rough look at latents: channels 0-2 as RGB, /4 into [-1, 1]
+    if kind == "latent":  # a rough look at latents (training previews): channels 0-2 as RGB, /4 into [-1, 1]
         x, kind = (x[:, :3] / 4).clamp(-1, 1), "image"
     if kind == "image":
         h = x.shape[-1]

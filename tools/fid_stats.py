@@ -1,10 +1,19 @@
-"""Write FID reference statistics (mu, sigma as .npz) of a dataset or an image folder.
+"""Write FID reference statistics (mu, sigma as .npz) of a dataset, an image folder or an .npz of images.
 
     python tools/fid_stats.py digits                                  # onestep dataset, Inception
     python tools/fid_stats.py digits --set image_size=32 --set split=train
     python tools/fid_stats.py /data/cifar10_png --out cifar10_train.npz
     python tools/fid_stats.py cifar10-train --feature-extractor inception-v3-compat --device cuda
     python tools/fid_stats.py digits --feature-extractor onestep-random-conv   # no download (tests)
+    python tools/fid_stats.py /data/imagenet/train --resolution 256 --device cuda --out in256_train.npz
+    python tools/fid_stats.py VIRTUAL_imagenet256_labeled.npz --device cuda   # its arr_0 images
+
+A folder is read recursively (ImageNet's class subfolders work); ``--resolution`` gives every image
+ADM's center crop (BOX halving, BICUBIC resize, center square), as ``tools/encode_latents.py`` does.
+An .npz is read as uint8 images ``arr_0`` (N, H, W, C): ADM's sample and reference batches, or
+``onestep sample --out x.npz``. (ADM's reference batches also carry ADM's own mu/sigma over the whole
+training set: pass such a file to ``onestep eval --reference`` directly to use those, with the
+``inception-v3-compat`` extractor.)
 
 The features come from torch-fidelity's own extraction code with the chosen extractor (Inception
 weights: --weights or ONESTEP_INCEPTION_WEIGHTS for offline machines). The default output is
@@ -37,7 +46,10 @@ def _parse_set(items: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("reference", help="image folder, onestep image dataset name, or torch-fidelity dataset name")
+    parser.add_argument("reference", help="image folder, .npz of arr_0 images, onestep image dataset name, or "
+                                          "torch-fidelity dataset name")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="folders: ADM center crop of every image to this size (default: as read)")
     parser.add_argument("--out", help="output .npz (default: the cache key under $ONESTEP_CACHE/fid_stats)")
     parser.add_argument("--feature-extractor", default="inception-v3-compat")
     parser.add_argument("--weights", default=None, help="local feature-extractor weights file")
@@ -54,7 +66,8 @@ def main(argv: list[str] | None = None) -> str:
     from onestep.registry import DATASETS, ConfigError
 
     try:
-        reference, name = args.reference, os.path.basename(os.path.normpath(args.reference))
+        reference = args.reference
+        name = os.path.basename(os.path.normpath(reference)).removesuffix(".npz")
         kwargs = _parse_set(args.set)
         if not os.path.isdir(reference) and reference in DATASETS:
             dataset = DATASETS.build(reference, **kwargs)
@@ -63,7 +76,8 @@ def main(argv: list[str] | None = None) -> str:
             raise ConfigError(f"--set applies to onestep datasets only, not {args.reference!r}")
         stats = fidelity.reference_statistics(reference, feature_extractor=args.feature_extractor,
                                               weights_path=args.weights, batch_size=args.batch_size,
-                                              device=args.device, verbose=args.verbose)
+                                              device=args.device, resolution=args.resolution,
+                                              verbose=args.verbose)
         out = args.out or fidelity.default_stats_path(name, stats["resolution"], args.feature_extractor, args.weights)
         path = fidelity.save_stats_npz(stats, out)
     except ConfigError as exc:

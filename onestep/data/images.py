@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -218,39 +219,73 @@ def center_crop_resize(image, image_size: int):
     return image.crop((left, top, left + image_size, top + image_size))
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files (IMAGE_EXTENSIONS, any case) anywhere under ``folder``, sorted; hidden names skipped."""
+    folder = Path(folder).expanduser()
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def class_folders(root: str | Path, what: str) -> tuple[list[Path], list[int], list[str]]:
+    """ImageNet-style ROOT/CLASS/**/image files -> (files, labels, class names): classes are the
+    sorted subfolder names, label = index in that list. ``what`` names the caller in errors."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise ConfigError(f"{what}: {root} is not a directory (expected ROOT/CLASS/image files)")
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"{what}: no class subfolders in {root} (expected ROOT/CLASS/image files)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = image_files(base / name)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise ConfigError(f"{what}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
+    return files, labels, classes
+
+
+def load_image(path: str | Path, image_size: int | None = None, mode: str = "RGB") -> np.ndarray:
+    """One image file as uint8 (H, W, channels) in ``mode`` ("RGB" or "L"), ADM center crop to
+    ``image_size`` when given (``center_crop_resize``)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert(mode)
+        if image_size is not None:
+            im = center_crop_resize(im, image_size)
+        arr = np.array(im, dtype=np.uint8)  # a writable copy
+    return arr.reshape(arr.shape[0], arr.shape[1], -1)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files read lazily as uint8 (3, S, S) RGB tensors, ADM-center-cropped to ``image_size``
+    (as read when None: then all files must share one size). Item i is ``files[i]``."""
+
+    def __init__(self, files: list[Path], image_size: int | None = None):
+        self.files = list(files)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(load_image(self.files[i], self.image_size)).permute(2, 0, 1).contiguous()
+
+
 @DATASETS.register("imagefolder", tags=("image",))
 def imagefolder(root: str, image_size: int = 32, channels: int = 3, conditional: bool = True) -> TensorDataset:
     """Class subfolders of images (ROOT/CLASS/*.png, ...) as (N, channels, S, S) in [-1, 1].
 
     Each image is center-cropped and resized to ``image_size`` with PIL; labels are the class
     folders' indices in sorted name order. ``channels``: 3 (RGB) or 1 (grayscale). Held in memory."""
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-
     if channels not in (1, 3):
         raise ConfigError(f"dataset 'imagefolder': key 'channels' must be 1 or 3, got {channels}")
     if image_size < 1:
         raise ConfigError(f"dataset 'imagefolder': key 'image_size' must be >= 1, got {image_size}")
-    base = Path(root).expanduser()
-    if not base.is_dir():
-        raise ConfigError(f"dataset 'imagefolder': data.root={root} is not a directory (expected ROOT/CLASS/image files)")
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ConfigError(f"dataset 'imagefolder': no class subfolders in {root} (expected ROOT/CLASS/image files)")
+    files, labels, classes = class_folders(root, "dataset 'imagefolder'")
     mode = "RGB" if channels == 3 else "L"
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (base / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        for path in files:
-            with Image.open(path) as im:
-                arr = np.asarray(center_crop_resize(im.convert(mode), image_size), dtype=np.uint8)
-            images.append(arr.reshape(image_size, image_size, channels))
-            labels.append(label)
-    if not images:
-        raise ConfigError(f"dataset 'imagefolder': no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders "
-                          f"of {root}")
+    images = [load_image(path, image_size, mode) for path in files]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor(labels, dtype=torch.int64)
-    return _labelled(uint8_to_unit(x), y, len(classes), conditional, f"imagefolder_{base.name}")
+    return _labelled(uint8_to_unit(x), y, len(classes), conditional, f"imagefolder_{Path(root).expanduser().name}")

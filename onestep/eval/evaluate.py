@@ -2,9 +2,16 @@
 
 Sample i always uses noise seeded by (seed, i) and, for class-conditional data, class i % C, so the
 same seed gives the same samples at any batch size.
+
+Latent data with a VAE (``data.vae``, ``dataset.decodes_to_images``): torch-fidelity metrics
+(fid, isc, kid, prc; the defaults are fid + isc) see the VAE-decoded images, decoded batch by batch
+inside the generator so nothing is stored; their reference must be given (``reference=``: a folder,
+an .npz of statistics or images, a dataset name) and the rows say the images were decoded. Other
+metrics score the latents themselves.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -12,19 +19,36 @@ from typing import Any
 
 import torch
 
-from onestep.registry import METRICS
+from onestep.registry import METRICS, ConfigError
 from onestep.sampling import balanced_labels, sample, seeded_noise
 
 DEFAULT_METRICS = {"vector": ["sliced_wasserstein", "energy_distance"],
                    "image": ["fid", "isc"],
                    "latent": ["sliced_wasserstein"]}
+IMAGE_METRICS_NEED_REFERENCE = ("fid", "kid", "prc")
+
+
+def decodes_to_images(dataset) -> bool:
+    """Latent data whose samples are decoded into images by a VAE (``data.vae``)."""
+    return bool(getattr(dataset, "decodes_to_images", False))
 
 
 def default_metrics(dataset) -> list[str]:
-    """Per data kind; the bundled digits get the toolkit's own classifier metrics (no download)."""
+    """Per data kind; the bundled digits get the toolkit's own classifier metrics (no download);
+    latents with a VAE get the image metrics (fid, isc) of their decoded samples."""
     if dataset.name == "digits":
         return ["digits_fd", "digits_is"] + (["digits_acc"] if dataset.num_classes else [])
+    if decodes_to_images(dataset):
+        return list(DEFAULT_METRICS["image"])
     return list(DEFAULT_METRICS.get(dataset.kind, ["sliced_wasserstein"]))
+
+
+def build_metric(name: str, feature_extractor: str | None = None):
+    """METRICS.build(name), with ``feature_extractor`` passed to metrics that take one."""
+    kwargs = {}
+    if feature_extractor and "feature_extractor" in inspect.signature(METRICS.get(name)).parameters:
+        kwargs["feature_extractor"] = feature_extractor
+    return METRICS.build(name, **kwargs)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -33,8 +57,9 @@ def sample_seed(seed: int, index: int) -> int:
 
 @torch.no_grad()
 def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, batch_size: int,
-             device, class_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """num_samples samples in batches; returns (samples on CPU, labels or None)."""
+             device, class_id: int | None = None, transform=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """num_samples samples in batches; returns (samples on CPU, labels or None). ``transform``
+    maps each batch on the device before it moves to the CPU (e.g. VAE decoding to uint8)."""
     outs, labels = [], []
     for start in range(0, num_samples, batch_size):
         idx = range(start, min(start + batch_size, num_samples))
@@ -46,22 +71,28 @@ def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, 
             labels.append(y)
             y = y.to(device)
         torch.manual_seed(sample_seed(seed, start))  # multi-step consistency re-noising draws from it
-        outs.append(sample(objective, net, noise, y, nfe=nfe).float().cpu())
+        x = sample(objective, net, noise, y, nfe=nfe).float()
+        outs.append((x if transform is None else transform(x)).cpu())
     return torch.cat(outs), (torch.cat(labels) if labels else None)
 
 
 def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list[str] | None, num_samples: int,
                    seed: int, batch_size: int, device, step: int, weights: str,
-                   reference_seed: int = 12345) -> list[dict[str, Any]]:
+                   reference_seed: int = 12345, reference: Any = None,
+                   feature_extractor: str | None = None) -> list[dict[str, Any]]:
+    """Rows {step, nfe, metric, value, num_samples, implementation, reference, ...} for every nfe
+    and metric. ``reference``: what torch-fidelity metrics compare against instead of the training
+    set (needed for latent data; see the module doc). ``feature_extractor`` replaces the default
+    extractor of the metrics that take one (e.g. the download-free ``onestep-random-conv``)."""
     metric_names = list(metrics) if metrics else default_metrics(dataset)
-    metric_objs = [METRICS.build(name) for name in metric_names]
+    metric_objs = [build_metric(name, feature_extractor) for name in metric_names]
     streamed = [hasattr(m, "from_generator") for m in metric_objs]  # torch-fidelity metrics
-    reference = ref_desc = None
+    data_reference = ref_desc = None
     if not all(streamed):
-        reference, _ = dataset.reference(num_samples, seed=reference_seed)
-        ref_desc = (f"{dataset.name}: {reference.shape[0]} fresh samples (seed {reference_seed})"
+        data_reference, _ = dataset.reference(num_samples, seed=reference_seed)
+        ref_desc = (f"{dataset.name}: {data_reference.shape[0]} fresh samples (seed {reference_seed})"
                     if dataset.size is None else
-                    f"{dataset.name}: {reference.shape[0]} of {dataset.size} data samples")
+                    f"{dataset.name}: {data_reference.shape[0]} of {dataset.size} data samples")
     net.eval()
     rows = []
     for nfe in nfes:
@@ -76,15 +107,15 @@ def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list[st
         for name, metric, stream in zip(metric_names, metric_objs, streamed):
             t0 = time.perf_counter()
             if stream:
-                value, desc = _streamed(metric, objective, net, dataset, nfe=nfe, seed=seed,
-                                        num_samples=num_samples, device=device)
+                value, desc, impl = _streamed(metric, name, objective, net, dataset, nfe=nfe, seed=seed,
+                                              num_samples=num_samples, device=device, reference=reference)
             else:
                 kwargs = {"labels": labels} if getattr(metric, "needs_labels", False) else {}
-                value, desc = float(metric(samples, reference, **kwargs)), ref_desc
+                value, desc, impl = float(metric(samples, data_reference, **kwargs)), ref_desc, metric.implementation
             elapsed = time.perf_counter() - t0 + (0.0 if stream else gen_s)
             rows.append({
                 "step": step, "nfe": nfe, "metric": name, "value": value,
-                "num_samples": num_samples, "implementation": metric.implementation,
+                "num_samples": num_samples, "implementation": impl,
                 "reference": desc, "higher_is_better": metric.higher_is_better,
                 "grid": grid, "weights": weights, "seed": seed,
                 "samples_per_s": round(num_samples / max(elapsed, 1e-9), 1),
@@ -92,15 +123,45 @@ def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list[st
     return rows
 
 
-def _streamed(metric, objective, net, dataset, *, nfe: int, seed: int, num_samples: int, device):
-    """Samples generated batch by batch straight into torch-fidelity; the reference is the whole
-    training set through its loader, its statistics cached by dataset + resolution + extractor."""
+def _streamed(metric, name: str, objective, net, dataset, *, nfe: int, seed: int, num_samples: int, device,
+              reference: Any = None) -> tuple[float, str, str]:
+    """Samples generated batch by batch straight into torch-fidelity (VAE-decoded first for latent
+    data); the reference is ``reference`` or else the whole training set through its loader, its
+    statistics cached by dataset + resolution + extractor. Returns (value, reference, implementation)."""
     from onestep.eval import fidelity
 
+    decoded = decodes_to_images(dataset)
+    if dataset.kind != "image" and not decoded:
+        hint = (": set data.vae (a Hugging Face id or a local AutoencoderKL directory) to score decoded images"
+                if dataset.kind == "latent" else "")
+        raise ConfigError(f"metric '{name}' scores images; the data '{dataset.name}' is {dataset.kind} data{hint}")
     fn = fidelity.model_generator_fn(objective, net, dataset, nfe=nfe, seed=seed, device=device)
-    res = int(dataset.shape[-1])
-    value = metric.from_generator(fn, num_samples, dataset, cache_name=fidelity.reference_cache_name(dataset.name, res))
-    return float(value), f"{dataset.name}: all {dataset.size} training images at {res}px"
+    implementation = metric.implementation
+    if decoded:
+        fn = _decoding(fn, dataset)
+        implementation += f"; {dataset.describe_decoder()}"
+    res = int(dataset.image_shape[-1] if decoded else dataset.shape[-1])
+    ref, cache_name, desc = None, None, "none (needs no reference)"
+    if not decoded and reference is None:
+        ref, cache_name = dataset, fidelity.reference_cache_name(dataset.name, res)
+        desc = f"{dataset.name}: all {dataset.size} training images at {res}px"
+    elif metric.name in IMAGE_METRICS_NEED_REFERENCE:
+        if reference is None:
+            raise ConfigError(f"metric '{name}' on VAE-decoded latents needs reference images: pass --reference "
+                              f"FOLDER|STATS.npz|DATASET to onestep eval (or set eval.reference), e.g. an ImageNet "
+                              f"folder, statistics from tools/fid_stats.py, or ADM's VIRTUAL_imagenet256_labeled.npz")
+        ref, desc = reference, fidelity.describe_reference(reference, metric.name, res)
+    value = metric.from_generator(fn, num_samples, ref, cache_name=cache_name, reference_resolution=res)
+    return float(value), desc, implementation
+
+
+def _decoding(latents_fn, dataset):
+    """generator_fn(indices) -> VAE-decoded images of latents_fn(indices), on the same device."""
+
+    def generator_fn(indices):
+        return dataset.decode(latents_fn(indices))
+
+    return generator_fn
 
 
 def write_rows(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:

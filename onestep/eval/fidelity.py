@@ -17,10 +17,15 @@ Entry points:
 Images: torch-fidelity wants uint8 (N, 3, H, W); float tensors are taken as [-1, 1] and mapped
 with round((x + 1) * 127.5) (as ``onestep sample --out x.npz``); one channel is repeated to three.
 
-References (``reference=``): a folder of images; a Dataset returning uint8 (3, H, W) tensors; an
-image tensor; a torch-fidelity dataset name (``cifar10-train``, ...); a onestep image dataset
-(name such as ``digits`` or a Dataset object); or a ``.npz`` of FID statistics written by
-``tools/fid_stats.py`` (FID only). With ``cache_name`` torch-fidelity caches the reference
+References (``reference=``): a folder of images (read recursively, so ImageNet-style class
+subfolders work; with ``reference_resolution`` every image gets ADM's center crop to the samples'
+size); a Dataset returning uint8 (3, H, W) tensors; an image tensor; a torch-fidelity dataset name
+(``cifar10-train``, ...); a onestep image dataset (name such as ``digits`` or a Dataset object); a
+``.npz`` of FID statistics (mu, sigma) written by ``tools/fid_stats.py`` (FID only); or an ``.npz``
+with images ``arr_0`` uint8 (N, H, W, C) (ADM's sample / reference batch layout). ADM's reference
+batches (e.g. ``VIRTUAL_imagenet256_labeled.npz``) hold both: FID uses their mu/sigma, computed
+with TF Inception pool_3, which only the ``inception-v3-compat`` extractor (2048-d) matches; KID
+and PRC use their images. With ``cache_name`` torch-fidelity caches the reference
 features/statistics under ``$ONESTEP_CACHE/fidelity_cache`` (see ``reference_cache_name``).
 
 Weights. torch-fidelity downloads Inception (and VGG16 / CLIP) weights into torch hub's checkpoint
@@ -401,8 +406,38 @@ def _onestep_dataset_images(dataset) -> tuple[Tensor, str]:
     return x, dataset.name
 
 
-def resolve_reference(reference: Any) -> tuple[Any, str | None, str]:
-    """(torch-fidelity input, default cache name or None, description) for ``reference``."""
+def _is_npz(reference: Any) -> bool:
+    return isinstance(reference, (str, Path)) and str(reference).endswith(".npz")
+
+
+def npz_arrays(path: str | Path) -> list[str]:
+    """The array names in an .npz (read from its index, no data loaded); a one-line error if unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return list(f.files)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"reference {path}: cannot read it as .npz ({type(exc).__name__}: {exc})") from None
+
+
+def npz_images(path: str | Path) -> Tensor:
+    """``arr_0`` of an .npz as uint8 (N, 3, H, W): ADM's sample / reference batch layout is uint8
+    (N, H, W, C) (what ``onestep sample --out x.npz`` writes); (N, C, H, W) is accepted too."""
+    with np.load(path, allow_pickle=False) as f:
+        if "arr_0" not in f.files:
+            raise ConfigError(f"reference {path}: no images (arr_0) in it; it has {', '.join(f.files)}")
+        arr = f["arr_0"]
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise ConfigError(f"reference {path}: arr_0 must be uint8 images (N, H, W, C), got {arr.dtype} {arr.shape}")
+    x = torch.from_numpy(arr)
+    return x if arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3) else x.permute(0, 3, 1, 2)
+
+
+def resolve_reference(reference: Any, resolution: int | None = None) -> tuple[Any, str | None, str]:
+    """(torch-fidelity input, default cache name or None, description) for a reference of images.
+
+    A folder is read recursively (ImageNet-style class subfolders work) and, with ``resolution``,
+    every image gets ADM's center crop to that size (``onestep.data.images.center_crop_resize``);
+    an .npz gives its ``arr_0`` images."""
     from torch_fidelity.registry import DATASETS_REGISTRY
 
     if isinstance(reference, torch.utils.data.Dataset):
@@ -414,22 +449,54 @@ def resolve_reference(reference: Any) -> tuple[Any, str | None, str]:
         return ImageTensorDataset(x), reference_cache_name(name, x.shape[-1]), f"{name}: {len(x)} images"
     if isinstance(reference, (str, Path)):
         ref = str(reference)
+        if _is_npz(ref):
+            x = npz_images(ref)
+            return ImageTensorDataset(x), None, f"{ref}: {len(x)} images (arr_0) at {x.shape[-1]}px"
         if ref in DATASETS_REGISTRY:
             return ref, ref, f"torch-fidelity dataset {ref}"
         if os.path.isdir(ref):
-            return ref, None, f"folder {ref}"
+            from onestep.data.images import ImageFiles, image_files
+
+            files = image_files(ref)
+            if not files:
+                raise ConfigError(f"reference folder {ref} holds no image files")
+            crop = f", ADM center crop to {resolution}px" if resolution else ""
+            return ImageFiles(files, resolution), None, f"folder {ref}: {len(files)} images{crop}"
         if ref in DATASETS:
             x, name = _onestep_dataset_images(DATASETS.build(ref))
             return ImageTensorDataset(x), reference_cache_name(name, x.shape[-1]), f"{name}: {len(x)} images"
-        raise ConfigError(f"reference '{ref}' is neither a folder, a .npz of statistics, a torch-fidelity dataset "
-                          f"({', '.join(DATASETS_REGISTRY)}) nor a onestep dataset ({', '.join(DATASETS.names())})")
+        raise ConfigError(f"reference '{ref}' is neither a folder, an .npz (FID statistics or arr_0 images), a "
+                          f"torch-fidelity dataset ({', '.join(DATASETS_REGISTRY)}) nor a onestep dataset "
+                          f"({', '.join(DATASETS.names())})")
     raise ConfigError(f"reference of type {type(reference).__name__} is not supported")
+
+
+def uses_stats(reference: Any, metrics) -> bool:
+    """True when ``reference`` is an .npz holding FID statistics (mu, sigma) and only FID is asked:
+    ADM's reference batches hold both images and statistics, and FID uses the statistics (as ADM's
+    evaluator does); KID / PRC need their images."""
+    return _is_npz(reference) and list(metrics) == ["fid"] and {"mu", "sigma"} <= set(npz_arrays(reference))
+
+
+def describe_reference(reference: Any, metric: str = "fid", resolution: int | None = None) -> str:
+    """A short description of a user-given reference, for metrics.jsonl rows (loads no images)."""
+    if _is_npz(reference):
+        if uses_stats(reference, [metric]):
+            with np.load(reference, allow_pickle=False) as f:
+                extra = [f"{k} {f[k]}" for k in ("num_images", "feature_extractor", "reference") if k in f.files]
+                if "arr_0" in f.files and not extra:
+                    extra = ["mu/sigma of an ADM reference batch"]
+            return f"FID statistics {os.path.abspath(reference)}" + (f" ({', '.join(extra)})" if extra else "")
+        return f"images (arr_0) of {os.path.abspath(reference)}"
+    if isinstance(reference, (str, Path)) and os.path.isdir(reference):
+        return f"folder {os.path.abspath(reference)}" + (f", ADM center crop to {resolution}px" if resolution else "")
+    return str(getattr(reference, "name", reference))
 
 
 def load_stats_npz(path: str | Path) -> dict[str, Any]:
     """mu (D,), sigma (D, D) float64 and metadata from a ``tools/fid_stats.py`` file."""
     with np.load(path, allow_pickle=False) as f:
-        out = {k: f[k] for k in f.files}
+        out = {k: f[k] for k in f.files if not k.startswith("arr_")}  # ADM reference batches: skip the images
     if "mu" not in out or "sigma" not in out:
         raise ConfigError(f"FID statistics {path}: needs arrays 'mu' and 'sigma', has {', '.join(out)}")
     out["mu"], out["sigma"] = out["mu"].astype(np.float64), out["sigma"].astype(np.float64)
@@ -445,7 +512,11 @@ def _install_stats(path: str | Path, feature_extractor: str, feature_layer: str,
     for key, want in (("feature_extractor", feature_extractor), ("feature_layer", feature_layer)):
         if key in stats and stats[key] != want:
             raise ConfigError(f"FID statistics {path} were computed with {key} '{stats[key]}', not '{want}'")
-    digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
+    dim = stats["mu"].shape[0]
+    if feature_layer.isdigit() and int(feature_layer) != dim or stats["sigma"].shape != (dim, dim):
+        raise ConfigError(f"FID statistics {path} are {dim}-d (sigma {stats['sigma'].shape}); feature extractor "
+                          f"'{feature_extractor}' layer '{feature_layer}' gives {feature_layer}-d features")
+    digest = hashlib.sha1(stats["mu"].tobytes() + stats["sigma"].tobytes()).hexdigest()[:12]
     name = f"onestep-npz-{digest}"
     target = cache_root / f"{name}-{feature_extractor}-stat-fid-{feature_layer}.pt"
     if not target.exists():
@@ -459,10 +530,11 @@ def _install_stats(path: str | Path, feature_extractor: str, feature_layer: str,
 
 def reference_statistics(reference: Any, *, feature_extractor: str = DEFAULT_EXTRACTOR,
                          weights_path: str | None = None, batch_size: int = 64, device=None,
-                         verbose: bool = False) -> dict[str, Any]:
+                         resolution: int | None = None, verbose: bool = False) -> dict[str, Any]:
     """FID statistics of ``reference`` through torch-fidelity's feature extraction and
     ``fid_features_to_statistics``: {mu (D,), sigma (D, D) float64, num_images, resolution,
-    feature_extractor, feature_layer, reference, weights, torch_fidelity_version}."""
+    feature_extractor, feature_layer, reference, weights, torch_fidelity_version}. A folder
+    reference is ADM-center-cropped to ``resolution`` when given."""
     _torch_fidelity()
     from torch_fidelity.metric_fid import fid_features_to_statistics
     from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id, prepare_input_from_id
@@ -470,7 +542,7 @@ def reference_statistics(reference: Any, *, feature_extractor: str = DEFAULT_EXT
     cuda, device_ctx = _device_context(device or _default_device())
     weights = resolve_weights(feature_extractor, weights_path)
     layer = feature_layer(feature_extractor, "fid")
-    input2, _, description = resolve_reference(reference)
+    input2, _, description = resolve_reference(reference, resolution)
     kwargs = dict(input2=input2, fid=True, feature_extractor=feature_extractor, feature_extractor_weights_path=weights,
                   batch_size=batch_size, cuda=cuda, verbose=verbose, save_cpu_ram=True, datasets_download=False)
     with device_ctx:
@@ -532,7 +604,8 @@ def fidelity_metrics(generator_fn: Callable[[Tensor], Tensor] | Tensor | torch.u
                      batch_size: int = 64, device=None, cache_name: str | None = None,
                      z_size: int | None = None, seed: int = 2020, kid_subset_size: int = 1000,
                      kid_subsets: int = 100, isc_splits: int = 10, prc_neighborhood: int = 3,
-                     cache_root: str | Path | None = None, verbose: bool = False) -> dict[str, float]:
+                     cache_root: str | Path | None = None, reference_resolution: int | None = None,
+                     verbose: bool = False) -> dict[str, float]:
     """Compute torch-fidelity ``metrics`` (subset of fid, isc, kid, prc) of generated images.
 
     generator_fn: ``f(indices (B,) int64) -> images (B, C, H, W)`` (uint8, or float in [-1, 1];
@@ -546,6 +619,7 @@ def fidelity_metrics(generator_fn: Callable[[Tensor], Tensor] | Tensor | torch.u
         new name when the reference changes (e.g. a different subset).
     seed: torch-fidelity's ``rng_seed`` (noise mode, KID subsets, ISC split shuffling).
     kid_subset_size is clamped to the number of samples / reference images.
+    reference_resolution: a folder reference is ADM-center-cropped to this size (the samples').
     Returns floats keyed fid, isc, isc_std, kid, kid_std, prc_precision, prc_recall, prc_f_score.
     """
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -583,14 +657,14 @@ def fidelity_metrics(generator_fn: Callable[[Tensor], Tensor] | Tensor | torch.u
     if needs_reference:
         if reference is None:
             raise ConfigError(f"fidelity metrics {', '.join(metrics)} need a reference")
-        if isinstance(reference, (str, Path)) and str(reference).endswith(".npz"):
-            if metrics != ["fid"]:
-                raise ConfigError(f"a .npz of FID statistics ({reference}) serves 'fid' only, not {', '.join(metrics)}")
+        if _is_npz(reference) and metrics != ["fid"] and "arr_0" not in npz_arrays(reference):
+            raise ConfigError(f"a .npz of FID statistics ({reference}) serves 'fid' only, not {', '.join(metrics)}")
+        if uses_stats(reference, metrics):
             layer = feature_layer(feature_extractor, "fid")
             name = _install_stats(reference, feature_extractor, layer, cache_root)
             kwargs.update(input2=_EmptyDataset(), input2_cache_name=name)
         else:
-            input2, default_name, _ = resolve_reference(reference)
+            input2, default_name, _ = resolve_reference(reference, reference_resolution)
             name = cache_name or default_name
             if name is not None and weights is not None:  # custom weights: keep their cache apart
                 name += _weights_tag(weights)
@@ -655,9 +729,10 @@ class FidelityMetric(Metric):
         return self._run(samples, None, reference)
 
     def from_generator(self, generator_fn, num_samples: int, reference=None, *, cache_name: str | None = None,
-                       z_size: int | None = None, seed: int = 2020) -> float:
+                       z_size: int | None = None, seed: int = 2020, reference_resolution: int | None = None) -> float:
         """Stream ``num_samples`` images of ``generator_fn`` (see ``fidelity_metrics``) into torch-fidelity."""
-        return self._run(generator_fn, num_samples, reference, cache_name=cache_name, z_size=z_size, seed=seed)
+        return self._run(generator_fn, num_samples, reference, cache_name=cache_name, z_size=z_size, seed=seed,
+                         reference_resolution=reference_resolution)
 
 
 def _tf_version() -> str:
