@@ -149,9 +149,12 @@ def cmd_eval(args) -> int:
     from onestep.build import load_run
     from onestep.eval.evaluate import evaluate_model, write_rows
     from onestep.registry import METRICS
+    from onestep.train import distributed
     from onestep.train.loop import pick_device
 
-    device = pick_device(args.device)
+    # Under torchrun every rank generates its share of the samples; rank 0 scores, writes and prints.
+    dist_info = distributed.init_from_env(args.device)
+    device = pick_device(args.device, dist_info.local_rank)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     for m in metrics or []:
         METRICS.get(m)
@@ -164,7 +167,10 @@ def cmd_eval(args) -> int:
                           device=device, step=run.step, weights="model" if args.no_ema else "ema",
                           reference=args.reference or ev.reference,
                           feature_extractor=args.feature_extractor or ev.feature_extractor)
+    distributed.shutdown()
     run_dir = run.path.parent.parent if run.path.parent.name == "checkpoints" else None
+    if not dist_info.is_main:
+        return 0
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         write_rows(run_dir, rows)
     from rich.table import Table

@@ -56,23 +56,38 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 @torch.no_grad()
+def sample_indices(objective, net, dataset, indices: list[int], *, nfe: int, seed: int, device,
+                   class_id: int | None = None) -> torch.Tensor:
+    """Samples number ``indices`` (float, on ``device``): noise and any re-noising seeded per sample,
+    class i % C (or ``class_id``) for conditional data. Sample i does not depend on its batch."""
+    seeds = [sample_seed(seed, i) for i in indices]
+    noise = seeded_noise(seeds, tuple(dataset.shape), device)
+    y = balanced_labels(indices, dataset.num_classes)
+    if y is not None and class_id is not None:
+        y = torch.full_like(y, class_id)
+    return sample(objective, net, noise, None if y is None else y.to(device), nfe=nfe, seeds=seeds).float()
+
+
+@torch.no_grad()
 def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, batch_size: int,
              device, class_id: int | None = None, transform=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """num_samples samples in batches; returns (samples on CPU, labels or None). ``transform``
-    maps each batch on the device before it moves to the CPU (e.g. VAE decoding to uint8)."""
+    maps each batch on the device before it moves to the CPU (e.g. VAE decoding to uint8).
+    Under torchrun every rank calls it: each batch is split over the ranks and all-gathered, and
+    every rank returns all samples (the same as one process would)."""
+    from onestep.train.distributed import gather_batch
+
+    def one_rank(idx: list[int]) -> torch.Tensor:
+        x = sample_indices(objective, net, dataset, idx, nfe=nfe, seed=seed, device=device, class_id=class_id)
+        return x if transform is None else transform(x)
+
     outs, labels = [], []
     for start in range(0, num_samples, batch_size):
-        idx = range(start, min(start + batch_size, num_samples))
-        noise = seeded_noise([sample_seed(seed, i) for i in idx], tuple(dataset.shape), device)
+        idx = list(range(start, min(start + batch_size, num_samples)))
         y = balanced_labels(idx, dataset.num_classes)
-        if y is not None and class_id is not None:
-            y = torch.full_like(y, class_id)
         if y is not None:
-            labels.append(y)
-            y = y.to(device)
-        torch.manual_seed(sample_seed(seed, start))  # multi-step consistency re-noising draws from it
-        x = sample(objective, net, noise, y, nfe=nfe).float()
-        outs.append((x if transform is None else transform(x)).cpu())
+            labels.append(y if class_id is None else torch.full_like(y, class_id))
+        outs.append(gather_batch(one_rank, idx).cpu())
     return torch.cat(outs), (torch.cat(labels) if labels else None)
 
 
@@ -135,10 +150,10 @@ def _streamed(metric, name: str, objective, net, dataset, *, nfe: int, seed: int
         hint = (": set data.vae (a Hugging Face id or a local AutoencoderKL directory) to score decoded images"
                 if dataset.kind == "latent" else "")
         raise ConfigError(f"metric '{name}' scores images; the data '{dataset.name}' is {dataset.kind} data{hint}")
-    fn = fidelity.model_generator_fn(objective, net, dataset, nfe=nfe, seed=seed, device=device)
+    fn = fidelity.model_generator_fn(objective, net, dataset, nfe=nfe, seed=seed, device=device,
+                                     transform=dataset.decode if decoded else None)
     implementation = metric.implementation
     if decoded:
-        fn = _decoding(fn, dataset)
         implementation += f"; {dataset.describe_decoder()}"
     res = int(dataset.image_shape[-1] if decoded else dataset.shape[-1])
     ref, cache_name, desc = None, None, "none (needs no reference)"
@@ -151,17 +166,18 @@ def _streamed(metric, name: str, objective, net, dataset, *, nfe: int, seed: int
                               f"FOLDER|STATS.npz|DATASET to onestep eval (or set eval.reference), e.g. an ImageNet "
                               f"folder, statistics from tools/fid_stats.py, or ADM's VIRTUAL_imagenet256_labeled.npz")
         ref, desc = reference, fidelity.describe_reference(reference, metric.name, res)
-    value = metric.from_generator(fn, num_samples, ref, cache_name=cache_name, reference_resolution=res)
-    return float(value), desc, implementation
+    from onestep.train.distributed import broadcast_object, current
 
-
-def _decoding(latents_fn, dataset):
-    """generator_fn(indices) -> VAE-decoded images of latents_fn(indices), on the same device."""
-
-    def generator_fn(indices):
-        return dataset.decode(latents_fn(indices))
-
-    return generator_fn
+    if current().is_main:
+        value = metric.from_generator(fn, num_samples, ref, cache_name=cache_name, reference_resolution=res)
+    else:
+        # torch-fidelity runs on rank 0; the other ranks generate their share of the same batches
+        # (torch-fidelity's order: batch_size at a time from index 0), joining each all-gather.
+        batch = min(metric.batch_size, num_samples)
+        for start in range(0, num_samples, batch):
+            fn(torch.arange(start, min(start + batch, num_samples)))
+        value = None
+    return float(broadcast_object(value)), desc, implementation
 
 
 def write_rows(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -254,24 +254,24 @@ def _generator_model_class(tf):
 
 
 def model_generator_fn(objective, net, dataset, *, nfe: int, seed: int, device=None,
-                       class_id: int | None = None) -> Callable[[Tensor], Tensor]:
+                       class_id: int | None = None, transform: Callable[[Tensor], Tensor] | None = None
+                       ) -> Callable[[Tensor], Tensor]:
     """A ``generator_fn(indices) -> samples (B, C, H, W) in [-1, 1]`` that reproduces
     ``onestep.eval.evaluate.generate``: sample i uses noise seeded by ``sample_seed(seed, i)`` and,
-    for class-conditional data, class i % C (or ``class_id``), integrated in ``nfe`` steps."""
-    from onestep.eval.evaluate import sample_seed
-    from onestep.sampling import balanced_labels, sample, seeded_noise
+    for class-conditional data, class i % C (or ``class_id``), integrated in ``nfe`` steps, then
+    ``transform`` (e.g. VAE decoding). Under torchrun every rank must call it with the same indices:
+    the ranks split each batch and all-gather it (``distributed.gather_batch``)."""
+    from onestep.eval.evaluate import sample_indices
+    from onestep.train.distributed import gather_batch
 
     device = torch.device(device or _default_device())
 
-    @torch.no_grad()
+    def one_rank(idx: list[int]) -> Tensor:
+        x = sample_indices(objective, net, dataset, idx, nfe=nfe, seed=seed, device=device, class_id=class_id)
+        return x if transform is None else transform(x)
+
     def generator_fn(indices: Tensor) -> Tensor:
-        idx = [int(i) for i in indices]
-        noise = seeded_noise([sample_seed(seed, i) for i in idx], tuple(dataset.shape), device)
-        y = balanced_labels(idx, dataset.num_classes)
-        if y is not None and class_id is not None:
-            y = torch.full_like(y, class_id)
-        torch.manual_seed(sample_seed(seed, idx[0]))  # multi-step consistency re-noising draws from it
-        return sample(objective, net, noise, None if y is None else y.to(device), nfe=nfe).float()
+        return gather_batch(one_rank, [int(i) for i in indices])
 
     return generator_fn
 

@@ -211,6 +211,7 @@ class _Consistency(Objective):
     """Common parts: the consistency function, distance, EMA target, sampler and time grid."""
 
     uses_jvp = False
+    stochastic_sampling = True  # multi-step sampling re-noises between steps
 
     def __init__(self, *, metric: str, huber_c: float | None, sigma_min: float, sigma_max: float, rho: float,
                  sigma_mid: float, class_dropout: float, interval: str):
@@ -326,14 +327,16 @@ class _Consistency(Objective):
 
     @torch.no_grad()
     def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float,
-                    y: Tensor | None) -> Tensor:
-        """x_0 = f_θ(x_t, t); where r > 0 re-noise: x_r = (1 − r)·x_0 + r·e', e' ~ N(0, I) fresh."""
+                    y: Tensor | None, noise: Tensor | None = None) -> Tensor:
+        """x_0 = f_θ(x_t, t); where r > 0 re-noise: x_r = (1 − r)·x_0 + r·e', e' ~ N(0, I) fresh
+        (``noise`` if given, else drawn from the global RNG)."""
         t, r = batch_time(t, x), batch_time(r, x)
         x0 = self.f(net, x, t, y)
         if bool((r <= 0).all()):
             return x0
         r_ = expand_time(r.clamp(min=0), x)
-        return torch.where(r_ > 0, (1 - r_) * x0 + r_ * torch.randn_like(x0), x0)
+        e = torch.randn_like(x0) if noise is None else noise.to(x0)
+        return torch.where(r_ > 0, (1 - r_) * x0 + r_ * e, x0)
 
     # -- pairs on the Karras grid --------------------------------------------------------------
     def grid_pairs(self, n: int, num: int, index_dist: str, P_mean: float, P_std: float,

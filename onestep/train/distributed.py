@@ -104,6 +104,28 @@ def sync_gradients(params: list[torch.Tensor], extras: torch.Tensor, world_size:
     return out
 
 
+def gather_batch(fn, indices: list[int]) -> torch.Tensor:
+    """fn(indices) -> (len(indices), ...) tensor, computed jointly by all ranks.
+
+    Rank k of W evaluates ``indices[k::W]`` (padded to equal length), the pieces are all-gathered and
+    put back in order, so every rank returns exactly ``fn(indices)`` (for a per-index function such
+    as seeded sampling). Every rank must call it with the same ``indices``. One process: ``fn(indices)``.
+    """
+    info = current()
+    indices = list(indices)
+    if info.world_size <= 1 or not indices:
+        return fn(indices)
+    world = info.world_size
+    per_rank = -(-len(indices) // world)
+    mine = indices[info.rank::world]
+    mine = mine + [indices[0]] * (per_rank - len(mine))  # padding rows are dropped below
+    out = fn(mine).contiguous()
+    parts = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(parts, out)
+    # Slot j of rank k holds index j*W + k.
+    return torch.stack(parts, dim=1).reshape(per_rank * world, *out.shape[1:])[:len(indices)]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -240,10 +240,13 @@ class Trainer:
         from onestep.eval.evaluate import evaluate_model, write_rows
 
         ev = self.cfg.eval
+        # Every rank generates its share of the samples; rank 0 writes the rows.
         rows = evaluate_model(self.objective, self.ema.model, self.dataset, nfes=ev.nfe, metrics=ev.metrics,
                               num_samples=ev.num_samples, seed=ev.seed, batch_size=ev.batch_size,
-                              device=self.device, step=self.step, weights="ema")
-        write_rows(self.run_dir, rows)
+                              device=self.device, step=self.step, weights="ema", reference=ev.reference,
+                              feature_extractor=ev.feature_extractor)
+        if self.dist.is_main:
+            write_rows(self.run_dir, rows)
 
     # -- main --------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -302,17 +305,16 @@ class Trainer:
                     if main_proc and t.checkpoint_every and self.step % t.checkpoint_every == 0 \
                             and self.step != t.steps:
                         self.save(numbered=True)
-                    if main_proc and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 \
-                            and self.step != t.steps:
-                        self.periodic_eval()
+                    if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step != t.steps:
+                        self.periodic_eval()  # on every rank
         finally:
             if stats is not None:
                 stats.close()
         if main_proc:
             self.save(numbered=True)
             self.preview()
-            if self.cfg.eval.every:
-                self.periodic_eval()
+        if self.cfg.eval.every:
+            self.periodic_eval()  # on every rank
 
     _argv: list[str] | None = None
 
