@@ -209,6 +209,40 @@ def test_gaussian_exact_u_satisfies_meanflow_identity():
     assert objective.loss(net, x, None, step=0).loss.max() < 1e-20
 
 
+def test_gaussian_model_tangent_leaves_only_the_velocity_noise():
+    """jvp_tangent="model" on the exact u: du/dt is taken along the exact marginal velocity
+    u(z, t, 0), so u_tgt − u = v − v(z, t) exactly; the sample tangent adds (t − r)·∂_z u·(v − v(z, t))."""
+    net = GaussianMeanFlow(MU, S)
+    x, e, t, r = batch(n=64, seed=6)
+    t, r = t.clamp(0.05, 0.98), r.clamp(0.0, 0.5)
+    r = torch.minimum(r, t - 0.02)
+    z = (1 - t[:, None]) * x + t[:, None] * e
+    noise = ((e - x) - net.marginal_velocity(z, t)).pow(2).sum(1)
+    model = MeanFlow(adaptive_p=0.0, jvp_tangent="model").loss_given(net, x, None, e=e, t=t, r=r).loss
+    torch.testing.assert_close(model, noise, rtol=1e-9, atol=1e-12)
+    sample = MeanFlow(adaptive_p=0.0).loss_given(net, x, None, e=e, t=t, r=r).loss
+    assert (sample - noise).abs().max() > 1e-2
+
+
+def test_model_tangent_uses_the_nets_guided_velocity_on_r_neq_t_only():
+    torch.manual_seed(0)
+    net = BACKBONES.build("test_mlp", input_shape=(2,), num_classes=3).double()
+    z, v = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    t = torch.full((6,), 0.7, dtype=torch.float64)
+    r = torch.tensor([0.7, 0.2, 0.7, 0.1, 0.3, 0.7], dtype=torch.float64)
+    y = torch.tensor([0, 1, 3, 3, 2, 1])  # 3 = null class
+    obj = MeanFlow(jvp_tangent="model", cfg_omega=1.5, cfg_kappa=0.2)
+    out = obj.model_tangent(net, z, t, r, y, v)
+    with torch.no_grad():
+        cond = net(z, t, torch.zeros_like(t), y)
+        null = net(z, t, torch.zeros_like(t), torch.full_like(y, 3))
+    expected = v.clone()
+    for i in (1, 4):  # guided (label kept): (ω + κ)·u(c) + (1 − ω − κ)·u(∅)
+        expected[i] = 1.7 * cond[i] - 0.7 * null[i]
+    expected[3] = cond[3]  # dropped label: the null-class velocity
+    torch.testing.assert_close(out, expected)
+
+
 def test_gaussian_one_step_map_hits_the_data_distribution():
     net = GaussianMeanFlow(MU, S)
     e = torch.randn(200_000, 3, generator=torch.Generator().manual_seed(6), dtype=DT)

@@ -115,6 +115,11 @@ class MeanFlow(Objective):
         jvp_kernel: attention inside the JVP: "fused" (SDPA primal + its own forward-mode rule,
             default), "explicit" (softmax written out: the plain baseline) or "sdpa_math". Same
             numbers (tested); only speed and memory differ.
+        jvp_tangent: the velocity along which du/dt is taken: "sample" (the paper: ṽ, built from
+            v = e − x) or "model" (the net's own no-grad marginal-velocity estimate u_θ(z_t, t, 0),
+            CFG-mixed like ṽ, as in Improved MeanFlow): E[v | z_t] is the same, so du/dt keeps its
+            expectation while its variance drops; the target's first term stays ṽ. Costs one
+            extra no-grad forward on the r ≠ t samples.
         teacher: optional frozen net (backbone contract) whose velocity v_φ(z_t, t) replaces
             v = e − x (distillation); its labels follow the same null-id convention.
         teacher_guidance: CFG scale applied to the teacher's velocity (1 = none).
@@ -129,6 +134,7 @@ class MeanFlow(Objective):
                  cfg_omega: float = 1.0, cfg_kappa: float = 0.0, cfg_t_start: float = 0.0,
                  cfg_t_end: float = 1.0, target_fp32: bool = True, jvp_only_r_neq_t: bool = True,
                  jvp_kernel: Literal["fused", "explicit", "sdpa_math"] = "fused",
+                 jvp_tangent: Literal["sample", "model"] = "sample",
                  teacher: Callable[..., Tensor] | None = None, teacher_guidance: float = 1.0):
         check_ratio(ratio_r_neq_t)
         if pairing not in ("sort", "clip"):
@@ -160,6 +166,9 @@ class MeanFlow(Objective):
         self.target_fp32 = bool(target_fp32)
         self.jvp_only_r_neq_t = bool(jvp_only_r_neq_t)
         self.jvp_kernel = jvp_kernel
+        if jvp_tangent not in ("sample", "model"):
+            raise ValueError(f"jvp_tangent must be 'sample' or 'model'; got {jvp_tangent!r}")
+        self.jvp_tangent = jvp_tangent
         self.teacher = teacher
         self.teacher_guidance = float(teacher_guidance)
 
@@ -202,8 +211,10 @@ class MeanFlow(Objective):
             v = e - x
             # Guided (or teacher) velocity, no grad.
             v_tilde, guided = self.guided_velocity(net, z, t, v, y)
-            # u and du/dt from a JVP along (ṽ, 1, 1) in (z, t, h).
-            u, dudt, features = self.u_and_dudt(net, z, t, r, v_tilde, y, feature_blocks)
+            # The tangent velocity: ṽ, or the net's own (no-grad) velocity estimate where r != t.
+            v_tangent = v_tilde if self.jvp_tangent == "sample" else self.model_tangent(net, z, t, r, y, v_tilde)
+            # u and du/dt from a JVP along (v_tangent, 1, 1) in (z, t, h).
+            u, dudt, features = self.u_and_dudt(net, z, t, r, v_tangent, y, feature_blocks)
         # Stop-gradient target, in float32.
         u_tgt = meanflow_target(v_tilde, dudt, t, r)
         # Per-sample sum of squares, adaptively weighted.
@@ -246,6 +257,27 @@ class MeanFlow(Objective):
         dudt = torch.cat([dudt_j, torch.zeros_like(u_p, dtype=dudt_j.dtype)])[inverse]
         features = [torch.cat([a, b.to(a.dtype)])[inverse] for a, b in zip(feats_j, feats_p)]
         return u, dudt, features
+
+    @torch.no_grad()
+    def model_tangent(self, net: nn.Module, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None,
+                      v_tilde: Tensor) -> Tensor:
+        """ṽ with the samples where r ≠ t replaced by the net's velocity u_θ(z, t, 0, y), mixed for
+        guided samples as ṽ is: (ω + κ)·u_θ(·|c) + (1 − ω − κ)·u_θ(·|∅)."""
+        index = (t != r).nonzero().squeeze(1)
+        if index.numel() == 0:
+            return v_tilde
+        zi, ti = z[index], t[index]
+        yi = None if y is None else y[index]
+        own = net(zi, ti, torch.zeros_like(ti), yi).to(v_tilde.dtype)
+        num_classes = num_classes_of(net)
+        if num_classes and yi is not None and (self.cfg_omega != 1.0 or self.cfg_kappa != 0.0):
+            guided = (yi != num_classes) & (ti >= self.cfg_t_start) & (ti <= self.cfg_t_end)
+            if bool(guided.any()):
+                gi = guided.nonzero().squeeze(1)
+                uncond = net(zi[gi], ti[gi], torch.zeros_like(ti[gi]), torch.full_like(yi[gi], num_classes))
+                w = self.cfg_omega + self.cfg_kappa
+                own = own.index_copy(0, gi, w * own[gi] + (1.0 - w) * uncond.to(own.dtype))
+        return v_tilde.index_copy(0, index, own)
 
     @torch.no_grad()
     def guided_velocity(self, net: nn.Module, z: Tensor, t: Tensor, v: Tensor,
