@@ -47,10 +47,11 @@ class Dataset:
 
 
 class TensorDataset(Dataset):
-    """A finite dataset held in memory as tensors."""
+    """A finite dataset held in memory as tensors (float32, or x's own dtype with ``keep_dtype``)."""
 
-    def __init__(self, x: Tensor, y: Tensor | None, *, num_classes: int, kind: str, name: str):
-        self.x = x.float().contiguous()
+    def __init__(self, x: Tensor, y: Tensor | None, *, num_classes: int, kind: str, name: str,
+                 keep_dtype: bool = False):
+        self.x = (x if keep_dtype else x.float()).contiguous()
         self.y = None if y is None else y.long().contiguous()
         self.shape = tuple(self.x.shape[1:])
         self.num_classes = num_classes

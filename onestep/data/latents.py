@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from onestep.data.base import Dataset
+from onestep.data.base import TensorDataset
 from onestep.registry import DATASETS, ConfigError
 
 SD_VAE_SCALE = 0.18215
@@ -83,29 +83,20 @@ def read_latent_shards(root: str | Path, limit: int | None = None, flip: bool = 
     return x, y
 
 
-class LatentDataset(Dataset):
+class LatentDataset(TensorDataset):
     """Latents held in memory unscaled (stored dtype); ``get`` returns ``scale``·x in float32."""
-
-    kind = "latent"
 
     def __init__(self, x: Tensor, y: Tensor | None, *, num_classes: int, scale: float, name: str = "latents",
                  vae: str | None = None, vae_batch_size: int = 32):
-        self.x = x.contiguous()
-        self.y = None if y is None else y.long().contiguous()
-        self.shape = tuple(self.x.shape[1:])
-        self.num_classes = num_classes
+        super().__init__(x, y, num_classes=num_classes, kind="latent", name=name, keep_dtype=True)
         self.scale = float(scale)
-        self.name = name
         self.vae_name = vae
         self.vae_batch_size = vae_batch_size
         self._vae = None
 
-    @property
-    def size(self) -> int:
-        return self.x.shape[0]
-
     def get(self, indices: Tensor) -> tuple[Tensor, Tensor | None]:
-        return self.x[indices].float() * self.scale, (None if self.y is None else self.y[indices])
+        x, y = super().get(indices)
+        return x.float() * self.scale, y
 
     # -- images ------------------------------------------------------------------------------
     @property
