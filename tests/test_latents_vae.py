@@ -263,7 +263,7 @@ def test_latents_dataset_flips_scale_and_decoding(encoded, vae_dir, tmp_path):
     raw = np.concatenate([np.load(encoded / f"shard_0000{i}.npz")["latents"] for i in range(3)])
     ds = DATASETS.build("latents", root=str(encoded), num_classes=3, vae=str(vae_dir))
     assert ds.kind == "latent" and ds.size == 20 and ds.shape == (4, 8, 8) and ds.decodes_to_images
-    assert ds.x.dtype == torch.float16  # kept in the stored dtype
+    assert ds.dtype == torch.float16 and ds.rows.mapped  # memory-mapped, in the stored dtype
     x, y = ds.get(torch.arange(20))
     assert x.dtype == torch.float32 and torch.allclose(x[:10], torch.from_numpy(raw).float() * SD_VAE_SCALE)
     assert y.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2] * 2
@@ -292,6 +292,36 @@ def test_latents_dataset_flips_scale_and_decoding(encoded, vae_dir, tmp_path):
     assert DATASETS.build("latents", root=str(mixed), num_classes=3, flip=False).size == 10
 
 
+def test_latents_mmap_equals_in_memory_and_compressed(encoded, tmp_path):
+    """Memory-mapped rows equal the arrays np.load reads, in any order and across shard borders,
+    with flips and limits; compressed shards (not mappable) are read into memory instead."""
+    mapped = DATASETS.build("latents", root=str(encoded), num_classes=3)
+    loaded = DATASETS.build("latents", root=str(encoded), num_classes=3, mmap=False)
+    assert mapped.rows.mapped and not loaded.rows.mapped
+    order = torch.tensor([19, 0, 7, 7, 3, 12, 4, 10, 9])  # unsorted, repeated, both halves
+    (xm, ym), (xl, yl) = mapped.get(order), loaded.get(order)
+    assert torch.equal(xm, xl) and torch.equal(ym, yl)
+    raw = [np.load(encoded / f"shard_0000{i}.npz") for i in range(3)]
+    want = np.concatenate([f["latents"] for f in raw] + [f["latents_flip"] for f in raw])
+    assert torch.equal(xm, torch.from_numpy(want[order.numpy()]).float() * SD_VAE_SCALE)
+    # limit=5 stops inside a shard: 5 images, then their 5 flips.
+    five = DATASETS.build("latents", root=str(encoded), num_classes=3, limit=5)
+    x5, y5 = five.get(torch.arange(10))
+    flat = np.concatenate([f["latents"] for f in raw])
+    flat_flip = np.concatenate([f["latents_flip"] for f in raw])
+    assert torch.equal(x5, torch.from_numpy(np.concatenate([flat[:5], flat_flip[:5]])).float() * SD_VAE_SCALE)
+    assert y5.tolist() == [0, 0, 0, 0, 1] * 2
+    with pytest.raises(IndexError, match="out of range"):
+        five.get(torch.tensor([10]))
+    # np.savez_compressed shards cannot be mapped: same values, read into memory.
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for i, f in enumerate(raw):
+        np.savez_compressed(packed / f"shard_{i}.npz", **{k: f[k] for k in f.files})
+    comp = DATASETS.build("latents", root=str(packed), num_classes=3)
+    assert not comp.rows.mapped and torch.equal(comp.get(order)[0], xm)
+
+
 # ------------------------------------------------------------------------------ train / sample / eval
 
 
@@ -305,7 +335,20 @@ def test_train_sample_eval_on_decoded_latents(encoded, vae_dir, folder, tmp_path
         "eval: {num_samples: 20, batch_size: 10}\n")
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress"]) == 0
-    assert list((run / "samples").glob("*.png"))  # previews stay raw latents (no VAE during training)
+    # The training preview shows the VAE-decoded 1-NFE samples of the EMA model from its fixed noise.
+    from onestep.build import load_run
+    from onestep.sampling import balanced_labels, sample, seeded_noise
+    from onestep.viz import save_samples_png
+    from PIL import Image
+
+    loaded = load_run(str(run), use_ema=True, device="cpu")
+    x = sample(loaded.objective, loaded.net, seeded_noise(range(6), (4, 8, 8)), balanced_labels(range(6), 3), nfe=1)
+    want = save_samples_png(loaded.dataset.decode(x), "image", tmp_path / "want.png", ncol=3)
+    preview = run / "samples" / "step_000000003_nfe1.png"
+    got, want = np.asarray(Image.open(preview)).astype(int), np.asarray(Image.open(want)).astype(int)
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1
+    raw = np.asarray(Image.open(save_samples_png(x, "latent", tmp_path / "raw.png", ncol=3))).astype(int)
+    assert raw.shape != got.shape or np.abs(got - raw).max() > 10  # not the raw-latent picture
 
     # Samples: decoded images by default, raw latents with --latents.
     assert main(["sample", str(run), "-n", "20", "--out", str(tmp_path / "img.npz")]) == 0
@@ -391,3 +434,17 @@ def test_image_metrics_need_a_vae_and_periodic_fid_needs_a_reference(encoded, va
         load_config(str(recipe))
     assert load_config(str(recipe), ["eval.reference=/data/ref.npz"]).eval.reference == "/data/ref.npz"
     assert load_config(str(recipe), ["eval.metrics=[isc]"]).eval.every == 10
+
+
+def test_preview_falls_back_to_raw_latents_when_the_vae_does_not_load(encoded, tmp_path, capsys):
+    recipe = tmp_path / "latents.yaml"
+    recipe.write_text(
+        f"data: {{name: latents, root: {encoded}, num_classes: 3, vae: {tmp_path / 'no-such-vae'}}}\n"
+        "backbone: {name: test_dit}\n"
+        "objective: {name: flow_matching}\n"
+        "train: {steps: 2, batch_size: 4, log_every: 1, num_preview: 4, sample_every: 1}\n")
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("previews stay raw latents") == 1 and "no-such-vae" in err  # warned once
+    assert len(list((run / "samples").glob("*.png"))) == 2

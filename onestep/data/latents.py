@@ -9,9 +9,11 @@ On-disk format (what ``tools/encode_latents.py`` writes): ``ROOT/*.npz`` shards,
   (``encode_latents.py --flip``); with ``flip: true`` (default) they are extra examples, so the
   set has 2N examples.
 
-Other files in ROOT (``classes.json``, ``encode_latents.json``) are ignored. Latents stay in memory
-in their stored dtype (fp16 halves the footprint) and ``get`` returns float32 multiplied by
-``scale`` (SD-VAE: 0.18215), so the model sees roughly unit variance.
+Other files in ROOT (``classes.json``, ``encode_latents.json``) are ignored. Latents are
+memory-mapped from the shards (``mmap: true``, the default; the shards are uncompressed zips, so
+each array is one contiguous run of bytes) or read into memory (``mmap: false``, or shards written
+with ``np.savez_compressed``), in their stored dtype either way, and ``get`` returns float32
+multiplied by ``scale`` (SD-VAE: 0.18215), so the model sees roughly unit variance.
 
 With ``vae`` (a Hugging Face id such as ``stabilityai/sd-vae-ft-mse`` or a local
 ``save_pretrained`` directory) the set can turn samples back into images:
@@ -20,83 +22,179 @@ sampler and the evaluator. The VAE is loaded on first use only, so training neve
 """
 from __future__ import annotations
 
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from onestep.data.base import TensorDataset
+from onestep.data.base import Dataset
 from onestep.registry import DATASETS, ConfigError
 
 SD_VAE_SCALE = 0.18215
 FLIP_KEY = "latents_flip"
 
 
-def read_latent_shards(root: str | Path, limit: int | None = None, flip: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscaled latents (N, C, H, W) in their stored dtype and labels (N,) int64 from ROOT/*.npz.
+def npz_member_memmap(path: str | Path, key: str) -> np.memmap | None:
+    """A read-only ``np.memmap`` of array ``key`` inside the .npz at ``path``, or None when that
+    member is compressed (``np.savez_compressed``) and so cannot be mapped.
 
-    ``limit`` caps the number of shard rows (images) read; ``flip`` appends the shards'
-    ``latents_flip`` rows (with the same labels) after them when the shards have that array."""
+    An uncompressed .npz is a zip whose members are stored .npy files: the array's bytes lie
+    contiguously after the member's local zip header and its .npy header."""
+    path = Path(path)
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ConfigError(f"{path}: member '{key}.npy' has no zip local header at its offset (corrupt shard?)")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(fh)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return None
+        shape, fortran, dtype = read_header(fh)
+        offset = fh.tell()
+    if dtype.hasobject:
+        raise ConfigError(f"{path}: array '{key}' holds Python objects; latents must be float16/float32")
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+class ShardRows:
+    """Rows of several (N_i, *shape) arrays — memory maps or in-memory arrays — read as one
+    (sum N_i, *shape) array: ``take(indices)`` gathers rows from whichever shard holds them."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        if not parts:
+            raise ValueError("ShardRows needs at least one array")
+        self.parts = parts
+        self.ends = np.cumsum([len(p) for p in parts])
+        self.starts = self.ends - np.array([len(p) for p in parts])
+        self.row_shape = tuple(parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * int(np.prod(self.row_shape)) * self.dtype.itemsize
+
+    @property
+    def mapped(self) -> bool:
+        """True when every part is a memory map (rows are read from disk / the page cache)."""
+        return all(isinstance(p, np.memmap) for p in self.parts)
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at ``indices`` (any order, repeats allowed) as a new (len(indices), *shape) array."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        out = np.empty((indices.size, *self.row_shape), dtype=self.dtype)
+        shard = np.searchsorted(self.ends, indices, side="right")
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            local = indices[where] - self.starts[s]
+            order = np.argsort(local, kind="stable")  # read each shard front to back
+            out[where[order]] = self.parts[s][local[order]]
+        return out
+
+
+def read_latent_shards(root: str | Path, limit: int | None = None, flip: bool = False, mmap: bool = True
+                       ) -> tuple[ShardRows, torch.Tensor]:
+    """Unscaled latents as ``ShardRows`` (N rows of (C, H, W), stored dtype) and labels (N,) int64
+    from ROOT/*.npz.
+
+    ``mmap``: map uncompressed shards' latents instead of reading them into memory (compressed
+    shards are always read). ``limit`` caps the number of shard rows (images) read; ``flip``
+    appends the shards' ``latents_flip`` rows (with the same labels) after them when the shards
+    have that array."""
     root = Path(root).expanduser()
     shards = sorted(root.glob("*.npz")) if root.is_dir() else []
     if not shards:
         raise FileNotFoundError(f"no latent shards (*.npz with 'latents' and 'labels') under {root}; "
                                 f"write them with tools/encode_latents.py")
+
+    def load(shard: Path, f, key: str) -> np.ndarray:
+        x = npz_member_memmap(shard, key) if mmap else None
+        x = np.asarray(f[key]) if x is None else x
+        return x if x.dtype in (np.float16, np.float32) else np.asarray(x, dtype=np.float32)
+
     xs, xfs, ys, total = [], [], [], 0
     for shard in shards:
         with np.load(shard) as f:
             if "latents" not in f or "labels" not in f:
                 raise ConfigError(f"{shard}: a latent shard needs arrays 'latents' and 'labels', has {list(f.keys())}")
-            x = np.asarray(f["latents"])
-            if x.dtype not in (np.float16, np.float32):
-                x = x.astype(np.float32)
-            xs.append(torch.from_numpy(x))
-            ys.append(torch.from_numpy(np.asarray(f["labels"], dtype=np.int64)))
+            xs.append(load(shard, f, "latents"))
+            ys.append(np.asarray(f["labels"], dtype=np.int64))
             if len(xs[-1]) != len(ys[-1]):
                 raise ConfigError(f"{shard}: {len(xs[-1])} latents but {len(ys[-1])} labels")
-            if FLIP_KEY in f:
-                xfs.append(torch.from_numpy(np.asarray(f[FLIP_KEY], dtype=x.dtype)))
-        total += xs[-1].shape[0]
+            if flip and FLIP_KEY in f:
+                xfs.append(load(shard, f, FLIP_KEY))
+                if xfs[-1].shape != xs[-1].shape:
+                    raise ConfigError(f"{shard}: '{FLIP_KEY}' has shape {tuple(xfs[-1].shape)}, "
+                                      f"'latents' {tuple(xs[-1].shape)}")
+        total += len(xs[-1])
         if limit is not None and total >= limit:
             break
-    if len({tuple(x.shape[1:]) for x in xs}) > 1 or len({x.dtype for x in xs}) > 1:
-        raise ConfigError(f"the shards under {root} mix latent shapes or dtypes "
-                          f"({sorted({(tuple(x.shape[1:]), str(x.dtype)) for x in xs})})")
-    x, y = torch.cat(xs), torch.cat(ys)
-    if flip and xfs:
-        if len(xfs) != len(xs):
-            raise ConfigError(f"only {len(xfs)} of {len(xs)} shards under {root} have '{FLIP_KEY}'; "
-                              f"re-encode them all with --flip, or set data.flip=false")
-        xf = torch.cat(xfs)
-        if xf.shape != x.shape:
-            raise ConfigError(f"the shards under {root}: '{FLIP_KEY}' has shape {tuple(xf.shape)}, "
-                              f"'latents' {tuple(x.shape)}")
-    else:
-        xf = None
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-        xf = None if xf is None else xf[:limit]
-    if xf is not None:
-        x, y = torch.cat([x, xf]), torch.cat([y, y])
-    return x, y
+    kinds = {(tuple(x.shape[1:]), str(x.dtype)) for x in xs + xfs}
+    if len(kinds) > 1:
+        raise ConfigError(f"the shards under {root} mix latent shapes or dtypes ({sorted(kinds)})")
+    if flip and xfs and len(xfs) != len(xs):
+        raise ConfigError(f"only {len(xfs)} of {len(xs)} shards under {root} have '{FLIP_KEY}'; "
+                          f"re-encode them all with --flip, or set data.flip=false")
+    if limit is not None and total > limit:  # trim the last shard read
+        keep = len(xs[-1]) - (total - limit)
+        xs[-1], ys[-1] = xs[-1][:keep], ys[-1][:keep]
+        if xfs:
+            xfs[-1] = xfs[-1][:keep]
+    y = torch.from_numpy(np.concatenate(ys))
+    if xfs:
+        return ShardRows(xs + xfs), torch.cat([y, y])
+    return ShardRows(xs), y
 
 
-class LatentDataset(TensorDataset):
-    """Latents held in memory unscaled (stored dtype); ``get`` returns ``scale``·x in float32."""
+class LatentDataset(Dataset):
+    """Latents kept unscaled in their stored dtype — memory-mapped from the shards by default, so
+    the ranks of a node share one copy in the page cache — and ``get`` returns ``scale``·x float32."""
 
-    def __init__(self, x: Tensor, y: Tensor | None, *, num_classes: int, scale: float, name: str = "latents",
-                 vae: str | None = None, vae_batch_size: int = 32):
-        super().__init__(x, y, num_classes=num_classes, kind="latent", name=name, keep_dtype=True)
+    def __init__(self, rows: ShardRows | Tensor, y: Tensor | None, *, num_classes: int, scale: float,
+                 name: str = "latents", vae: str | None = None, vae_batch_size: int = 32):
+        if isinstance(rows, Tensor):
+            rows = ShardRows([rows.numpy()])
+        if y is not None and len(y) != len(rows):
+            raise ValueError(f"{len(rows)} latents but {len(y)} labels")
+        self.rows = rows
+        self.y = None if y is None else y.long()
+        self.shape = rows.row_shape
+        self.num_classes = num_classes
+        self.kind = "latent"
+        self.name = name
         self.scale = float(scale)
         self.vae_name = vae
         self.vae_batch_size = vae_batch_size
         self._vae = None
 
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored dtype of the latents (float16 or float32)."""
+        return torch.from_numpy(np.empty(0, dtype=self.rows.dtype)).dtype
+
     def get(self, indices: Tensor) -> tuple[Tensor, Tensor | None]:
-        x, y = super().get(indices)
-        return x.float() * self.scale, y
+        index = torch.as_tensor(indices).reshape(-1).cpu()
+        x = torch.from_numpy(self.rows.take(index.numpy()))
+        return x.float() * self.scale, (None if self.y is None else self.y[index])
 
     # -- images ------------------------------------------------------------------------------
     @property
@@ -136,15 +234,17 @@ class LatentDataset(TensorDataset):
 @DATASETS.register("latents")
 def latents(root: str, num_classes: int = 1000, scale: float = SD_VAE_SCALE, limit: int | None = None,
             conditional: bool = True, flip: bool = True, vae: str | None = None,
-            vae_batch_size: int = 32) -> LatentDataset:
+            vae_batch_size: int = 32, mmap: bool = True) -> LatentDataset:
     """Precomputed VAE latents from ROOT/*.npz shards (latents, labels[, latents_flip]), scaled by ``scale``.
 
     ``flip``: use the shards' flipped-image latents as extra examples. ``limit``: read at most this
-    many images. ``vae``: hub id or local directory of the AutoencoderKL that decodes samples
+    many images. ``mmap``: memory-map the (uncompressed) shards instead of reading them into each
+    process's memory; ImageNet-256 with flips is ~21 GB of fp16 latents, which torchrun's ranks then
+    share through the page cache rather than each holding a copy. ``vae``: hub id or local directory of the AutoencoderKL that decodes samples
     into images (sampling, FID); loaded lazily, decoding in chunks of ``vae_batch_size``."""
     if vae_batch_size < 1:
         raise ConfigError(f"dataset 'latents': key 'vae_batch_size' must be >= 1, got {vae_batch_size}")
-    x, y = read_latent_shards(root, limit, flip=flip)
+    x, y = read_latent_shards(root, limit, flip=flip, mmap=mmap)
     if conditional and y.numel() and int(y.max()) >= num_classes:
         raise ConfigError(f"data.num_classes={num_classes} but the shards under {root} hold label {int(y.max())}")
     return LatentDataset(x, y if conditional else None, num_classes=num_classes if conditional else 0,

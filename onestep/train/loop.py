@@ -138,7 +138,8 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._stop_signal = 0
-        self.preview_noise = seeded_noise(range(t.num_preview if self.dataset.kind == "image" else 4096),
+        self._preview_raw = False  # set when a latent run's VAE failed to load for previews
+        self.preview_noise = seeded_noise(range(4096 if self.dataset.kind == "vector" else t.num_preview),
                                           tuple(self.dataset.shape), self.device)
         n_prev = self.preview_noise.shape[0]
         self.preview_labels = balanced_labels(range(n_prev), self.dataset.num_classes)
@@ -227,11 +228,20 @@ class Trainer:
                 f"{kept}. Lower train.lr, set train.grad_clip, or use precision fp32.")
 
     def preview(self) -> Path:
+        """1-NFE samples of the EMA model from fixed noise as a PNG under samples/. Latent runs with
+        ``data.vae`` show the decoded images; if that VAE cannot be loaded, one warning is printed
+        and the previews fall back to the raw latents (the run goes on)."""
         self.ema.model.eval()
         x = sample(self.objective, self.ema.model, self.preview_noise, self.preview_labels, nfe=1)
         ncol = self.dataset.num_classes if 0 < self.dataset.num_classes <= 16 else None
-        return save_samples_png(x, self.dataset.kind, self.run_dir / "samples" / f"step_{self.step:09d}_nfe1.png",
-                                ncol=ncol)
+        kind = self.dataset.kind
+        if getattr(self.dataset, "decodes_to_images", False) and not self._preview_raw:
+            try:
+                x, kind = self.dataset.decode(x), "image"
+            except (ConfigError, ImportError, OSError) as exc:
+                self._preview_raw = True
+                print(f"warning: previews stay raw latents, the VAE did not load: {exc}", file=sys.stderr)
+        return save_samples_png(x, kind, self.run_dir / "samples" / f"step_{self.step:09d}_nfe1.png", ncol=ncol)
 
     def save(self, numbered: bool) -> Path:
         return save_checkpoint(self.run_dir, self.state(), numbered=numbered, keep=self.cfg.train.keep_checkpoints)
