@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
 
 
@@ -18,3 +20,37 @@ def test_bench_json_rows():
         assert {"backbone", "objective", "batch", "ms_per_step", "peak_mem_mb", "ratio_to_flow_matching"} <= set(r)
         assert r["backbone"] == "test_dit" and r["batch"] == 4 and r["ms_per_step"] > 0
     assert rows[0]["ratio_to_flow_matching"] == 1.0
+    if sys.platform.startswith("linux"):  # CPU peak memory from the resident set
+        assert all(r["peak_mem_mb"] > 0 for r in rows) and rows[0]["mem_ratio_to_flow_matching"] == 1.0
+        assert rows[1]["mem_ratio_to_flow_matching"] > 0
+
+
+CHECK_PEAK = """
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("bench_tool", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+assert bench.cpu_peak_tracking()
+memory = bench.PeakMemory(torch.device("cpu"), True)
+held = torch.ones(25 * 2**18)  # 25 MiB allocated before start(): not counted
+peaks = []
+for mib in (80, 20):
+    memory.start()
+    a = torch.ones(mib * 2**18)
+    b = a * 2  # two live buffers of mib MiB at the peak
+    del a, b
+    peaks.append(memory.stop())
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory reads Linux procfs")
+def test_cpu_peak_memory_follows_live_tensors():
+    """The CPU peak counts what a step allocates above what was held at start(), and frees return
+    memory (a later, smaller step is not charged for an earlier, larger one). In a subprocess: the
+    tool changes malloc settings process-wide."""
+    out = subprocess.run([sys.executable, "-c", CHECK_PEAK, str(TOOL)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peaks = json.loads(out.stdout.strip().splitlines()[-1])
+    for mib, peak in zip((80, 20), peaks):
+        assert 2 * mib - 2 < peak < 2 * mib + 12, (mib, peak)

@@ -6,13 +6,19 @@ process, with each objective's ratio to flow matching on the same backbone, batc
         --input-shape 4,32,32 --steps 20 [--json] [--device cuda] [--precision bf16]
 
 A step is: objective.loss -> mean -> backward -> Adam step (what the training loop does, minus data
-loading and logging). Peak memory: CUDA -> torch.cuda.max_memory_allocated during the timed steps;
-CPU -> not reported (null): resident-set sampling there mostly measures what the allocator already
-holds from earlier rows, so it cannot give per-row peaks.
+loading and logging). Peak memory of the timed steps above what was allocated before them (model,
+gradients, optimizer state, inputs): CUDA -> torch.cuda.max_memory_allocated; CPU (Linux) -> the
+process's peak resident set (VmHWM), reset through /proc/self/clear_refs after the warmup steps, with
+glibc's mmap threshold fixed at 64 KiB (mallopt) so every tensor buffer is mapped on allocation and
+unmapped on free and the resident set follows the live tensors rather than what malloc keeps cached.
+Where that is unavailable (other OSes) CPU rows report null.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import json
 import sys
 import time
@@ -26,9 +32,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from onestep.registry import BACKBONES, OBJECTIVES, REGULARIZERS  # noqa: E402
 
 
+def _status_kb(field: str) -> int | None:
+    """A 'kB' field of /proc/self/status (VmRSS, VmHWM), or None where there is no procfs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_peak_tracking() -> bool:
+    """Make the resident set track live tensors (fixed 64 KiB glibc mmap threshold); True when the
+    peak resident set can be reset and read (Linux procfs and glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        if libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024) != 1:
+            return False
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, AttributeError):
+        return False
+    return _status_kb("VmHWM") is not None
+
+
+class PeakMemory:
+    """Peak bytes allocated between ``start()`` and ``stop()`` above the amount at ``start()``, in MiB."""
+
+    def __init__(self, device: torch.device, cpu_ok: bool):
+        self.device, self.cpu_ok = device, cpu_ok
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif self.cpu_ok:
+            gc.collect()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            self.base = _status_kb("VmRSS") * 1024
+
+    def stop(self) -> float | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return round((torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20, 1)
+        if self.cpu_ok:
+            return round((_status_kb("VmHWM") * 1024 - self.base) / 2**20, 1)
+        return None
+
+
 def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...], steps: int, warmup: int,
               device: torch.device, precision: str, num_classes: int, objective_kwargs: dict,
-              regularizer: str | None = None, compile: bool = False) -> dict:
+              regularizer: str | None = None, compile: bool = False, cpu_peak: bool = False) -> dict:
     torch.manual_seed(0)
     net = BACKBONES.build(backbone, input_shape=shape, num_classes=num_classes).to(device)
     name, _, spec = objective.partition(":")  # "meanflow:jvp_only_r_neq_t=false,ratio_r_neq_t=0.5"
@@ -62,15 +121,14 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
     for _ in range(warmup):
         step()
     sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+    memory = PeakMemory(device, cpu_peak)
+    memory.start()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     sync()
     elapsed = time.perf_counter() - t0
-    peak = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1) if device.type == "cuda" else None
+    peak = memory.stop()
     ms = 1000 * elapsed / steps
     return {"backbone": backbone, "objective": objective + (f"+{regularizer}" if regularizer else ""), "batch": batch, "input_shape": list(shape),
             "device": str(device), "precision": precision, "compile": compile, "ms_per_step": round(ms, 2),
@@ -104,6 +162,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    cpu_peak = device.type == "cpu" and cpu_peak_tracking()
     shape = tuple(int(s) for s in args.input_shape.split(","))
     sep = ";" if ";" in args.objectives else ","
     objectives = [o.strip() for o in args.objectives.split(sep) if o.strip()]
@@ -116,7 +175,7 @@ def main(argv=None) -> int:
                     for reg in [None] + ([args.regularizer] if args.regularizer else []):
                         group.append(bench_one(backbone, objective, batch, shape, args.steps, args.warmup, device,
                                                args.precision, args.num_classes, json.loads(args.objective_kwargs),
-                                               regularizer=reg, compile=compiled))
+                                               regularizer=reg, compile=compiled, cpu_peak=cpu_peak))
             for r in group:
                 ref = next((q for q in group if q["objective"] == "flow_matching" and q["compile"] == r["compile"]),
                            None)
