@@ -210,9 +210,11 @@ class MeanFlow(Objective):
             z = (1 - expand_time(t, x)) * x + expand_time(t, x) * e
             v = e - x
             # Guided (or teacher) velocity, no grad.
-            v_tilde, guided = self.guided_velocity(net, z, t, v, y)
-            # The tangent velocity: ṽ, or the net's own (no-grad) velocity estimate where r != t.
-            v_tangent = v_tilde if self.jvp_tangent == "sample" else self.model_tangent(net, z, t, r, y, v_tilde)
+            v_tilde, guided, guided_outputs = self.guided_velocity(net, z, t, v, y, return_outputs=True)
+            # The tangent velocity: ṽ, or the net's own (no-grad) velocity estimate where r != t
+            # (reusing the guided samples' u_θ(·|c), u_θ(·|∅) computed for ṽ).
+            v_tangent = (v_tilde if self.jvp_tangent == "sample"
+                         else self.model_tangent(net, z, t, r, y, v_tilde, guided_outputs=guided_outputs))
             # u and du/dt from a JVP along (v_tangent, 1, 1) in (z, t, h).
             u, dudt, features = self.u_and_dudt(net, z, t, r, v_tangent, y, feature_blocks)
         # Stop-gradient target, in float32.
@@ -260,29 +262,47 @@ class MeanFlow(Objective):
 
     @torch.no_grad()
     def model_tangent(self, net: nn.Module, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None,
-                      v_tilde: Tensor) -> Tensor:
+                      v_tilde: Tensor, guided_outputs: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """ṽ with the samples where r ≠ t replaced by the net's velocity u_θ(z, t, 0, y), mixed for
-        guided samples as ṽ is: (ω + κ)·u_θ(·|c) + (1 − ω − κ)·u_θ(·|∅)."""
+        guided samples as ṽ is: (ω + κ)·u_θ(·|c) + (1 − ω − κ)·u_θ(·|∅).
+
+        ``guided_outputs`` = (index, u_θ(·|c), u_θ(·|∅)) of the guided samples, as
+        ``guided_velocity(..., return_outputs=True)`` computed them: those are reused, not recomputed."""
         index = (t != r).nonzero().squeeze(1)
         if index.numel() == 0:
             return v_tilde
-        zi, ti = z[index], t[index]
-        yi = None if y is None else y[index]
-        own = net(zi, ti, torch.zeros_like(ti), yi).to(v_tilde.dtype)
+        w = self.cfg_omega + self.cfg_kappa
+        own = torch.empty_like(v_tilde[index])
+        todo = torch.ones(index.numel(), dtype=torch.bool, device=index.device)
+        if guided_outputs is not None and guided_outputs[0].numel():
+            g_index, u_cond, u_uncond = guided_outputs
+            position = torch.full((t.shape[0],), -1, dtype=torch.long, device=index.device)
+            position[g_index] = torch.arange(g_index.numel(), device=index.device)
+            pos = position[index]
+            hit = pos >= 0
+            own[hit] = (w * u_cond[pos[hit]] + (1.0 - w) * u_uncond[pos[hit]]).to(own.dtype)
+            todo = ~hit
+        if not bool(todo.any()):
+            return v_tilde.index_copy(0, index, own)
+        rest = index[todo]
+        zi, ti = z[rest], t[rest]
+        yi = None if y is None else y[rest]
+        mine = net(zi, ti, torch.zeros_like(ti), yi).to(v_tilde.dtype)
         num_classes = num_classes_of(net)
         if num_classes and yi is not None and (self.cfg_omega != 1.0 or self.cfg_kappa != 0.0):
             guided = (yi != num_classes) & (ti >= self.cfg_t_start) & (ti <= self.cfg_t_end)
             if bool(guided.any()):
                 gi = guided.nonzero().squeeze(1)
                 uncond = net(zi[gi], ti[gi], torch.zeros_like(ti[gi]), torch.full_like(yi[gi], num_classes))
-                w = self.cfg_omega + self.cfg_kappa
-                own = own.index_copy(0, gi, w * own[gi] + (1.0 - w) * uncond.to(own.dtype))
+                mine = mine.index_copy(0, gi, w * mine[gi] + (1.0 - w) * uncond.to(mine.dtype))
+        own[todo] = mine
         return v_tilde.index_copy(0, index, own)
 
     @torch.no_grad()
     def guided_velocity(self, net: nn.Module, z: Tensor, t: Tensor, v: Tensor,
-                        y: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """ṽ (like v) and the (B,) mask of guided samples (None when guidance is off).
+                        y: Tensor | None, return_outputs: bool = False) -> tuple:
+        """ṽ (like v) and the (B,) mask of guided samples (None when guidance is off); with
+        ``return_outputs`` also (index, u_θ(·|c), u_θ(·|∅)) of the guided samples (or None).
 
         Base velocity: v, or the teacher's v_φ(z, t). Guided samples (label kept, t in
         [cfg_t_start, cfg_t_end]) get ω·base + κ·u_θ(z, t, 0 | c) + (1 − ω − κ)·u_θ(z, t, 0 | ∅).
@@ -291,19 +311,20 @@ class MeanFlow(Objective):
         base = v if self.teacher is None else velocity(self.teacher, z, t, y, self.teacher_guidance).to(v.dtype)
         num_classes = num_classes_of(net)
         if (self.cfg_omega == 1.0 and self.cfg_kappa == 0.0) or num_classes == 0 or y is None:
-            return base, None
+            return (base, None, None) if return_outputs else (base, None)
         # Guide only kept labels with t inside the window.
         guided = (y != num_classes) & (t >= self.cfg_t_start) & (t <= self.cfg_t_end)
         index = guided.nonzero().squeeze(1)
         if index.numel() == 0:
-            return base, guided
+            return (base, guided, None) if return_outputs else (base, guided)
         # One batched call: conditional and null-class u_θ(z, t, h=0).
         zi, ti, yi = z[index], t[index], y[index]
         out = net(torch.cat([zi, zi]), torch.cat([ti, ti]), torch.zeros_like(torch.cat([ti, ti])),
                   torch.cat([yi, torch.full_like(yi, num_classes)]))
         u_cond, u_uncond = out.to(v.dtype).chunk(2)
         mixed = cfg_velocity(base[index], u_cond, u_uncond, self.cfg_omega, self.cfg_kappa)
-        return base.index_copy(0, index, mixed), guided
+        out = base.index_copy(0, index, mixed), guided
+        return (*out, (index, u_cond, u_uncond)) if return_outputs else out
 
     @torch.no_grad()
     def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float,
