@@ -84,10 +84,6 @@ class ShardRows:
         return int(self.ends[-1])
 
     @property
-    def nbytes(self) -> int:
-        return len(self) * int(np.prod(self.row_shape)) * self.dtype.itemsize
-
-    @property
     def mapped(self) -> bool:
         """True when every part is a memory map (rows are read from disk / the page cache)."""
         return all(isinstance(p, np.memmap) for p in self.parts)
@@ -165,10 +161,8 @@ class LatentDataset(Dataset):
     """Latents kept unscaled in their stored dtype — memory-mapped from the shards by default, so
     the ranks of a node share one copy in the page cache — and ``get`` returns ``scale``·x float32."""
 
-    def __init__(self, rows: ShardRows | Tensor, y: Tensor | None, *, num_classes: int, scale: float,
+    def __init__(self, rows: ShardRows, y: Tensor | None, *, num_classes: int, scale: float,
                  name: str = "latents", vae: str | None = None, vae_batch_size: int = 32):
-        if isinstance(rows, Tensor):
-            rows = ShardRows([rows.numpy()])
         if y is not None and len(y) != len(rows):
             raise ValueError(f"{len(rows)} latents but {len(y)} labels")
         self.rows = rows

@@ -24,33 +24,31 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
         raise ConfigError(f"no stats.jsonl rows in {', '.join(map(str, runs))}")
     keys = sorted({k for rows in stats.values() for row in rows for k in row
                    if k.startswith("loss") or k in ("grad_norm", "lr", "mse")})
-    written = []
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        for i, (name, rows) in enumerate(stats.items()):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
+    panels = {key: {name: [(r["step"], r[key]) for r in rows if key in r] for name, rows in stats.items()}
+              for key in keys}
+    written = [_stacked_plot(plt, panels, out_dir / "training.png")]
+    series = sorted({(r["metric"], r["nfe"]) for rows in metrics.values() for r in rows})
+    if series:
+        panels = {f"{metric}@{nfe}": {name: sorted((r["step"], r["value"]) for r in rows
+                                                   if r["metric"] == metric and r["nfe"] == nfe)
+                                      for name, rows in metrics.items()}
+                  for metric, nfe in series}
+        written.append(_stacked_plot(plt, panels, out_dir / "metrics.png", marker="o"))
+    return written
+
+
+def _stacked_plot(plt, panels: dict[str, dict[str, list[tuple]]], path: Path, marker: str | None = None) -> Path:
+    """One panel per y-label, stacked over a shared step axis; in each, a line per run (its
+    (step, value) points; runs without points are skipped but keep their colour)."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
+    for ax, (label, runs) in zip(axes[:, 0], panels.items()):
+        for i, (name, pts) in enumerate(runs.items()):
             if pts:
-                ax.plot(*zip(*pts), color=f"C{i}", label=name)
-        ax.set_ylabel(key)
+                ax.plot(*zip(*pts), color=f"C{i}", marker=marker, label=name)
+        ax.set_ylabel(label)
     axes[0, 0].legend(fontsize=7)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(out_dir / "training.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(out_dir / "training.png")
-    series = sorted({(r["metric"], r["nfe"]) for rows in metrics.values() for r in rows})
-    if series:
-        fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.2 * len(series)), sharex=True, squeeze=False)
-        for ax, (metric, nfe) in zip(axes[:, 0], series):
-            for i, (name, rows) in enumerate(metrics.items()):
-                pts = sorted((r["step"], r["value"]) for r in rows if r["metric"] == metric and r["nfe"] == nfe)
-                if pts:
-                    ax.plot(*zip(*pts), color=f"C{i}", marker="o", label=name)
-            ax.set_ylabel(f"{metric}@{nfe}")
-        axes[0, 0].legend(fontsize=7)
-        axes[-1, 0].set_xlabel("step")
-        fig.tight_layout()
-        fig.savefig(out_dir / "metrics.png", dpi=110)
-        plt.close(fig)
-        written.append(out_dir / "metrics.png")
-    return written
+    return path

@@ -25,6 +25,7 @@ from onestep.build import (backbone_kwargs, build_backbone, build_dataset, build
                            build_regularizers, count_parameters)
 from onestep.config import Config, dump_yaml, to_plain
 from onestep.data.base import BatchStream
+from onestep.eval.evaluate import decodes_to_images
 from onestep.registry import ConfigError
 from onestep.sampling import balanced_labels, sample, seeded_noise
 from onestep.train import distributed
@@ -235,7 +236,7 @@ class Trainer:
         x = sample(self.objective, self.ema.model, self.preview_noise, self.preview_labels, nfe=1)
         ncol = self.dataset.num_classes if 0 < self.dataset.num_classes <= 16 else None
         kind = self.dataset.kind
-        if getattr(self.dataset, "decodes_to_images", False) and not self._preview_raw:
+        if decodes_to_images(self.dataset) and not self._preview_raw:
             try:
                 x, kind = self.dataset.decode(x), "image"
             except (ConfigError, ImportError, OSError) as exc:
