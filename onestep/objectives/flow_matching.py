@@ -15,8 +15,19 @@ Class dropout: with probability ``class_dropout`` a label becomes the null id ``
 Sampling (Euler): z_r = z_t − (t − r) · v_θ(z_t, t), optionally with classifier-free guidance
 v_θ = v(∅) + w · (v(c) − v(∅)), w = ``guidance_scale`` (1 = no guidance).
 
+Velocity estimate (``velocity_estimate``): "conditional" regresses v = e − x, the paper's target;
+"batch_posterior" regresses the stable-target-field estimate (Xu, Tong & Jaakkola, ICLR 2023) of the
+marginal velocity E[v | z_t] with the training batch as reference set,
+
+    v̂_i = Σ_j w_ij (z_i − x_j) / t_i,   w_ij ∝ N(z_i; (1 − t_i) x_j, t_i² I)   (softmax over j),
+
+j over the samples of the same class when sample i keeps its label. Same regression minimizer up to
+the reference set's finite size (v̂ → E[v | z_t] as the batch grows; exact at t = 1 and t → 0), much
+lower variance where many x_j explain z_i (small data dimension, large t); in high dimension the
+weights fall onto j = i and v̂ is v again.
+
 The small functions here (``sum_squares``, ``adaptive_weight``, ``drop_labels``, ``cfg_velocity``,
-``guided_output``, ``velocity``) are shared with MeanFlow.
+``guided_output``, ``velocity``, ``batch_posterior_velocity``) are shared with MeanFlow.
 """
 from __future__ import annotations
 
@@ -113,6 +124,59 @@ def guided_output(net: nn.Module, x: Tensor, t: Tensor, h: Tensor, y: Tensor | N
     return uncond + guidance_scale * (cond - uncond)
 
 
+VELOCITY_ESTIMATES = ("conditional", "batch_posterior")
+
+
+def check_velocity_estimate(name: str) -> None:
+    if name not in VELOCITY_ESTIMATES:
+        raise ValueError(f"velocity_estimate must be one of {', '.join(map(repr, VELOCITY_ESTIMATES))}; "
+                         f"got {name!r}")
+
+
+@torch.no_grad()
+def batch_posterior_velocity(x: Tensor, e: Tensor, t: Tensor, labels: Tensor | None = None,
+                             query_labels: Tensor | None = None, null_class: int | None = None) -> Tensor:
+    """The batch's estimate of E[v | z_t] at z_i = (1 − t_i) x_i + t_i e_i (module docstring), like x.
+
+    ``labels`` (B,) are the reference samples' classes and ``query_labels`` (B,) the classes each z_i
+    is conditioned on (``null_class`` = unconditional: every j counts); sample i's own x_i is always in
+    its reference set. Computed in float64 as (e_i − x_i) + (x_i − Σ_j w_ij x_j) / t_i, which is
+    e_i − x_i exactly where t_i = 0.
+    """
+    if x.shape != e.shape or t.shape != x.shape[:1]:
+        raise ValueError(f"batch_posterior_velocity: x, e must share a shape and t be (B,); got "
+                         f"{tuple(x.shape)}, {tuple(e.shape)}, {tuple(t.shape)}")
+    xf, ef, tt = x.flatten(1).double(), e.flatten(1).double(), t.double().to(x.device)
+    a = 1.0 - tt
+    z = a[:, None] * xf + tt[:, None] * ef
+    t_safe = tt.clamp_min(1e-12)
+    # log N(z_i; a_i x_j, t_i² I) up to a per-row constant: (a_i z_i·x_j − ½ a_i² ||x_j||²) / t_i².
+    logits = torch.addr(z @ xf.T, a, (xf * xf).sum(1), alpha=-0.5)
+    logits.mul_((a / t_safe ** 2)[:, None])
+    if labels is not None and query_labels is not None:
+        other = labels[None, :] != query_labels[:, None]
+        if null_class is not None:
+            other &= (query_labels != null_class)[:, None]
+        other.fill_diagonal_(False)
+        logits.masked_fill_(other, float("-inf"))
+    x_hat = torch.softmax(logits, dim=1) @ xf
+    v_hat = (ef - xf) + (xf - x_hat) / t_safe[:, None]
+    v_hat = torch.where((tt > 0)[:, None], v_hat, ef - xf)
+    return v_hat.to(x.dtype).view_as(x)
+
+
+def target_velocity(estimate: str, x: Tensor, e: Tensor, t: Tensor, labels: Tensor | None,
+                    query_labels: Tensor | None, num_classes: int) -> Tensor | None:
+    """The velocity an objective regresses: None for "conditional" (the caller's e − x), else the
+    batch-posterior estimate, per class for conditional nets (``labels`` before class dropout,
+    ``query_labels`` after it)."""
+    if estimate == "conditional":
+        return None
+    if num_classes == 0:
+        labels = query_labels = None
+    return batch_posterior_velocity(x, e, t, labels, query_labels, num_classes or None)
+
+
 @torch.no_grad()
 def velocity(net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | None = None,
              guidance_scale: float = 1.0) -> Tensor:
@@ -134,24 +198,29 @@ class FlowMatching(Objective):
         adaptive_p, adaptive_c: adaptive weight 1 / sg((l + c)^p); p = 0 (default) is plain L2.
         class_dropout: probability of the null label during training (conditional nets only).
         guidance_scale: sampling-time CFG scale w (1 = none).
+        velocity_estimate: the regression target: "conditional" (v = e − x, default) or
+            "batch_posterior" (the batch's estimate of E[v | z_t], module docstring).
     """
 
     uses_jvp = False
 
     def __init__(self, time_dist: Literal["logit_normal", "uniform"] = "logit_normal", mean_t: float = 0.0,
                  std_t: float = 1.0, adaptive_p: float = 0.0, adaptive_c: float = 0.01,
-                 class_dropout: float = 0.1, guidance_scale: float = 1.0):
+                 class_dropout: float = 0.1, guidance_scale: float = 1.0,
+                 velocity_estimate: Literal["conditional", "batch_posterior"] = "conditional"):
         if time_dist not in ("logit_normal", "uniform"):
             raise ValueError(f"time_dist must be one of 'logit_normal', 'uniform'; got {time_dist!r}")
         check_range("std_t", std_t, 0.0, low_open=True)
         check_adaptive(adaptive_p, adaptive_c)
         check_range("class_dropout", class_dropout, 0.0, 1.0, high_open=True)
         check_range("guidance_scale", guidance_scale, 0.0)
+        check_velocity_estimate(velocity_estimate)
         self.time_dist: TimeDist = time_dist
         self.mean_t, self.std_t = float(mean_t), float(std_t)
         self.adaptive_p, self.adaptive_c = float(adaptive_p), float(adaptive_c)
         self.class_dropout = float(class_dropout)
         self.guidance_scale = float(guidance_scale)
+        self.velocity_estimate = velocity_estimate
 
     def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
              feature_blocks: tuple[int, ...] = ()) -> LossOutput:
@@ -160,19 +229,21 @@ class FlowMatching(Objective):
         t = sample_time(x.shape[0], dist=self.time_dist, mean=self.mean_t, std=self.std_t, device=x.device)
         e = torch.randn_like(x)
         # Drop labels to the null class.
-        y = drop_labels(y, num_classes_of(net), self.class_dropout)
-        return self.loss_given(net, x, y, e=e, t=t, feature_blocks=feature_blocks)
+        y_kept, y = y, drop_labels(y, num_classes_of(net), self.class_dropout)
+        v = target_velocity(self.velocity_estimate, x, e, t, y_kept, y, num_classes_of(net))
+        return self.loss_given(net, x, y, e=e, t=t, v=v, feature_blocks=feature_blocks)
 
     def loss_given(self, net: nn.Module, x: Tensor, y: Tensor | None, *, e: Tensor, t: Tensor,
-                   feature_blocks: tuple[int, ...] = ()) -> LossOutput:
-        """The loss for given noise e (like x), times t (B,) and (already dropped) labels y."""
+                   v: Tensor | None = None, feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+        """The loss for given noise e (like x), times t (B,) and (already dropped) labels y; ``v`` is
+        the velocity to regress (default the conditional e − x)."""
         if num_classes_of(net) == 0:
             y = None
         t = t.to(device=x.device, dtype=x.dtype)
         h = torch.zeros_like(t)
-        # Noise the data; conditional velocity.
+        # Noise the data; conditional velocity (or the given estimate).
         z = (1 - expand_time(t, x)) * x + expand_time(t, x) * e
-        v = e - x
+        v = e - x if v is None else v.to(x.dtype)
         # Predict with h = 0, keeping features from this pass.
         if feature_blocks:
             u, features = net.forward_features(z, t, h, y, blocks=tuple(feature_blocks))

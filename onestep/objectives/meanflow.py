@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from onestep.objectives.base import (LossOutput, Objective, batch_time, eager_module, expand_time,
                                      register_objective)
 from onestep.objectives.flow_matching import (adaptive_weight, cfg_velocity, check_adaptive, check_range,
+                                              check_velocity_estimate, target_velocity,
                                               drop_labels, num_classes_of, sum_squares, velocity)
 from onestep.objectives.time_sampling import check_ratio, sample_t_r
 
@@ -123,6 +124,11 @@ class MeanFlow(Objective):
         teacher: optional frozen net (backbone contract) whose velocity v_φ(z_t, t) replaces
             v = e − x (distillation); its labels follow the same null-id convention.
         teacher_guidance: CFG scale applied to the teacher's velocity (1 = none).
+        velocity_estimate: v itself: "conditional" (e − x, the paper) or "batch_posterior" (the
+            training batch's stable-target-field estimate of E[v | z_t], ``flow_matching`` module
+            docstring): the same target in expectation up to the batch's finite size, far lower
+            variance on low-dimensional data. It replaces v in ṽ and so in the tangent. Not with a
+            teacher (whose velocity already replaces e − x).
     """
 
     uses_jvp = True
@@ -135,7 +141,8 @@ class MeanFlow(Objective):
                  cfg_t_end: float = 1.0, target_fp32: bool = True, jvp_only_r_neq_t: bool = True,
                  jvp_kernel: Literal["fused", "explicit", "sdpa_math"] = "fused",
                  jvp_tangent: Literal["sample", "model"] = "sample",
-                 teacher: Callable[..., Tensor] | None = None, teacher_guidance: float = 1.0):
+                 teacher: Callable[..., Tensor] | None = None, teacher_guidance: float = 1.0,
+                 velocity_estimate: Literal["conditional", "batch_posterior"] = "conditional"):
         check_ratio(ratio_r_neq_t)
         if pairing not in ("sort", "clip"):
             raise ValueError(f"pairing must be one of 'sort', 'clip'; got {pairing!r}")
@@ -171,6 +178,11 @@ class MeanFlow(Objective):
         self.jvp_tangent = jvp_tangent
         self.teacher = teacher
         self.teacher_guidance = float(teacher_guidance)
+        check_velocity_estimate(velocity_estimate)
+        if teacher is not None and velocity_estimate != "conditional":
+            raise ValueError(f"velocity_estimate={velocity_estimate!r} cannot be combined with a teacher: the "
+                             "teacher's velocity already replaces e − x; use 'conditional'")
+        self.velocity_estimate = velocity_estimate
 
     @property
     def cfg_effective_scale(self) -> float:
@@ -191,12 +203,14 @@ class MeanFlow(Objective):
         t, r = self.sample_t_r(x.shape[0], device=x.device)
         e = torch.randn_like(x)
         # Drop labels to the null class.
-        y = drop_labels(y, num_classes_of(net), self.class_dropout)
-        return self.loss_given(net, x, y, e=e, t=t, r=r, feature_blocks=feature_blocks)
+        y_kept, y = y, drop_labels(y, num_classes_of(net), self.class_dropout)
+        v = target_velocity(self.velocity_estimate, x, e, t, y_kept, y, num_classes_of(net))
+        return self.loss_given(net, x, y, e=e, t=t, r=r, v=v, feature_blocks=feature_blocks)
 
     def loss_given(self, net: nn.Module, x: Tensor, y: Tensor | None, *, e: Tensor, t: Tensor, r: Tensor,
-                   feature_blocks: tuple[int, ...] = ()) -> LossOutput:
-        """The loss for given noise e (like x), times t, r (B,) and (already dropped) labels y."""
+                   v: Tensor | None = None, feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+        """The loss for given noise e (like x), times t, r (B,) and (already dropped) labels y; ``v`` is
+        the velocity standing for e − x (default e − x itself)."""
         if num_classes_of(net) == 0:
             y = None
         dtype = torch.float32 if self.target_fp32 else x.dtype
@@ -208,7 +222,7 @@ class MeanFlow(Objective):
             t, r = t.to(device=x.device, dtype=dtype), r.to(device=x.device, dtype=dtype)
             # Noise the data; conditional velocity.
             z = (1 - expand_time(t, x)) * x + expand_time(t, x) * e
-            v = e - x
+            v = e - x if v is None else v.to(dtype)
             # Guided (or teacher) velocity, no grad.
             v_tilde, guided, guided_outputs = self.guided_velocity(net, z, t, v, y, return_outputs=True)
             # The tangent velocity: ṽ, or the net's own (no-grad) velocity estimate where r != t
