@@ -25,6 +25,18 @@ def test_bench_json_rows():
         assert rows[1]["mem_ratio_to_flow_matching"] > 0
 
 
+def test_bench_timing_only_rows_and_objective_settings():
+    out = subprocess.run([sys.executable, str(TOOL), "--backbones", "test_mlp", "--input-shape", "2", "--batch", "64",
+                          "--objectives", "flow_matching;meanflow:velocity_estimate=batch_posterior,ratio_r_neq_t=0.5",
+                          "--steps", "2", "--warmup", "1", "--json", "--threads", "1", "--no-cpu-memory"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["objective"] for r in rows] == ["flow_matching",
+                                              "meanflow:velocity_estimate=batch_posterior,ratio_r_neq_t=0.5"]
+    assert all(r["peak_mem_mb"] is None and r["ms_per_step"] > 0 for r in rows)
+
+
 CHECK_PEAK = """
 import importlib.util, json, sys, torch
 spec = importlib.util.spec_from_file_location("bench_tool", sys.argv[1])

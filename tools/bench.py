@@ -158,11 +158,14 @@ def main(argv=None) -> int:
                         "each row eager and compiled. Ratios compare rows with the same setting.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--no-cpu-memory", action="store_true",
+                   help="CPU: skip peak-memory tracking, whose fixed 64 KiB mmap threshold slows allocation "
+                        "(timing-only runs; peak_mem_mb is then null)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cpu_peak = device.type == "cpu" and cpu_peak_tracking()
+    cpu_peak = device.type == "cpu" and not args.no_cpu_memory and cpu_peak_tracking()
     shape = tuple(int(s) for s in args.input_shape.split(","))
     sep = ";" if ";" in args.objectives else ","
     objectives = [o.strip() for o in args.objectives.split(sep) if o.strip()]
