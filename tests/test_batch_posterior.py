@@ -107,3 +107,17 @@ def test_bad_settings_fail_with_one_line():
     teacher = BACKBONES.build("mlp_toy", input_shape=(2,), width=32, depth=2)
     with pytest.raises(ValueError, match="cannot be combined with a teacher"):
         MeanFlow(velocity_estimate="batch_posterior", teacher=teacher)
+
+
+def test_a_slice_against_the_whole_reference_equals_the_whole_batch():
+    # What a DDP rank computes (its rows, the gathered batch as reference) = the one-process result.
+    g = torch.Generator().manual_seed(4)
+    x, e, t = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g), torch.rand(12, generator=g)
+    labels = torch.randint(0, 2, (12,), generator=g)
+    query = labels.clone()
+    query[::3] = 2
+    whole = batch_posterior_velocity(x, e, t, labels, query, 2)
+    part = batch_posterior_velocity(x[4:8], e[4:8], t[4:8], labels, query[4:8], 2, reference=x, offset=4)
+    torch.testing.assert_close(part, whole[4:8])
+    with pytest.raises(ValueError, match="must hold x"):
+        batch_posterior_velocity(x[4:8], e[4:8], t[4:8], reference=x, offset=10)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from onestep.config import from_dict
 from onestep.objectives.consistency import ConsistencyTraining, _weights, karras_sigmas, sigma_to_t
 from onestep.objectives.base import expand_time
-from onestep.objectives.flow_matching import FlowMatching
+from onestep.objectives.flow_matching import FlowMatching, target_velocity
 from onestep.objectives.meanflow import MeanFlow
 from onestep.registry import OBJECTIVES
 from onestep.train.checkpoint import load_checkpoint
@@ -40,6 +40,18 @@ class IndexedMeanFlow(MeanFlow):
     def loss(self, net, x, y, *, step, feature_blocks=()):
         e, t, r = _per_sample_randomness(x)
         return self.loss_given(net, x, y, e=e, t=t, r=r, feature_blocks=feature_blocks)
+
+
+class IndexedMeanFlowBatchPosterior(MeanFlow):
+    """MeanFlow with the batch-posterior velocity: its reference set must be the global batch."""
+
+    def __init__(self, **kwargs):
+        super().__init__(velocity_estimate="batch_posterior", **kwargs)
+
+    def loss(self, net, x, y, *, step, feature_blocks=()):
+        e, t, r = _per_sample_randomness(x)
+        v = target_velocity(self.velocity_estimate, x, e, t, None, None, 0)
+        return self.loss_given(net, x, y, e=e, t=t, r=r, v=v, feature_blocks=feature_blocks)
 
 
 class IndexedFlowMatching(FlowMatching):
@@ -67,6 +79,7 @@ class IndexedConsistencyTraining(ConsistencyTraining):
 
 if "_test_indexed_meanflow" not in OBJECTIVES.names():
     OBJECTIVES.register("_test_indexed_meanflow")(IndexedMeanFlow)
+    OBJECTIVES.register("_test_indexed_meanflow_bp")(IndexedMeanFlowBatchPosterior)
     OBJECTIVES.register("_test_indexed_flow_matching")(IndexedFlowMatching)
     OBJECTIVES.register("_test_indexed_consistency")(IndexedConsistencyTraining)
 
@@ -106,7 +119,7 @@ def _worker(rank: int, world: int, port: int, objective: str, run_dir: str) -> N
 
 
 @pytest.mark.parametrize("objective", ["_test_indexed_flow_matching", "_test_indexed_meanflow",
-                                       "_test_indexed_consistency"])
+                                       "_test_indexed_meanflow_bp", "_test_indexed_consistency"])
 def test_two_ranks_equal_one_process(objective, tmp_path):
     from onestep.train.loop import Trainer
 

@@ -11,7 +11,10 @@ gradients, optimizer state, inputs): CUDA -> torch.cuda.max_memory_allocated; CP
 process's peak resident set (VmHWM), reset through /proc/self/clear_refs after the warmup steps, with
 glibc's mmap threshold fixed at 64 KiB (mallopt) so every tensor buffer is mapped on allocation and
 unmapped on free and the resident set follows the live tensors rather than what malloc keeps cached.
-Where that is unavailable (other OSes) CPU rows report null.
+Where that is unavailable (other OSes) CPU rows report null. That fixed threshold slows allocation
+(up to 2x step time on these models), so on the CPU the times come from a first pass with the
+allocator untouched and the memory from a second pass (1 warm-up + 1 measured step per row);
+``--no-cpu-memory`` skips the second pass.
 """
 from __future__ import annotations
 
@@ -44,11 +47,15 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def cpu_peak_tracking() -> bool:
     """Make the resident set track live tensors (fixed 64 KiB glibc mmap threshold); True when the
     peak resident set can be reset and read (Linux procfs and glibc)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         M_MMAP_THRESHOLD = -3
         if libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024) != 1:
             return False
@@ -72,6 +79,7 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
         elif self.cpu_ok:
             gc.collect()
+            _libc().malloc_trim(0)  # hand freed heap pages back, so reusing them counts again
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := VmRSS
             self.base = _status_kb("VmRSS") * 1024
@@ -86,7 +94,7 @@ class PeakMemory:
 
 
 def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...], steps: int, warmup: int,
-              device: torch.device, precision: str, num_classes: int, objective_kwargs: dict,
+              device: torch.device, precision: str, num_classes: int, objective_kwargs: dict, *,
               regularizer: str | None = None, compile: bool = False, cpu_peak: bool = False) -> dict:
     torch.manual_seed(0)
     net = BACKBONES.build(backbone, input_shape=shape, num_classes=num_classes).to(device)
@@ -159,33 +167,42 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--no-cpu-memory", action="store_true",
-                   help="CPU: skip peak-memory tracking, whose fixed 64 KiB mmap threshold slows allocation "
-                        "(timing-only runs; peak_mem_mb is then null)")
+                   help="CPU: skip the peak-memory pass (peak_mem_mb is then null)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cpu_peak = device.type == "cpu" and not args.no_cpu_memory and cpu_peak_tracking()
+    cpu_memory = device.type == "cpu" and not args.no_cpu_memory
     shape = tuple(int(s) for s in args.input_shape.split(","))
     sep = ";" if ";" in args.objectives else ","
     objectives = [o.strip() for o in args.objectives.split(sep) if o.strip()]
-    rows = []
+    rows, groups = [], []
     for backbone in [b.strip() for b in args.backbones.split(",") if b.strip()]:
         for batch in [int(b) for b in args.batch.split(",")]:
             group = []
             for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
                 for objective in objectives:
                     for reg in [None] + ([args.regularizer] if args.regularizer else []):
-                        group.append(bench_one(backbone, objective, batch, shape, args.steps, args.warmup, device,
-                                               args.precision, args.num_classes, json.loads(args.objective_kwargs),
-                                               regularizer=reg, compile=compiled, cpu_peak=cpu_peak))
-            for r in group:
-                ref = next((q for q in group if q["objective"] == "flow_matching" and q["compile"] == r["compile"]),
-                           None)
-                r["ratio_to_flow_matching"] = round(r["ms_per_step"] / ref["ms_per_step"], 3) if ref else None
-                r["mem_ratio_to_flow_matching"] = (round(r["peak_mem_mb"] / ref["peak_mem_mb"], 3)
-                                                   if ref and ref["peak_mem_mb"] else None)
-            rows += group
+                        group.append(dict(backbone=backbone, objective=objective, batch=batch, shape=shape,
+                                          device=device, precision=args.precision, num_classes=args.num_classes,
+                                          objective_kwargs=json.loads(args.objective_kwargs), regularizer=reg,
+                                          compile=compiled))
+            groups.append(group)
+    # Timing first, with the allocator as it is; then, on the CPU, a separate memory pass (1 warm-up,
+    # 1 measured step per row): the resident-set tracking fixes glibc's mmap threshold at 64 KiB for the
+    # rest of the process, which slows allocation (up to 2x on these models) and must not enter the times.
+    timed = [[bench_one(**c, steps=args.steps, warmup=args.warmup) for c in group] for group in groups]
+    if cpu_memory and cpu_peak_tracking():
+        for group, rows_ in zip(groups, timed):
+            for c, r in zip(group, rows_):
+                r["peak_mem_mb"] = bench_one(**c, steps=1, warmup=1, cpu_peak=True)["peak_mem_mb"]
+    for group in timed:
+        for r in group:
+            ref = next((q for q in group if q["objective"] == "flow_matching" and q["compile"] == r["compile"]), None)
+            r["ratio_to_flow_matching"] = round(r["ms_per_step"] / ref["ms_per_step"], 3) if ref else None
+            r["mem_ratio_to_flow_matching"] = (round(r["peak_mem_mb"] / ref["peak_mem_mb"], 3)
+                                               if ref and ref["peak_mem_mb"] else None)
+        rows += group
     if args.json:
         for r in rows:
             print(json.dumps(r))

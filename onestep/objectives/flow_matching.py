@@ -17,7 +17,7 @@ v_θ = v(∅) + w · (v(c) − v(∅)), w = ``guidance_scale`` (1 = no guidance)
 
 Velocity estimate (``velocity_estimate``): "conditional" regresses v = e − x, the paper's target;
 "batch_posterior" regresses the stable-target-field estimate (Xu, Tong & Jaakkola, ICLR 2023) of the
-marginal velocity E[v | z_t] with the training batch as reference set,
+marginal velocity E[v | z_t] with the training batch (all ranks') as reference set,
 
     v̂_i = Σ_j w_ij (z_i − x_j) / t_i,   w_ij ∝ N(z_i; (1 − t_i) x_j, t_i² I)   (softmax over j),
 
@@ -135,31 +135,38 @@ def check_velocity_estimate(name: str) -> None:
 
 @torch.no_grad()
 def batch_posterior_velocity(x: Tensor, e: Tensor, t: Tensor, labels: Tensor | None = None,
-                             query_labels: Tensor | None = None, null_class: int | None = None) -> Tensor:
+                             query_labels: Tensor | None = None, null_class: int | None = None, *,
+                             reference: Tensor | None = None, offset: int = 0) -> Tensor:
     """The batch's estimate of E[v | z_t] at z_i = (1 − t_i) x_i + t_i e_i (module docstring), like x.
 
-    ``labels`` (B,) are the reference samples' classes and ``query_labels`` (B,) the classes each z_i
-    is conditioned on (``null_class`` = unconditional: every j counts); sample i's own x_i is always in
-    its reference set. Computed in float64 as (e_i − x_i) + (x_i − Σ_j w_ij x_j) / t_i, which is
-    e_i − x_i exactly where t_i = 0.
+    The reference set is ``reference`` (N, ...) whose rows ``offset .. offset + B`` are x itself (the
+    global batch under DDP), default x. ``labels`` (N,) are the reference samples' classes and
+    ``query_labels`` (B,) the classes each z_i is conditioned on (``null_class`` = unconditional: every
+    j counts); sample i's own x_i is always in its reference set. Computed in float64 as
+    (e_i − x_i) + (x_i − Σ_j w_ij x_j) / t_i, which is e_i − x_i exactly where t_i = 0.
     """
     if x.shape != e.shape or t.shape != x.shape[:1]:
         raise ValueError(f"batch_posterior_velocity: x, e must share a shape and t be (B,); got "
                          f"{tuple(x.shape)}, {tuple(e.shape)}, {tuple(t.shape)}")
     xf, ef, tt = x.flatten(1).double(), e.flatten(1).double(), t.double().to(x.device)
+    ref = xf if reference is None else reference.flatten(1).double()
+    if ref.shape[1] != xf.shape[1] or not 0 <= offset <= ref.shape[0] - xf.shape[0]:
+        raise ValueError(f"batch_posterior_velocity: reference {tuple(ref.shape)} must hold x {tuple(xf.shape)} "
+                         f"at rows {offset}..{offset + xf.shape[0]}")
     a = 1.0 - tt
     z = a[:, None] * xf + tt[:, None] * ef
     t_safe = tt.clamp_min(1e-12)
     # log N(z_i; a_i x_j, t_i² I) up to a per-row constant: (a_i z_i·x_j − ½ a_i² ||x_j||²) / t_i².
-    logits = torch.addr(z @ xf.T, a, (xf * xf).sum(1), alpha=-0.5)
+    logits = torch.addr(z @ ref.T, a, (ref * ref).sum(1), alpha=-0.5)
     logits.mul_((a / t_safe ** 2)[:, None])
     if labels is not None and query_labels is not None:
         other = labels[None, :] != query_labels[:, None]
         if null_class is not None:
             other &= (query_labels != null_class)[:, None]
-        other.fill_diagonal_(False)
+        own = torch.arange(xf.shape[0], device=x.device)
+        other[own, own + offset] = False
         logits.masked_fill_(other, float("-inf"))
-    x_hat = torch.softmax(logits, dim=1) @ xf
+    x_hat = torch.softmax(logits, dim=1) @ ref
     v_hat = (ef - xf) + (xf - x_hat) / t_safe[:, None]
     v_hat = torch.where((tt > 0)[:, None], v_hat, ef - xf)
     return v_hat.to(x.dtype).view_as(x)
@@ -172,9 +179,25 @@ def target_velocity(estimate: str, x: Tensor, e: Tensor, t: Tensor, labels: Tens
     ``query_labels`` after it)."""
     if estimate == "conditional":
         return None
-    if num_classes == 0:
+    if num_classes == 0 or labels is None or query_labels is None:
         labels = query_labels = None
-    return batch_posterior_velocity(x, e, t, labels, query_labels, num_classes or None)
+    # Under torch.distributed the reference set is the global batch (so W ranks with B/W samples
+    # estimate what one process with B does); equal per-rank batch sizes, as the loop guarantees.
+    reference, offset = None, 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            reference = _all_gather_rows(x.detach())
+            labels = None if labels is None else _all_gather_rows(labels)
+            offset = torch.distributed.get_rank() * x.shape[0]
+    return batch_posterior_velocity(x, e, t, labels, query_labels, num_classes or None,
+                                    reference=reference, offset=offset)
+
+
+def _all_gather_rows(a: Tensor) -> Tensor:
+    parts = [torch.empty_like(a) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, a.contiguous())
+    return torch.cat(parts, 0)
 
 
 @torch.no_grad()

@@ -189,9 +189,30 @@ def gather_features(z: Tensor) -> Tensor:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z
-    from torch.distributed.nn.functional import all_gather
+    return _GatherRows.apply(z.contiguous())
 
-    return torch.cat(all_gather(z.contiguous()), 0)
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0 whose backward all-reduces the incoming gradient (sum over ranks) and
+    returns this rank's rows. (torch.distributed.nn.functional.all_gather, deprecated, aborted gloo
+    processes at exit on torch 2.15.)"""
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), z.shape[0]
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z)
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 class DispersiveLoss:

@@ -132,5 +132,9 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Barrier, then destroy the process group: no rank tears its connections down while another is
+    still inside a collective (gloo aborted the process at exit on torch 2.15 without the barrier)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
