@@ -183,21 +183,12 @@ def target_velocity(estimate: str, x: Tensor, e: Tensor, t: Tensor, labels: Tens
         labels = query_labels = None
     # Under torch.distributed the reference set is the global batch (so W ranks with B/W samples
     # estimate what one process with B does); equal per-rank batch sizes, as the loop guarantees.
-    reference, offset = None, 0
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        if world > 1:
-            reference = _all_gather_rows(x.detach())
-            labels = None if labels is None else _all_gather_rows(labels)
-            offset = torch.distributed.get_rank() * x.shape[0]
+    from onestep.train.distributed import all_gather_rows, current
+
+    reference = all_gather_rows(x.detach())
+    labels = None if labels is None else all_gather_rows(labels)
     return batch_posterior_velocity(x, e, t, labels, query_labels, num_classes or None,
-                                    reference=reference, offset=offset)
-
-
-def _all_gather_rows(a: Tensor) -> Tensor:
-    parts = [torch.empty_like(a) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, a.contiguous())
-    return torch.cat(parts, 0)
+                                    reference=reference, offset=current().rank * x.shape[0])
 
 
 @torch.no_grad()

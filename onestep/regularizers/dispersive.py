@@ -201,10 +201,10 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, z: Tensor) -> Tensor:
         import torch.distributed as dist
 
+        from onestep.train.distributed import all_gather_rows
+
         ctx.rank, ctx.rows = dist.get_rank(), z.shape[0]
-        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, z)
-        return torch.cat(parts, 0)
+        return all_gather_rows(z)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:

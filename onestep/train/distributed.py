@@ -104,6 +104,16 @@ def sync_gradients(params: list[torch.Tensor], extras: torch.Tensor, world_size:
     return out
 
 
+def all_gather_rows(a: torch.Tensor) -> torch.Tensor:
+    """Concatenate a (B, ...) over all ranks in rank order (no gradient; equal B on every rank);
+    a itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return a
+    parts = [torch.empty_like(a) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, a.contiguous())
+    return torch.cat(parts, 0)
+
+
 def gather_batch(fn, indices: list[int]) -> torch.Tensor:
     """fn(indices) -> (len(indices), ...) tensor, computed jointly by all ranks.
 
@@ -119,11 +129,10 @@ def gather_batch(fn, indices: list[int]) -> torch.Tensor:
     per_rank = -(-len(indices) // world)
     mine = indices[info.rank::world]
     mine = mine + [indices[0]] * (per_rank - len(mine))  # padding rows are dropped below
-    out = fn(mine).contiguous()
-    parts = [torch.empty_like(out) for _ in range(world)]
-    dist.all_gather(parts, out)
+    out = fn(mine)
     # Slot j of rank k holds index j*W + k.
-    return torch.stack(parts, dim=1).reshape(per_rank * world, *out.shape[1:])[:len(indices)]
+    rows = all_gather_rows(out).view(world, per_rank, *out.shape[1:]).transpose(0, 1)
+    return rows.reshape(per_rank * world, *out.shape[1:])[:len(indices)]
 
 
 def barrier() -> None:
