@@ -1,2 +1,4 @@
 """onestep: one-step generators (MeanFlow, flow matching, consistency models) over one backbone registry."""
-__version__ = "0.1.0"
+from onestep.utils.version import __version__
+
+__all__ = ["__version__"]

@@ -1,14 +1,22 @@
-"""Turn a validated Config into objects: the one place where recipe sections become factory kwargs."""
+"""Turn a validated Config into objects: the one place where recipe sections become factory kwargs.
+
+``check_buildable(cfg)`` builds everything a recipe names (the backbone on the meta device, so no
+large weights are allocated; the data unless its files are missing) so that every value a factory
+refuses is one ``ConfigError`` line before any work starts (``onestep validate``, ``train``).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from onestep.config import REGULARIZER_LOOP_KEYS, Config
+from onestep.config import REGULARIZER_LOOP_KEYS, Config, from_dict
 from onestep.data.base import Dataset
-from onestep.registry import BACKBONES, DATASETS, OBJECTIVES, REGULARIZERS, ConfigError
+from onestep.registry import (BACKBONES, DATASETS, LOGGERS, METRICS, OBJECTIVES, REGULARIZERS, ConfigError,
+                              DataNotFound)
+from onestep.utils.rundir import load_checkpoint, resolve_checkpoint
 
 
 def _kwargs(entry: dict[str, Any], exclude: tuple[str, ...] = ("name",)) -> dict[str, Any]:
@@ -119,15 +127,11 @@ class LoadedRun:
 
 
 def config_from_checkpoint(state: dict[str, Any]) -> Config:
-    from onestep.config import from_dict
-
     return from_dict({k: v for k, v in state["config"].items() if k != "meta"})
 
 
 def load_run(path: Any, *, use_ema: bool = True, device: Any = "cpu") -> LoadedRun:
     """Rebuild the data, backbone (EMA weights by default) and objective of a run dir or checkpoint."""
-    from onestep.train.checkpoint import load_checkpoint, resolve_checkpoint
-
     ckpt = resolve_checkpoint(path)
     state = load_checkpoint(ckpt)
     cfg = config_from_checkpoint(state)
@@ -138,3 +142,39 @@ def load_run(path: Any, *, use_ema: bool = True, device: Any = "cpu") -> LoadedR
     net.to(device).eval().requires_grad_(False)
     return LoadedRun(cfg, net, build_objective(cfg, dataset, device, with_teacher=False), dataset,
                      int(state["step"]), ckpt)
+
+
+@dataclass
+class BuildCheck:
+    """What ``check_buildable`` found: the dataset (None when its files are missing, with the reason)
+    and the parameter count of the backbone."""
+
+    dataset: Dataset | None
+    data_note: str | None
+    parameters: int
+
+
+def check_buildable(cfg: Config, *, need_data: bool = False) -> BuildCheck:
+    """Build the data, the backbone (on the meta device), the objective (without its teacher) and the
+    regularizers, so every range error is a ConfigError now. Missing data files are a note (an error
+    with ``need_data``); the backbone then takes input_shape/num_classes from the recipe."""
+    note = None
+    try:
+        dataset = build_dataset(cfg)
+    except DataNotFound as exc:
+        if need_data:
+            raise
+        dataset, note = None, str(exc).splitlines()[0]
+    with torch.device("meta"):
+        try:
+            net = build_backbone(cfg, dataset)
+        except TypeError as exc:  # a backbone needing input_shape/num_classes the recipe does not give
+            raise ConfigError(f"backbone '{cfg.backbone['name']}': {exc} (the data did not load, so the recipe "
+                              f"must give backbone.input_shape and backbone.num_classes)") from None
+        build_regularizers(cfg, net)
+    build_objective(cfg, dataset, with_teacher=False)
+    for registry, specs in ((METRICS, cfg.eval.metrics or []), (LOGGERS, cfg.train.loggers)):
+        for spec in specs:  # factories only check their options (nothing is opened or downloaded)
+            name, options = (spec, {}) if isinstance(spec, str) else (spec["name"], _kwargs(spec))
+            registry.build(name, **options)
+    return BuildCheck(dataset, note, count_parameters(net))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
@@ -32,20 +33,19 @@ def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 # --------------------------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
-    from onestep.config import apply_overrides, find_recipe, from_dict, load_config, load_yaml
-
-    from onestep.train import distributed
+    from onestep.config import apply_overrides, find_recipe, from_dict, load_config
+    from onestep.utils import distributed
+    from onestep.utils.rundir import RunDir
 
     recipe, overrides = _split_recipe_and_overrides(args.items)
     dist_info = distributed.init_from_env() if not args.dry_run else distributed.DistInfo()
     if args.resume:
         run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.yaml"
-        if not cfg_path.is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        if not RunDir(run_dir).is_run():
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no {RunDir.CONFIG})")
         if recipe is not None:
             raise ConfigError("--resume takes its recipe from RUN/config.yaml; pass only KEY=VALUE overrides")
-        raw = load_yaml(cfg_path)
+        raw = RunDir(run_dir).read_config()
         raw.pop("meta", None)
         cfg = from_dict(apply_overrides(raw, overrides))
         name = run_dir.name
@@ -59,14 +59,28 @@ def cmd_train(args) -> int:
     if args.dry_run:
         return _dry_run(cfg, run_dir)
     run_dir = Path(distributed.broadcast_object(str(run_dir)))  # every rank writes to rank 0's choice
-    if not args.resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --run-dir")
     from onestep.train.loop import TrainingInterrupted, train
 
     console = _console(stderr=True)
     try:
-        out = train(cfg, run_dir, resume=bool(args.resume), argv=sys.argv, console=console,
-                    progress=not args.no_progress)
+        with ExitStack() as held:
+            # Rank 0 holds the run directory's writer lock for the whole run; a directory holding an
+            # earlier run is refused unless resumed. Every rank learns the verdict.
+            problem = None
+            if dist_info.is_main:
+                run = RunDir(run_dir)
+                try:
+                    held.enter_context(run.lock())
+                    if not args.resume and run.leftovers():
+                        problem = (f"{run_dir} already holds a run ({', '.join(run.leftovers())}); continue it "
+                                   f"with --resume {run_dir} or pick another --run-dir")
+                except ConfigError as exc:
+                    problem = str(exc)
+            problem = distributed.broadcast_object(problem)
+            if problem:
+                raise ConfigError(problem)
+            out = train(cfg, run_dir, resume=bool(args.resume), argv=sys.argv, console=console,
+                        progress=not args.no_progress)
     except TrainingInterrupted as exc:
         if dist_info.is_main:
             print(f"onestep train: stopped by {exc}", file=sys.stderr)
@@ -80,24 +94,17 @@ def cmd_train(args) -> int:
 
 
 def _dry_run(cfg, run_dir: Path) -> int:
-    from onestep.build import backbone_kwargs, build_backbone, build_dataset, build_objective, build_regularizers, \
-        count_parameters
+    from onestep.build import backbone_kwargs, check_buildable
     from onestep.config import dump_yaml, to_plain
 
-    console = _console()
-    dataset = None
-    try:
-        dataset = build_dataset(cfg)
-    except (FileNotFoundError, ConfigError) as exc:
-        console.print(f"[yellow]note:[/] data not loaded ({str(exc).splitlines()[0]}); "
-                      f"using backbone input_shape/num_classes from the recipe")
-    net = build_backbone(cfg, dataset)
-    build_objective(cfg, dataset, with_teacher=False)
-    build_regularizers(cfg, net)
+    check = check_buildable(cfg)
+    if check.data_note:
+        _console(stderr=True).print(f"[yellow]note:[/] data not loaded ({check.data_note}); "
+                                    f"using backbone input_shape/num_classes from the recipe")
     resolved = cfg.to_dict()
-    resolved["backbone"] = {"name": cfg.backbone["name"], **to_plain(backbone_kwargs(cfg, dataset))}
+    resolved["backbone"] = {"name": cfg.backbone["name"], **to_plain(backbone_kwargs(cfg, check.dataset))}
     print(dump_yaml(resolved), end="")
-    n = count_parameters(net)
+    n = check.parameters
     print(f"# backbone {cfg.backbone['name']}: {n:,} parameters ({n / 1e6:.1f}M)")
     print(f"# dry run: nothing trained; the run would be written to {run_dir}")
     return 0
@@ -108,9 +115,10 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from onestep.build import load_run
-    from onestep.eval.evaluate import decodes_to_images, generate
+    from onestep.eval.evaluate import decodes_to_images
     from onestep.eval.fidelity import to_uint8_rgb
-    from onestep.train.loop import pick_device
+    from onestep.eval.generate import generate
+    from onestep.utils.device import pick_device
     from onestep.viz import save_samples_png, to_uint8_images
 
     out = Path(args.out)
@@ -147,10 +155,11 @@ def cmd_sample(args) -> int:
 # --------------------------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     from onestep.build import load_run
-    from onestep.eval.evaluate import evaluate_model, write_rows
+    from onestep.eval.evaluate import evaluate_model
     from onestep.registry import METRICS
-    from onestep.train import distributed
-    from onestep.train.loop import pick_device
+    from onestep.utils import distributed
+    from onestep.utils.device import pick_device
+    from onestep.utils.rundir import run_of_checkpoint
 
     # Under torchrun every rank generates its share of the samples; rank 0 scores, writes and prints.
     dist_info = distributed.init_from_env(args.device)
@@ -168,11 +177,11 @@ def cmd_eval(args) -> int:
                           reference=args.reference or ev.reference,
                           feature_extractor=args.feature_extractor or ev.feature_extractor)
     distributed.shutdown()
-    run_dir = run.path.parent.parent if run.path.parent.name == "checkpoints" else None
+    run_dir = run_of_checkpoint(run.path)
     if not dist_info.is_main:
         return 0
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        write_rows(run_dir, rows)
+    if run_dir is not None:
+        run_dir.append_metrics(rows)
     from rich.table import Table
 
     table = Table(title=f"{run_dir.name if run_dir else run.path} — step {run.step}")
@@ -259,14 +268,18 @@ def _backbone_summary(reg, name: str) -> str:
 
 
 def cmd_validate(args) -> int:
+    from onestep.build import check_buildable
     from onestep.config import load_config
 
     recipe, overrides = _split_recipe_and_overrides(args.items)
     if recipe is None:
         raise ConfigError("validate needs a RECIPE")
     cfg = load_config(recipe, overrides)
-    print(f"OK {recipe}: data={cfg.data['name']} backbone={cfg.backbone['name']} objective={cfg.objective['name']} "
-          f"regularizers={[r['name'] for r in cfg.regularizers]} steps={cfg.train.steps}")
+    check = check_buildable(cfg)
+    note = f" (data not loaded: {check.data_note})" if check.data_note else ""
+    print(f"OK {recipe}: data={cfg.data['name']} backbone={cfg.backbone['name']} ({check.parameters / 1e6:.2f}M) "
+          f"objective={cfg.objective['name']} regularizers={[r['name'] for r in cfg.regularizers]} "
+          f"steps={cfg.train.steps}{note}")
     return 0
 
 
@@ -316,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="one table over runs (and published numbers)")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    c.add_argument("--published", action="store_true", help="add the published rows (REFERENCE §4)")
+    c.add_argument("--published", action="store_true", help="add the published rows (docs/reference.md, published results)")
     c.add_argument("--format", choices=["rich", "md", "csv"], default="rich")
     c.set_defaults(fn=cmd_compare)
 

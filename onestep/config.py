@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-from onestep.registry import BACKBONES, DATASETS, METRICS, OBJECTIVES, REGULARIZERS, ConfigError, check_type
+from onestep.registry import BACKBONES, DATASETS, LOGGERS, METRICS, OBJECTIVES, REGULARIZERS, ConfigError, check_type
+from onestep.utils import yamlio
 
 SECTIONS = ("data", "backbone", "objective", "regularizers", "train", "eval", "seed")
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -47,12 +48,15 @@ class TrainConfig:
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     compile_backend: str = "inductor"
+    # Where the rows go besides stats.jsonl (always on): names or {name, **options} of LOGGERS.
+    loggers: list[str | dict[str, Any]] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
 class EvalConfig:
     nfe: list[int] = field(default_factory=lambda: [1])
-    metrics: list[str] | None = None
+    # Names or {name, **options} of METRICS (e.g. [fid, {name: kid, subset_size: 100}]); None: per data kind.
+    metrics: list[str | dict[str, Any]] | None = None
     num_samples: int = 2000
     batch_size: int = 512
     every: int = 0
@@ -107,7 +111,7 @@ def find_recipe(recipe: str | Path) -> Path:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = yamlio.safe_load(f.read())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -122,7 +126,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{item}': empty key part")
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
+        parsed = yamlio.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
     return key.split("."), parsed
@@ -257,8 +261,20 @@ def _check_values(train: TrainConfig, evalc: EvalConfig) -> None:
             raise ConfigError(f"train.betas must be in [0, 1), got {list(train.betas)}")
     if any(n < 1 for n in evalc.nfe):
         raise ConfigError(f"eval.nfe entries must be >= 1, got {evalc.nfe}")
-    for name in evalc.metrics or []:
-        METRICS.get(name)
+    for i, spec in enumerate(evalc.metrics or []):
+        _check_spec(METRICS, spec, f"eval.metrics.{i}")
+    for i, spec in enumerate(train.loggers):
+        _check_spec(LOGGERS, spec, f"train.loggers.{i}")
+
+
+def _check_spec(registry, spec: Any, where: str) -> None:
+    """A component named by a string or {name, **options}: the name exists, the options bind."""
+    if isinstance(spec, str):
+        registry.bind(spec, {}, where=f"{where} '{spec}'")
+    elif isinstance(spec, dict) and isinstance(spec.get("name"), str):
+        registry.bind(spec["name"], {k: v for k, v in spec.items() if k != "name"}, where=f"{where} '{spec['name']}'")
+    else:
+        raise ConfigError(f"{where} must be a name or {{name: ..., options}}, got {spec!r}")
 
 
 def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Config:
@@ -269,4 +285,4 @@ def load_config(recipe: str | Path, overrides: list[str] | None = None) -> Confi
 
 
 def dump_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_plain(obj), sort_keys=False, default_flow_style=None)
+    return yamlio.safe_dump(to_plain(obj))

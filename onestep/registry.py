@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """A user-facing configuration error: one line saying what is wrong and what is allowed."""
 
 
+class DataNotFound(ConfigError):
+    """A dataset's files are not where the recipe says (``validate`` and ``--dry-run`` carry on without
+    the data; ``train`` stops)."""
+
+
 class Registry:
     """A mapping from snake_case names to factories. Duplicate names are errors."""
 
@@ -93,9 +98,16 @@ class Registry:
         return bound
 
     def build(self, name: str, **kwargs: Any) -> Any:
-        """Validate then call the factory."""
+        """Validate then call the factory; a ValueError the factory raises on a bad value becomes a
+        one-line ``ConfigError`` naming the component."""
         self.bind(name, kwargs)
-        return self.get(name)(**kwargs)
+        try:
+            return self.get(name)(**kwargs)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            message = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise ConfigError(f"{self.kind} '{name}': {message}") from None
 
 
 def _type_hints(fn: Callable) -> dict[str, Any]:
@@ -163,6 +175,7 @@ OBJECTIVES = Registry("objective")
 REGULARIZERS = Registry("regularizer")
 DATASETS = Registry("dataset")
 METRICS = Registry("metric")
+LOGGERS = Registry("logger")
 
 REGISTRIES = {
     "backbones": BACKBONES,
@@ -170,15 +183,19 @@ REGISTRIES = {
     "regularizers": REGULARIZERS,
     "datasets": DATASETS,
     "metrics": METRICS,
+    "loggers": LOGGERS,
 }
 
+# The packages whose import registers components (plugin discovery by name: the registry imports
+# nothing of the layers above it at import time, only when a name is first looked up).
 _COMPONENT_PACKAGES = (
     "onestep.backbones",
     "onestep.objectives",
     "onestep.regularizers",
     "onestep.data",
     "onestep.data.latents",
-    "onestep.eval.metrics",
+    "onestep.eval",
+    "onestep.loggers",
 )
 _loaded = False
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from onestep.utils.seeding import renoise_seed, seeded_noise
+
 
 @torch.no_grad()
 def sample(objective, net: nn.Module, noise: Tensor, y: Tensor | None = None, nfe: int = 1,
@@ -31,21 +33,6 @@ def sample(objective, net: nn.Module, noise: Tensor, y: Tensor | None = None, nf
             extra["noise"] = seeded_noise([renoise_seed(s, k) for s in seeds], tuple(x.shape[1:]), x.device, x.dtype)
         x = objective.sample_step(net, x, tt, rr, y, **extra)
     return x
-
-
-def renoise_seed(seed: int, step: int) -> int:
-    """Seed of the re-noising draw after sampling step ``step`` for a sample seeded ``seed``."""
-    return (int(seed) * 1_000_033 + 7_919 * (step + 1)) % (2**63 - 1)
-
-
-def seeded_noise(seeds, shape: tuple[int, ...], device=None, dtype=torch.float32) -> Tensor:
-    """Noise with one generator per sample, so sample i is the same at any batch size."""
-    out = torch.empty((len(seeds), *shape), dtype=dtype)
-    g = torch.Generator()
-    for i, s in enumerate(seeds):
-        g.manual_seed(int(s))
-        out[i] = torch.randn(shape, generator=g, dtype=dtype)
-    return out.to(device)
 
 
 def balanced_labels(indices, num_classes: int) -> Tensor | None:

@@ -1,4 +1,4 @@
-"""Closed forms for data x ~ N(μ, s²I) under z_t = (1 − t)x + t·e (REFERENCE.md §6), shared by the
+"""Closed forms for data x ~ N(μ, s²I) under z_t = (1 − t)x + t·e (docs/reference.md, "Closed forms for tests"), shared by the
 objective tests: σ(t)² = (1 − t)²s² + t², m(t) = (1 − t)μ, the marginal velocity and the exact flow map."""
 import torch
 from torch import nn

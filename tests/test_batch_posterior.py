@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from onestep.registry import BACKBONES
-from onestep.objectives.flow_matching import FlowMatching, batch_posterior_velocity
+from onestep.objectives.common import batch_posterior_velocity
+from onestep.objectives.flow_matching import FlowMatching
 from onestep.objectives.meanflow import MeanFlow
 
 

@@ -7,7 +7,7 @@ import torch
 
 from onestep.cli import main
 from onestep.config import load_config
-from onestep.train.checkpoint import load_checkpoint
+from onestep.utils.rundir import load_checkpoint
 from onestep.train.loop import Trainer, TrainingError
 
 

@@ -28,7 +28,7 @@ def _assert_same_run(tmp_path, objective, steps, backend, atol):
     torch._dynamo.reset()
     eager, eager_losses = _train(tmp_path, objective, steps)
     compiled, compiled_losses = _train(tmp_path, objective, steps, compile=True, compile_backend=backend)
-    assert compiled.train_net is not compiled.net
+    assert compiled.train_step_fn.train_net is not compiled.net
     assert all(not k.startswith("_orig_mod") for k in compiled.net.state_dict())  # checkpoints save self.net
     assert eager_losses[0] != eager_losses[-1]
     torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-5, atol=atol)

@@ -89,3 +89,34 @@ def test_lr_schedule():
     assert lr_at(4, 1.0, 4, "cosine", 104) == 1.0
     assert math.isclose(lr_at(54, 1.0, 4, "cosine", 104), 0.5)
     assert lr_at(104, 1.0, 4, "cosine", 104) == 0.0
+
+
+def test_floats_the_way_people_write_them(tmp_path):
+    """YAML 1.1 reads 1e-4 as a string; recipes and overrides read it as a float."""
+    from onestep.config import apply_overrides, load_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {name: checkerboard}\nbackbone: {name: test_mlp}\nobjective: {name: flow_matching}\n"
+                    "train: {lr: 1e-4, weight_decay: 3E-5}\n")
+    raw = load_yaml(path)
+    assert raw["train"]["lr"] == 1e-4 and raw["train"]["weight_decay"] == 3e-5
+    raw = apply_overrides(raw, ["train.lr=1e30", "train.betas=[9e-1, .95]", "train.device=cpu"])
+    cfg = from_dict(raw)
+    assert cfg.train.lr == 1e30 and cfg.train.betas == (0.9, 0.95) and cfg.train.device == "cpu"
+
+
+def test_validate_builds_components_so_range_errors_are_one_line(capsys):
+    from onestep.cli import main
+
+    assert main(["validate", "toy_meanflow", "objective.adaptive_p=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "objective 'meanflow': adaptive_p must be in [0, inf)" in err
+    assert main(["validate", "toy_meanflow", "train.lr=1e-4"]) == 0
+    assert main(["validate", "toy_meanflow", "regularizers=[{name: dispersive, tau: -1}]"]) == 2
+    assert "tau" in capsys.readouterr().err
+    assert main(["validate", "toy_meanflow", "backbone.width=0"]) == 2
+    assert "backbone 'mlp_toy'" in capsys.readouterr().err
+    assert main(["validate", "toy_meanflow", "eval.metrics=[{name: sliced_wasserstein, num_projections: 0}]"]) == 2
+    assert "num_projections" in capsys.readouterr().err
+    # Metric options from recipes reach the metric.
+    assert main(["validate", "toy_meanflow", "eval.metrics=[energy_distance, {name: mmd_rbf, bandwidth: 0.5}]"]) == 0

@@ -14,12 +14,13 @@ import torch
 import torch.multiprocessing as mp
 
 from onestep.config import from_dict
-from onestep.objectives.consistency import ConsistencyTraining, _weights, karras_sigmas, sigma_to_t
-from onestep.objectives.base import expand_time
-from onestep.objectives.flow_matching import FlowMatching, target_velocity
+from onestep.objectives.consistency import ConsistencyTraining, pair_weights
+from onestep.objectives.consistency_math import karras_sigmas, sigma_to_t
+from onestep.objectives.common import expand_time, target_velocity
+from onestep.objectives.flow_matching import FlowMatching
 from onestep.objectives.meanflow import MeanFlow
 from onestep.registry import OBJECTIVES
-from onestep.train.checkpoint import load_checkpoint
+from onestep.utils.rundir import load_checkpoint
 
 
 def _per_sample_randomness(x: torch.Tensor):
@@ -73,7 +74,7 @@ class IndexedConsistencyTraining(ConsistencyTraining):
         z_hi = (1 - expand_time(t_hi, x)) * x + expand_time(t_hi, x) * e
         z_lo = (1 - expand_time(t_lo, x)) * x + expand_time(t_lo, x) * e
         return self.pair_loss(net, net, x, None, z_hi=z_hi, t_hi=t_hi, z_lo=z_lo, t_lo=t_lo,
-                              weight=_weights(self.weighting, sigma_lo, sigma_hi), feature_blocks=feature_blocks,
+                              weight=pair_weights(self.weighting, sigma_lo, sigma_hi), feature_blocks=feature_blocks,
                               logs={})
 
 
@@ -108,7 +109,7 @@ def _worker(rank: int, world: int, port: int, objective: str, run_dir: str) -> N
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from onestep.train import distributed
+    from onestep.utils import distributed
     from onestep.train.loop import Trainer
 
     distributed.init_from_env("cpu")

@@ -18,7 +18,7 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from onestep.train import distributed
+    from onestep.utils import distributed
 
     distributed.init_from_env("cpu")
     seen: list[int] = []

@@ -290,7 +290,9 @@ def test_unreachable_network_fails_fast_without_download(cache, monkeypatch, tmp
         raise OSError("too late")
 
     monkeypatch.setattr(socket, "create_connection", hangs)
-    monkeypatch.setattr(fidelity, "PROBE_TIMEOUT_S", 0.2)
+    from onestep.eval.fidelity import weights
+
+    monkeypatch.setattr(weights, "PROBE_TIMEOUT_S", 0.2)
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match="unreachable"):
         METRICS.build("fid")(x, x)
@@ -303,7 +305,7 @@ def test_unreachable_network_fails_fast_without_download(cache, monkeypatch, tmp
 def test_inception_runs_from_local_weights_file(cache, no_network, monkeypatch, tmp_path):
     """ONESTEP_INCEPTION_WEIGHTS reaches torch-fidelity's Inception (random weights written here;
     ~15 s on one CPU thread)."""
-    fidelity._torch_fidelity()
+    fidelity.load_torch_fidelity()
     import torch_fidelity.feature_extractor_inceptionv3 as inception
 
     cls = inception.FeatureExtractorInceptionV3
@@ -336,7 +338,7 @@ def test_generator_wrapper_on_cuda_matches_cpu(cache, images):
 
 def test_model_generator_fn_streams_the_eval_samples(cache, images):
     """generator_fn built from a model reproduces evaluate.generate's samples (seeded per index)."""
-    from onestep.eval.evaluate import generate
+    from onestep.eval.generate import generate, model_generator_fn
 
     real, _ = images
     dataset = digits()
@@ -344,7 +346,7 @@ def test_model_generator_fn_streams_the_eval_samples(cache, images):
     net = BACKBONES.build("test_dit", input_shape=(1, 8, 8), num_classes=10).eval()
     objective = OBJECTIVES.build("meanflow")
     samples, labels = generate(objective, net, dataset, num_samples=60, nfe=1, seed=3, batch_size=25, device="cpu")
-    fn = fidelity.model_generator_fn(objective, net, dataset, nfe=1, seed=3, device="cpu")
+    fn = model_generator_fn(objective, net, dataset, nfe=1, seed=3, device="cpu")
     assert torch.allclose(fn(torch.arange(60)), samples, atol=1e-5)
     streamed = _fid(fn, real, num_samples=60, batch_size=16)
     assert streamed == pytest.approx(_fid(samples, real), rel=1e-4)

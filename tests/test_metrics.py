@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from onestep.eval import metrics as M
+from onestep.eval import sample_metrics as M
 from onestep.registry import DATASETS, METRICS, ConfigError
 
 DISTANCES = ["sliced_wasserstein", "energy_distance", "mmd_rbf"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from onestep.objectives import FlowMatching, LossOutput, MeanFlow
-from onestep.objectives.flow_matching import adaptive_weight, cfg_velocity, drop_labels, velocity
+from onestep.objectives.common import adaptive_weight, cfg_velocity, drop_labels, velocity
 from onestep.objectives.meanflow import meanflow_jvp, meanflow_target
 from onestep.objectives.time_sampling import logit_normal, num_r_neq_t, sample_t_r, uniform
 from onestep.registry import BACKBONES, OBJECTIVES, ConfigError
@@ -52,7 +52,7 @@ class SmoothNet(nn.Module):
 
 
 class GaussianMeanFlow(GaussianClosedForm):
-    """Exact average velocity u(z, r, t) for data x ~ N(μ, s²I) (REFERENCE §6), as u(z, t, h).
+    """Exact average velocity u(z, r, t) for data x ~ N(μ, s²I) (docs/reference.md, "Closed forms for tests"), as u(z, t, h).
 
     With σ(t)² = (1 − t)²s² + t², z_r = m(r) + σ(r)/σ(t)·(z − m(t)), m(t) = (1 − t)μ:
     u = (z − z_r)/(t − r) = −μ + (z − m(t))·[(t + r) − s²(2 − t − r)] / (σ(t)(σ(t) + σ(r))),
@@ -163,7 +163,8 @@ def test_flow_matching_loss_formula():
     z = (1 - t[:, None]) * x + t[:, None] * e
     expected = ((net(z, t, torch.zeros_like(t)) - (e - x)) ** 2).sum(1)
     assert torch.allclose(out.loss, expected)
-    assert out.logs["loss"] == pytest.approx(float(expected.detach().mean()))
+    assert out.logs["mse"] == pytest.approx(float(expected.detach().mean()))
+    assert not any(k.startswith("loss") for k in out.logs)  # loss names belong to the training step
     # Random path end to end.
     full = FlowMatching(time_dist="uniform").loss(net, x, None, step=0)
     assert full.loss.shape == (6,) and torch.isfinite(full.loss).all()

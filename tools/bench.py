@@ -5,8 +5,8 @@ process, with each objective's ratio to flow matching on the same backbone, batc
     python tools/bench.py --backbones dit_s_2 --objectives flow_matching,meanflow --batch 32 \
         --input-shape 4,32,32 --steps 20 [--json] [--device cuda] [--precision bf16]
 
-A step is: objective.loss -> mean -> backward -> Adam step (what the training loop does, minus data
-loading and logging). Peak memory of the timed steps above what was allocated before them (model,
+A step is the training loop's own step (``onestep.train.step.TrainStep``: loss, regularizer,
+backward, gradient all-reduce, clipping, Adam, EMA), minus data loading and logging. Peak memory of the timed steps above what was allocated before them (model,
 gradients, optimizer state, inputs): CUDA -> torch.cuda.max_memory_allocated; CPU (Linux) -> the
 process's peak resident set (VmHWM), reset through /proc/self/clear_refs after the warmup steps, with
 glibc's mmap threshold fixed at 64 KiB (mallopt) so every tensor buffer is mapped on allocation and
@@ -32,7 +32,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from onestep.build import RegularizerTerm  # noqa: E402
 from onestep.registry import BACKBONES, OBJECTIVES, REGULARIZERS  # noqa: E402
+from onestep.train.step import TrainStep, make_optimizer  # noqa: E402
 
 
 def _status_kb(field: str) -> int | None:
@@ -104,23 +106,19 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
         key, _, value = item.partition("=")
         kwargs[key] = yaml.safe_load(value)
     obj = OBJECTIVES.build(name, **kwargs)
-    reg = REGULARIZERS.build(regularizer) if regularizer else None
-    blocks = tuple(net.encoder_blocks) if reg else ()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    if obj.trainable is not None:
+        obj.trainable.to(device)
+    regs = [RegularizerTerm(regularizer, 0.5, list(net.encoder_blocks), REGULARIZERS.build(regularizer), regularizer)] \
+        if regularizer else []
+    params = list(net.parameters()) + (list(obj.trainable.parameters()) if obj.trainable is not None else [])
+    opt = make_optimizer(params, "adam", 1e-4, (0.9, 0.95), 0.0)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device) if num_classes else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     train_net = torch.compile(net) if compile else net  # as train.compile: the JVP runs on the eager module
+    step_fn = TrainStep(net, obj, regs, opt, ema_decay=0.9999, precision=precision, train_net=train_net, device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = obj.loss(train_net, x, y, step=0, feature_blocks=blocks)
-        loss = out.loss.float().mean()
-        if reg is not None:
-            loss = loss + 0.5 * reg(out.features[0].float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step_fn(x, y, step=0, lr=1e-4)
 
     def sync():
         if device.type == "cuda":

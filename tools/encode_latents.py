@@ -70,12 +70,6 @@ def dist_env() -> tuple[int, int, int]:
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def check_meta(out: Path, meta: dict) -> None:
     """Refuse to mix shards made with other settings or from another file list."""
     path = out / META_FILE
@@ -127,6 +121,7 @@ def main(argv: list[str] | None = None) -> str:
     from onestep.data.images import class_folders
     from onestep.data.vae import DEFAULT_VAE, load_vae
     from onestep.registry import ConfigError
+    from onestep.utils.device import pick_device
 
     if args.resolution < 1 or args.batch_size < 1 or args.shard_size < 1 or args.workers < 0:
         raise SystemExit("error: --resolution, --batch-size and --shard-size must be >= 1, --workers >= 0")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from onestep.utils.seeding import batch_seed, epoch_seed
+
 
 class Dataset:
     shape: tuple[int, ...] = ()
@@ -88,7 +90,7 @@ class BatchStream:
         if epoch not in self._perm_cache:
             if len(self._perm_cache) > 2:
                 self._perm_cache.clear()
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._perm_cache[epoch] = torch.randperm(self.dataset.size, generator=g)
         return self._perm_cache[epoch]
 
@@ -105,6 +107,6 @@ class BatchStream:
 
     def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
         if self.dataset.size is None:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 4099 + self.rank)
+            g = torch.Generator().manual_seed(batch_seed(self.seed, step, self.rank))
             return self.dataset.generate(self.local_batch, g)
         return self.dataset.get(self.indices(step))

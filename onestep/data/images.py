@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..registry import DATASETS, ConfigError
+from ..registry import DATASETS, ConfigError, DataNotFound
 from .base import TensorDataset
 
 DIGITS_SPLITS = ("all", "train", "test")
@@ -156,7 +156,7 @@ def cifar10(root: str = "data", train: bool = True, download: bool = False, cond
                               f"{str(exc).splitlines()[0][:200]}") from None
         folder = _cifar10_folder(root)
     if folder is None:
-        raise ConfigError(
+        raise DataNotFound(
             f"dataset 'cifar10': no CIFAR-10 python batches under data.root={root} (expected "
             f"{root}/{CIFAR10_FOLDER}/data_batch_1..5 and test_batch); download {CIFAR10_URL} and extract it "
             f"into {root}, or set data.download=true"
@@ -182,7 +182,7 @@ def mnist(root: str = "data", train: bool = True, download: bool = False, condit
     raw = Path(root).expanduser() / "MNIST" / "raw"
     missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
     if missing and not download:
-        raise ConfigError(
+        raise DataNotFound(
             f"dataset 'mnist': missing {', '.join(missing)} under {raw}; put the four uncompressed MNIST idx "
             f"files there (torchvision layout) or set data.download=true"
         )
@@ -231,7 +231,7 @@ def class_folders(root: str | Path, what: str) -> tuple[list[Path], list[int], l
     sorted subfolder names, label = index in that list. ``what`` names the caller in errors."""
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise ConfigError(f"{what}: {root} is not a directory (expected ROOT/CLASS/image files)")
+        raise DataNotFound(f"{what}: {root} is not a directory (expected ROOT/CLASS/image files)")
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ConfigError(f"{what}: no class subfolders in {root} (expected ROOT/CLASS/image files)")

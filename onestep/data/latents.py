@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from onestep.data.base import Dataset
-from onestep.registry import DATASETS, ConfigError
+from onestep.registry import DATASETS, ConfigError, DataNotFound
 
 SD_VAE_SCALE = 0.18215
 FLIP_KEY = "latents_flip"
@@ -115,7 +115,7 @@ def read_latent_shards(root: str | Path, limit: int | None = None, flip: bool = 
     root = Path(root).expanduser()
     shards = sorted(root.glob("*.npz")) if root.is_dir() else []
     if not shards:
-        raise FileNotFoundError(f"no latent shards (*.npz with 'latents' and 'labels') under {root}; "
+        raise DataNotFound(f"no latent shards (*.npz with 'latents' and 'labels') under {root}; "
                                 f"write them with tools/encode_latents.py")
 
     def load(shard: Path, f, key: str) -> np.ndarray:

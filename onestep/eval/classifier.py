@@ -42,8 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import METRICS, ConfigError
-from .metrics import Metric
+from onestep.eval.base import Metric
+from onestep.eval.frechet import frechet_distance, gaussian_stats
+from onestep.registry import METRICS, ConfigError
+from onestep.utils.cache import cache_dir
 
 CLASSIFIER_VERSION = 1
 CLASSIFIER_FILE = f"digits_classifier_v{CLASSIFIER_VERSION}.pt"
@@ -58,10 +60,6 @@ _EPOCHS = 20
 _BATCH = 128
 _LR = 5e-3
 
-
-def cache_dir() -> Path:
-    """``$ONESTEP_CACHE`` or ``~/.cache/onestep``."""
-    return Path(os.environ.get("ONESTEP_CACHE") or Path.home() / ".cache" / "onestep").expanduser()
 
 
 def classifier_path() -> Path:
@@ -93,7 +91,7 @@ class DigitsCNN(nn.Module):
 
 
 def _digits_split(split: str) -> tuple[Tensor, Tensor]:
-    from ..data.images import digits
+    from onestep.data.images import digits
 
     ds = digits(conditional=True, split=split)
     return ds.x, ds.y
@@ -228,30 +226,10 @@ def features_and_probs(x: Tensor, net: DigitsCNN | None = None, batch_size: int 
     return torch.cat(feats), torch.cat(probs)
 
 
-def _sqrtm_psd(a: Tensor) -> Tensor:
-    w, v = torch.linalg.eigh((a + a.T) / 2)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
-
-
-def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
-    """(mu (D,), sigma (D, D)) in float64, sigma with 1/(N-1)."""
-    f = features.double()
-    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
-
-
-def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), float64, via eigh."""
-    mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
-    s1 = _sqrtm_psd(sigma1)
-    middle = s1 @ sigma2 @ s1
-    tr_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    value = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
-    return max(float(value), 0.0)
-
-
 class _DigitsMetric(Metric):
     implementation = IMPLEMENTATION
-    needs_labels = False
+    kinds = ("image",)
+    needs_reference = False
     min_samples = 2
 
     def __call__(self, samples: Tensor, reference: Tensor | None = None, labels: Tensor | None = None) -> float:
@@ -268,6 +246,7 @@ class DigitsFD(_DigitsMetric):
     __doc__ = "Frechet distance of digits-CNN penultimate features (lower is better)."
     name = "digits_fd"
     higher_is_better = False
+    needs_reference = True
     implementation = IMPLEMENTATION + ", Frechet distance (float64, eigh sqrtm)"
 
     def score(self, samples, reference, labels):

@@ -1,8 +1,7 @@
 """Objective base class and the loss container every objective returns.
 
-Notation (shared by all objectives): x data, e ~ N(0, I) noise, t, r times in [0, 1] with r <= t,
-h = t - r the interval, z_t = (1 - t) x + t e the noised sample (noise at t = 1), v = e - x the
-conditional velocity, u the network's (average) velocity output.
+Notation and the shared math (the path z_t = (1 − t)·x + t·e, the adaptive weight, labels and
+guidance) are in ``onestep.objectives.common``.
 """
 from __future__ import annotations
 
@@ -16,49 +15,41 @@ from torch import Tensor, nn
 @dataclass
 class LossOutput:
     """loss: (B,) per-sample, unreduced; features: activations from the gradient-carrying forward
-    (one per requested block, in the order requested); logs: scalars for stats.jsonl."""
+    (one per requested block, in the order requested); logs: the objective's own diagnostics for
+    stats.jsonl (e.g. ``mse``, ``distance``). Names starting with ``loss`` belong to the training
+    step (``loss`` the total, ``loss_main`` the mean of ``loss``, ``loss_<regularizer>``)."""
 
     loss: Tensor
     features: list[Tensor] = field(default_factory=list)
     logs: dict[str, float] = field(default_factory=dict)
 
 
-def expand_time(t: Tensor | float, x: Tensor) -> Tensor:
-    """Broadcast a (B,) or scalar time against x of shape (B, ...) -> (B, 1, ..., 1)."""
-    if not torch.is_tensor(t):
-        t = torch.tensor(float(t), device=x.device, dtype=x.dtype)
-    t = t.to(device=x.device, dtype=x.dtype)
-    if t.ndim == 0:
-        t = t.expand(x.shape[0])
-    return t.reshape(x.shape[0], *([1] * (x.ndim - 1)))
-
-
-def batch_time(t: Tensor | float, x: Tensor) -> Tensor:
-    """A (B,) time tensor on x's device/dtype from a scalar or (B,) input."""
-    if not torch.is_tensor(t):
-        t = torch.tensor(float(t))
-    t = t.to(device=x.device, dtype=x.dtype)
-    return t.expand(x.shape[0]) if t.ndim == 0 else t
-
-
-def eager_module(net: nn.Module) -> nn.Module:
-    """The plain module behind a ``torch.compile`` wrapper (``torch.func`` transforms run on it)."""
-    return getattr(net, "_orig_mod", net)
-
-
 class Objective:
     """The paper's math, otherwise stateless. Subclasses implement ``loss`` and ``sample_step``.
 
     Curricula are pure functions of ``step``. ``teacher`` (optional) is a frozen backbone used for
-    distillation.
+    distillation. Two hooks let an objective use training state that the loop owns:
+
+    - ``trainable``: an ``nn.Module`` of parameters the objective owns (e.g. a learned loss weight);
+      the training loop optimizes them with the network, keeps an EMA of them, saves them in
+      checkpoints and all-reduces their gradients. None (default) for most objectives.
+    - ``target_decay(step)``: the decay μ of an EMA target network θ⁻ ← μ·θ⁻ + (1 − μ)·θ that the
+      loop keeps, updates after each optimizer step, saves, and passes to ``loss`` as
+      ``target_net``. None (default): no target network.
     """
 
     #: True if the objective takes a JVP through the network (fp16 is refused for these).
     uses_jvp: bool = False
+    #: Parameters owned by the objective (see the class docstring), or None.
+    trainable: nn.Module | None = None
 
     def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
         raise NotImplementedError
+
+    def target_decay(self, step: int) -> float | None:
+        """μ of the EMA target after optimizer step ``step`` (None: the objective uses no target)."""
+        return None
 
     @torch.no_grad()
     def sample_step(self, net: nn.Module, x: Tensor, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:

@@ -1,5 +1,6 @@
-"""Consistency models: consistency training (CT / iCT), easy consistency tuning (ECT) and consistency
-distillation (CD), in the linear-path convention the whole package uses.
+"""Consistency models: consistency training (CT / iCT) and consistency distillation (CD), in the
+linear-path convention the whole package uses, and the machinery easy consistency tuning (ECT,
+``onestep.objectives.ect``) shares with them. The pure math is in ``consistency_math``.
 
 Notation: x data, e ~ N(0, I) noise, t in [0, 1] (noise at t = 1), z_t = (1 − t) x + t e, y labels,
 F_θ(z, t, h, y) the backbone output (a velocity-like quantity), h its interval input.
@@ -45,11 +46,10 @@ Target and online pass share one dropout mask (the target is computed first, ins
 state that the online pass then replays), as in the ECT code. Labels pass through with class
 dropout to the null id ``num_classes`` like flow matching.
 
-EMA target state (``target="ema"``): the objective holds θ⁻, a frozen deep copy of the network made
-at the first ``loss`` call. At ``loss(step=k)`` it first applies the update that belongs after
-step k − 1's optimizer step: θ⁻ ← μ(k − 1)·θ⁻ + (1 − μ(k − 1))·θ (buffers copied). Exact resume needs
-the trainer to save ``objective.state_dict()`` with the checkpoint and call
-``objective.load_state_dict`` on resume; without that a resumed run restarts θ⁻ = θ.
+EMA target (``target="ema"``): the objective only declares the decay μ(k) (``target_decay``); the
+training loop owns θ⁻ (a frozen copy of the network made at the start), updates it after optimizer
+step k as θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ (buffers copied), saves it in checkpoints and passes it to
+``loss`` as ``target_net``. Called without a ``target_net`` (outside the loop), θ⁻ = θ.
 
 Multi-step sampling: x_0 = f_θ(x_t, t); if r > 0, re-noise with fresh noise: x_r = (1 − r)·x_0 + r·e'
 (e' from the global RNG). ``time_grid``: 1 NFE [t(σ_max), 0]; 2 NFE [t(σ_max), t(σ_mid), 0] with
@@ -60,139 +60,21 @@ papers' samplers start (the data part, (1 − t)·x ≈ 0.012·x, is dropped).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
 
-from onestep.objectives.base import LossOutput, Objective, batch_time, expand_time, register_objective
-from onestep.objectives.flow_matching import check_range, drop_labels, num_classes_of, sum_squares, velocity
+from onestep.objectives.base import LossOutput, Objective, register_objective
+from onestep.objectives.common import (batch_time, check_choice, check_range, drop_labels, expand_time,
+                                       interpolate, num_classes_of, sum_squares)
+from onestep.objectives.consistency_math import (SIGMA_MID, consistency_fn, ema_decay_mu, euler_step, heun_step,
+                                                 ict_huber_c, karras_sigmas, lognormal_grid_weights, num_scales,
+                                                 pseudo_huber, sigma_to_t)
 from onestep.registry import ConfigError
 
-__all__ = [
-    "karras_sigmas", "sigma_to_t", "t_to_sigma", "ict_num_scales", "ct_num_scales", "ema_decay_mu",
-    "lognormal_grid_weights", "pseudo_huber", "ict_huber_c", "ect_r", "euler_step", "heun_step",
-    "consistency_fn", "ConsistencyTraining", "ConsistencyDistillation", "EasyConsistencyTuning",
-]
-
-ICT_HUBER_SCALE = 0.00054
-SIGMA_MID = 0.821
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure functions.
-
-def sigma_to_t(sigma: Tensor | float) -> Tensor | float:
-    """t = σ / (1 + σ) (σ = ∞ -> 1). Works on floats and tensors."""
-    if torch.is_tensor(sigma):
-        return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
-    return 1.0 if math.isinf(sigma) else sigma / (1.0 + sigma)
-
-
-def t_to_sigma(t: Tensor | float) -> Tensor | float:
-    """σ = t / (1 − t) (t = 1 -> ∞). Works on floats and tensors."""
-    if torch.is_tensor(t):
-        return t / (1 - t)
-    return math.inf if t >= 1.0 else t / (1.0 - t)
-
-
-def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
-    """(n,) float64 ascending Karras grid σ_i = (σ_min^{1/ρ} + (i−1)/(n−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ."""
-    if n < 2:
-        raise ValueError(f"a Karras grid needs n >= 2 points, got {n}")
-    ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    return (lo + ramp * (hi - lo)) ** rho
-
-
-def ict_num_scales(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
-    """iCT's exponential curriculum N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋."""
-    k_prime = max(1, math.floor(K / (math.log2(math.floor(s1 / s0)) + 1)))
-    return int(min(s0 * 2 ** (k // k_prime), s1)) + 1
-
-
-def ct_num_scales(k: int, K: int, s0: int = 2, s1: int = 150) -> int:
-    """The original CT curriculum N(k) = ⌈√(k/K·((s1+1)² − s0²) + s0²) − 1⌉ + 1 (k clipped to K)."""
-    frac = min(max(k, 0), K) / K
-    return int(math.ceil(math.sqrt(frac * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1)) + 1
-
-
-def num_scales(k: int, K: int, s0: int, s1: int, schedule: str) -> int:
-    """N(k) for ``schedule`` "ict" or "ct"."""
-    return ict_num_scales(k, K, s0, s1) if schedule == "ict" else ct_num_scales(k, K, s0, s1)
-
-
-def ema_decay_mu(k: int, K: int, s0: int = 2, s1: int = 150, mu0: float = 0.9, schedule: str = "ct") -> float:
-    """CT's EMA-target decay μ(k) = exp(s0·log μ0 / N(k)), N(k) from ``schedule``."""
-    return math.exp(s0 * math.log(mu0) / num_scales(k, K, s0, s1, schedule))
-
-
-def lognormal_grid_weights(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> Tensor:
-    """iCT's discretized lognormal: p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2 P_std)) − erf((ln σ_i − P_mean)/(√2 P_std)).
-
-    sigmas: (N,) ascending -> (N − 1,) float64 probabilities of the pairs (σ_i, σ_{i+1}), summing to 1.
-    """
-    cdf = torch.erf((torch.log(sigmas.double()) - P_mean) / (math.sqrt(2.0) * P_std))
-    p = cdf[1:] - cdf[:-1]
-    return p / p.sum()
-
-
-def ict_huber_c(dim: int) -> float:
-    """iCT's pseudo-Huber constant c = 0.00054·√dim (dim = elements per sample; CIFAR-10: 0.03)."""
-    return ICT_HUBER_SCALE * math.sqrt(dim)
-
-
-def pseudo_huber(delta: Tensor, c: float) -> Tensor:
-    """(B, ...) -> (B,) d = √(‖Δ‖² + c²) − c on the whole-sample norm (c = 0: ‖Δ‖).
-
-    ≈ ‖Δ‖²/(2c) for ‖Δ‖ ≪ c, ≈ ‖Δ‖ − c for ‖Δ‖ ≫ c. Float32 or wider. The radicand is clamped at
-    1e-30 so c = 0 has a zero (not NaN) gradient at Δ = 0.
-    """
-    sq = sum_squares(delta)
-    return torch.sqrt((sq + c * c).clamp_min(1e-30)) - c
-
-
-def ect_r(sigma_t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
-    """ECT's mapping in the EDM σ convention (the paper's "t" is σ):
-    σ_r = max(0, σ_t·(1 − q^{−(stage+1)}·n(σ_t))), n(σ) = 1 + k·sigmoid(−b·σ). Shape like sigma_t."""
-    n = 1 + k * torch.sigmoid(-b * sigma_t)
-    return (sigma_t * (1 - q ** (-(stage + 1)) * n)).clamp(min=0)
-
-
-def consistency_fn(net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | None = None, *,
-                   interval: str = "t", features: tuple[int, ...] = ()) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """f_θ(z, t) = z − t·F_θ(z, t, h, y), h = t (interval "t") or 0 ("zero"); f(z, 0) = z.
-
-    z (B, ...), t scalar or (B,). With ``features`` returns (f, [activations of those blocks]).
-    """
-    t = batch_time(t, z)
-    h = t if interval == "t" else torch.zeros_like(t)
-    if num_classes_of(net) == 0:
-        y = None
-    if features:
-        out, feats = net.forward_features(z, t, h, y, blocks=tuple(features))
-        return z - expand_time(t, z) * out.to(z.dtype), list(feats)
-    return z - expand_time(t, z) * net(z, t, h, y).to(z.dtype)
-
-
-def euler_step(teacher: nn.Module, z: Tensor, t: Tensor | float, r: Tensor | float, y: Tensor | None = None,
-               guidance_scale: float = 1.0) -> Tensor:
-    """One Euler step of dz/dt = v_φ(z, t) from t to r: z_r = z − (t − r)·v_φ(z, t). No grad."""
-    t, r = batch_time(t, z), batch_time(r, z)
-    return z - expand_time(t - r, z) * velocity(teacher, z, t, y, guidance_scale).to(z.dtype)
-
-
-def heun_step(teacher: nn.Module, z: Tensor, t: Tensor | float, r: Tensor | float, y: Tensor | None = None,
-              guidance_scale: float = 1.0) -> Tensor:
-    """One Heun step from t to r: z̃ = z − (t − r)·v(z, t), z_r = z − (t − r)·(v(z, t) + v(z̃, r))/2. No grad."""
-    t, r = batch_time(t, z), batch_time(r, z)
-    dt = expand_time(t - r, z)
-    v_t = velocity(teacher, z, t, y, guidance_scale).to(z.dtype)
-    z_euler = z - dt * v_t
-    v_r = velocity(teacher, z_euler, r, y, guidance_scale).to(z.dtype)
-    return z - dt * 0.5 * (v_t + v_r)
+__all__ = ["ConsistencyTraining", "ConsistencyDistillation"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +89,7 @@ def _replayable_rng(device: torch.device):
         yield
 
 
-class _Consistency(Objective):
+class Consistency(Objective):
     """Common parts: the consistency function, distance, EMA target, sampler and time grid."""
 
     uses_jvp = False
@@ -231,11 +113,6 @@ class _Consistency(Objective):
         self.sigma_mid = float(sigma_mid)
         self.class_dropout = float(class_dropout)
         self.interval = interval
-        # EMA target (target="ema" only): the frozen copy θ⁻, the step it is current for, and a
-        # state dict waiting for the first loss call after load_state_dict.
-        self._target_net: nn.Module | None = None
-        self._target_step: int | None = None
-        self._pending_state: dict[str, Any] | None = None
 
     # -- math --------------------------------------------------------------------------------
     def f(self, net: nn.Module, z: Tensor, t: Tensor, y: Tensor | None, features: tuple[int, ...] = ()):
@@ -268,42 +145,20 @@ class _Consistency(Objective):
         # Distance, weighted.
         d = self.distance(online.float() - target.float())
         loss = weight.to(d.dtype) * d
-        logs.update({"distance": float(d.detach().mean()), "loss": float(loss.detach().mean())})
+        logs["distance"] = float(d.detach().mean())
         return LossOutput(loss=loss, features=features, logs=logs)
 
-    # -- EMA target --------------------------------------------------------------------------
-    def ema_target(self, net: nn.Module, step: int, decay: Callable[[int], float]) -> nn.Module:
-        """θ⁻ for this step (module docstring): created as a copy of θ, then updated lazily once per step."""
-        if self._target_net is None:
-            self._target_net = copy.deepcopy(net).requires_grad_(False)
-            if self._pending_state is not None:
-                self._target_net.load_state_dict(self._pending_state["target"])
-                self._target_step = int(self._pending_state["step"])
-                self._pending_state = None
-            else:
-                self._target_step = step
-        if step > self._target_step:
-            # The update that belongs after step (step − 1)'s optimizer step.
-            mu = decay(step - 1)
-            with torch.no_grad():
-                ema, cur = list(self._target_net.parameters()), [p.detach() for p in net.parameters()]
-                torch._foreach_lerp_(ema, cur, 1.0 - mu)
-                for b_ema, b in zip(self._target_net.buffers(), net.buffers()):
-                    b_ema.copy_(b)
-            self._target_step = step
-        self._target_net.train(net.training)
-        return self._target_net
+    # -- EMA target ------------------------------------------------------------------------
+    def target_decay(self, step: int) -> float | None:
+        """μ(step) of the loop's EMA target (None with ``target="sg"``)."""
+        return None
 
-    def state_dict(self) -> dict[str, Any]:
-        """The EMA target (empty without one), loadable with torch.load(weights_only=True)."""
-        if self._target_net is None:
-            return dict(self._pending_state) if self._pending_state is not None else {}
-        return {"target": self._target_net.state_dict(), "step": int(self._target_step)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the EMA target; it is materialized at the next ``loss`` call."""
-        self._target_net, self._target_step = None, None
-        self._pending_state = dict(state) if state else None
+    def target_of(self, net: nn.Module, target_net: nn.Module | None) -> nn.Module:
+        """θ⁻: the online net itself (stop-gradient) or the loop's EMA copy (θ when none is given)."""
+        if getattr(self, "target", "sg") == "sg" or target_net is None:
+            return net
+        target_net.train(net.training)
+        return target_net
 
     # -- sampling ----------------------------------------------------------------------------
     @property
@@ -352,12 +207,8 @@ class _Consistency(Objective):
         return sigmas[index].to(device), sigmas[index + 1].to(device)
 
 
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
 
-
-def _weights(kind: str, sigma_lo: Tensor, sigma_hi: Tensor) -> Tensor:
+def pair_weights(kind: str, sigma_lo: Tensor, sigma_hi: Tensor) -> Tensor:
     """Per-pair loss weight: 1/(σ_hi − σ_lo) ("inverse_delta", iCT) or 1 ("uniform", CT/CD)."""
     if kind == "inverse_delta":
         return 1.0 / (sigma_hi - sigma_lo)
@@ -368,7 +219,7 @@ def _weights(kind: str, sigma_lo: Tensor, sigma_hi: Tensor) -> Tensor:
 # Consistency training.
 
 @register_objective("consistency_training")
-class ConsistencyTraining(_Consistency):
+class ConsistencyTraining(Consistency):
     """Consistency training on adjacent Karras-grid times (module docstring for the equations).
 
     Args:
@@ -400,10 +251,10 @@ class ConsistencyTraining(_Consistency):
                  interval: Literal["t", "zero"] = "t"):
         super().__init__(metric=metric, huber_c=huber_c, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                          sigma_mid=sigma_mid, class_dropout=class_dropout, interval=interval)
-        _check_choice("schedule", schedule, ("ict", "ct"))
-        _check_choice("target", target, ("sg", "ema"))
-        _check_choice("index_dist", index_dist, ("lognormal", "uniform", None))
-        _check_choice("weighting", weighting, ("inverse_delta", "uniform", None))
+        check_choice("schedule", schedule, ("ict", "ct"))
+        check_choice("target", target, ("sg", "ema"))
+        check_choice("index_dist", index_dist, ("lognormal", "uniform", None))
+        check_choice("weighting", weighting, ("inverse_delta", "uniform", None))
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ConfigError(f"objective.total_steps must be an int >= 1 (set it to train.steps), got {total_steps!r}")
         check_range("mu0", mu0, 0.0, 1.0, low_open=True, high_open=True)
@@ -427,8 +278,12 @@ class ConsistencyTraining(_Consistency):
         """μ(step) = exp(s0·log μ0 / N(step))."""
         return ema_decay_mu(step, self.total_steps, self.s0, self.s1, self.mu0, self.schedule)
 
+    def target_decay(self, step: int) -> float | None:
+        """μ(step) with ``target="ema"``; None with ``target="sg"``."""
+        return self.ema_decay(step) if self.target == "ema" else None
+
     def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
         """Per-sample consistency-training loss (B,)."""
         # Grid size from the curriculum; adjacent pair (σ_i, σ_{i+1}) per sample.
         num = self.num_scales(step)
@@ -436,17 +291,16 @@ class ConsistencyTraining(_Consistency):
         t_lo, t_hi = sigma_to_t(sigma_lo).to(x.dtype), sigma_to_t(sigma_hi).to(x.dtype)
         # Both points share the same noise e.
         e = torch.randn_like(x)
-        z_hi = (1 - expand_time(t_hi, x)) * x + expand_time(t_hi, x) * e
-        z_lo = (1 - expand_time(t_lo, x)) * x + expand_time(t_lo, x) * e
+        z_hi, z_lo = interpolate(x, e, t_hi), interpolate(x, e, t_lo)
         # Drop labels to the null class.
         y = drop_labels(y, num_classes_of(net), self.class_dropout)
         # Target network: θ itself (stop-gradient) or the EMA copy.
-        target_net = net if self.target == "sg" else self.ema_target(net, step, self.ema_decay)
+        target_net = self.target_of(net, target_net)
         logs = {"num_scales": float(num)}
         if self.target == "ema":
             logs["target_decay"] = self.ema_decay(step)
         return self.pair_loss(net, target_net, x, y, z_hi=z_hi, t_hi=t_hi, z_lo=z_lo, t_lo=t_lo,
-                              weight=_weights(self.weighting, sigma_lo, sigma_hi), feature_blocks=feature_blocks,
+                              weight=pair_weights(self.weighting, sigma_lo, sigma_hi), feature_blocks=feature_blocks,
                               logs=logs)
 
 
@@ -454,7 +308,7 @@ class ConsistencyTraining(_Consistency):
 # Consistency distillation.
 
 @register_objective("consistency_distillation")
-class ConsistencyDistillation(_Consistency):
+class ConsistencyDistillation(Consistency):
     """Consistency distillation from a frozen teacher's ODE (module docstring).
 
     Defaults: the CD paper's grid (N = 18 Karras points, Heun) with iCT's loss choices (lognormal
@@ -488,10 +342,10 @@ class ConsistencyDistillation(_Consistency):
                          sigma_mid=sigma_mid, class_dropout=class_dropout, interval=interval)
         if teacher is not None and not callable(teacher):
             raise ValueError(f"teacher must be a callable net(z, t, h, y) or None, got {type(teacher).__name__}")
-        _check_choice("solver", solver, ("heun", "euler"))
-        _check_choice("target", target, ("sg", "ema"))
-        _check_choice("index_dist", index_dist, ("lognormal", "uniform"))
-        _check_choice("weighting", weighting, ("inverse_delta", "uniform"))
+        check_choice("solver", solver, ("heun", "euler"))
+        check_choice("target", target, ("sg", "ema"))
+        check_choice("index_dist", index_dist, ("lognormal", "uniform"))
+        check_choice("weighting", weighting, ("inverse_delta", "uniform"))
         check_range("teacher_guidance", teacher_guidance, 0.0)
         check_range("mu0", mu0, 0.0, 1.0, low_open=True, high_open=True)
         check_range("P_std", P_std, 0.0, low_open=True)
@@ -502,13 +356,17 @@ class ConsistencyDistillation(_Consistency):
         self.index_dist, self.weighting = index_dist, weighting
         self.P_mean, self.P_std = float(P_mean), float(P_std)
 
+    def target_decay(self, step: int) -> float | None:
+        """The constant μ0 with ``target="ema"``; None with ``target="sg"``."""
+        return self.mu0 if self.target == "ema" else None
+
     def teacher_step(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
         """z_r from z_t by one teacher ODE step (no grad)."""
         step_fn = heun_step if self.solver == "heun" else euler_step
         return step_fn(self.teacher, z, t, r, y, self.teacher_guidance)
 
     def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
         """Per-sample consistency-distillation loss (B,)."""
         if self.teacher is None:
             raise ConfigError("consistency_distillation needs a teacher: set objective.teacher to a flow_matching "
@@ -518,74 +376,13 @@ class ConsistencyDistillation(_Consistency):
                                              x.device)
         t_lo, t_hi = sigma_to_t(sigma_lo).to(x.dtype), sigma_to_t(sigma_hi).to(x.dtype)
         e = torch.randn_like(x)
-        z_hi = (1 - expand_time(t_hi, x)) * x + expand_time(t_hi, x) * e
+        z_hi = interpolate(x, e, t_hi)
         # Drop labels to the null class (the teacher sees the same labels).
         y = drop_labels(y, num_classes_of(net), self.class_dropout)
         y_teacher = y if num_classes_of(self.teacher) > 0 else None
         # One teacher ODE step down to the lower time.
         z_lo = self.teacher_step(z_hi, t_hi, t_lo, y_teacher)
-        target_net = net if self.target == "sg" else self.ema_target(net, step, lambda k: self.mu0)
+        target_net = self.target_of(net, target_net)
         return self.pair_loss(net, target_net, x, y, z_hi=z_hi, t_hi=t_hi, z_lo=z_lo, t_lo=t_lo,
-                              weight=_weights(self.weighting, sigma_lo, sigma_hi), feature_blocks=feature_blocks,
+                              weight=pair_weights(self.weighting, sigma_lo, sigma_hi), feature_blocks=feature_blocks,
                               logs={})
-
-
-# ----------------------------------------------------------------------------------------------
-# Easy consistency tuning.
-
-@register_objective("ect")
-class EasyConsistencyTuning(_Consistency):
-    """Easy consistency tuning (Geng et al. 2024), tuned from a flow-matching run (module docstring).
-
-    Start it from a flow-matching checkpoint with ``train.init_from``.
-
-    Args:
-        stage_steps: steps per stage of the r(t) mapping, stage = ⌊step / stage_steps⌋ (ECT CIFAR-10:
-            250 ticks × 12.8 kimg at batch 128 = 25 000 steps).
-        q: the per-stage shrink factor of σ_t − σ_r (CIFAR-10: 2).
-        mapping_k, mapping_b: n(σ) = 1 + k·sigmoid(−b·σ) (8, 1).
-        P_mean, P_std: σ_t ~ lognormal(P_mean, P_std) (−1.1, 2.0).
-        huber_c: c of d = √(‖Δ‖² + c²) − c (0: the un-squared ℓ2 norm of the paper).
-        weighting: "inverse_delta" 1/(σ_t − σ_r) (the paper) or "uniform".
-        interval: "zero" (default: a flow-matching checkpoint starts as the denoiser) or "t".
-        sigma_min, sigma_max, rho: only the sampler's start σ_max and σ_mid matter here.
-        class_dropout: probability of the null label (conditional nets only).
-    """
-
-    def __init__(self, stage_steps: int = 25_000, q: float = 2.0, mapping_k: float = 8.0, mapping_b: float = 1.0,
-                 P_mean: float = -1.1, P_std: float = 2.0, huber_c: float = 0.0,
-                 weighting: Literal["inverse_delta", "uniform"] = "inverse_delta", sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, rho: float = 7.0, sigma_mid: float = SIGMA_MID,
-                 class_dropout: float = 0.1, interval: Literal["t", "zero"] = "zero"):
-        super().__init__(metric="pseudo_huber", huber_c=huber_c, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                         sigma_mid=sigma_mid, class_dropout=class_dropout, interval=interval)
-        if not isinstance(stage_steps, int) or stage_steps < 1:
-            raise ValueError(f"stage_steps must be an int >= 1, got {stage_steps!r}")
-        check_range("q", q, 1.0, low_open=True)
-        check_range("P_std", P_std, 0.0, low_open=True)
-        _check_choice("weighting", weighting, ("inverse_delta", "uniform"))
-        self.stage_steps, self.q = stage_steps, float(q)
-        self.mapping_k, self.mapping_b = float(mapping_k), float(mapping_b)
-        self.P_mean, self.P_std = float(P_mean), float(P_std)
-        self.weighting = weighting
-
-    def stage(self, step: int) -> int:
-        return step // self.stage_steps
-
-    def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = ()) -> LossOutput:
-        """Per-sample ECT loss (B,)."""
-        # σ_t ~ lognormal, σ_r from the stage's mapping (float64), then to t.
-        stage = self.stage(step)
-        sigma_t = torch.exp(self.P_mean + self.P_std * torch.randn(x.shape[0], device=x.device, dtype=torch.float64))
-        sigma_r = ect_r(sigma_t, stage, self.q, self.mapping_k, self.mapping_b)
-        t, r = sigma_to_t(sigma_t).to(x.dtype), sigma_to_t(sigma_r).to(x.dtype)
-        # Shared noise for both points.
-        e = torch.randn_like(x)
-        z_t = (1 - expand_time(t, x)) * x + expand_time(t, x) * e
-        z_r = (1 - expand_time(r, x)) * x + expand_time(r, x) * e
-        y = drop_labels(y, num_classes_of(net), self.class_dropout)
-        # r <= 0: the target is the data (pair_loss handles it).
-        return self.pair_loss(net, net, x, y, z_hi=z_t, t_hi=t, z_lo=z_r, t_lo=r,
-                              weight=_weights(self.weighting, sigma_r, sigma_t), feature_blocks=feature_blocks,
-                              logs={"stage": float(stage), "data_target_fraction": float((sigma_r <= 0).float().mean())})

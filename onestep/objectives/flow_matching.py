@@ -16,18 +16,7 @@ Sampling (Euler): z_r = z_t − (t − r) · v_θ(z_t, t), optionally with class
 v_θ = v(∅) + w · (v(c) − v(∅)), w = ``guidance_scale`` (1 = no guidance).
 
 Velocity estimate (``velocity_estimate``): "conditional" regresses v = e − x, the paper's target;
-"batch_posterior" regresses the stable-target-field estimate (Xu, Tong & Jaakkola, ICLR 2023) of the
-marginal velocity E[v | z_t] with the training batch (all ranks') as reference set,
-
-    v̂_i = Σ_j w_ij (z_i − x_j) / t_i,   w_ij ∝ N(z_i; (1 − t_i) x_j, t_i² I)   (softmax over j),
-
-j over the samples of the same class when sample i keeps its label. Same regression minimizer up to
-the reference set's finite size (v̂ → E[v | z_t] as the batch grows; exact at t = 1 and t → 0), much
-lower variance where many x_j explain z_i (small data dimension, large t); in high dimension the
-weights fall onto j = i and v̂ is v again.
-
-The small functions here (``sum_squares``, ``adaptive_weight``, ``drop_labels``, ``cfg_velocity``,
-``guided_output``, ``velocity``, ``batch_posterior_velocity``) are shared with MeanFlow.
+"batch_posterior" the batch's estimate of E[v | z_t] (``onestep.objectives.common``).
 """
 from __future__ import annotations
 
@@ -36,167 +25,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from onestep.objectives.base import LossOutput, Objective, batch_time, expand_time, register_objective
+from onestep.objectives.base import LossOutput, Objective, register_objective
+from onestep.objectives.common import (adaptive_weight, batch_time, check_adaptive, check_range,
+                                       check_velocity_estimate, drop_labels, expand_time, interpolate,
+                                       num_classes_of, sum_squares, target_velocity, velocity)
 from onestep.objectives.time_sampling import TimeDist, sample_time
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks.
-
-def check_range(name: str, value: float, low: float | None = None, high: float | None = None, *,
-                low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ValueError naming ``name`` and the allowed interval if ``value`` lies outside it."""
-    bad = (low is not None and (value <= low if low_open else value < low)) or \
-          (high is not None and (value >= high if high_open else value > high))
-    if bad:
-        left = "-inf" if low is None else f"{low:g}"
-        right = "inf" if high is None else f"{high:g}"
-        interval = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-
-
-def check_adaptive(p: float, c: float) -> None:
-    check_range("adaptive_p", p, 0.0)
-    check_range("adaptive_c", c, 0.0, low_open=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure functions.
-
-def sum_squares(diff: Tensor) -> Tensor:
-    """(B, ...) -> (B,) sum of squares over all non-batch elements, in float32 or wider."""
-    diff = diff.float() if diff.dtype in (torch.float16, torch.bfloat16) else diff
-    return diff.square().flatten(1).sum(1)
-
-
-def adaptive_weight(l: Tensor, p: float, c: float) -> Tensor:
-    """The adaptive loss weight w = 1 / sg((l + c)^p), (B,) -> (B,); the weighted loss is w · l.
-
-    l is the per-sample sum of squares (divided once, not squared again). p = 0 gives w = 1.
-    """
-    check_adaptive(p, c)
-    if p == 0:
-        return torch.ones_like(l)
-    return 1.0 / (l.detach() + c).pow(p)
-
-
-def num_classes_of(net: nn.Module) -> int:
-    """``net.num_classes`` (0 = unconditional), looking through wrappers with a ``.module``."""
-    while not hasattr(net, "num_classes") and hasattr(net, "module"):
-        net = net.module
-    return int(getattr(net, "num_classes", 0) or 0)
-
-
-def drop_labels(y: Tensor | None, num_classes: int, class_dropout: float,
-                generator: torch.Generator | None = None) -> Tensor | None:
-    """Replace each label by the null id ``num_classes`` with probability ``class_dropout``.
-
-    Unconditional (num_classes = 0), no labels, or class_dropout = 0: returned unchanged.
-    """
-    if y is None or num_classes <= 0 or class_dropout <= 0:
-        return y
-    dropped = torch.rand(y.shape, generator=generator, device=y.device) < class_dropout
-    return torch.where(dropped, torch.full_like(y, num_classes), y)
-
-
-def cfg_velocity(v: Tensor, u_cond: Tensor, u_uncond: Tensor, omega: float, kappa: float) -> Tensor:
-    """MeanFlow's training-time guided velocity ṽ = ω·v + κ·u(c) + (1 − ω − κ)·u(∅).
-
-    Its effective guidance scale is ω / (1 − κ).
-    """
-    return omega * v + kappa * u_cond + (1.0 - omega - kappa) * u_uncond
-
-
-def guided_output(net: nn.Module, x: Tensor, t: Tensor, h: Tensor, y: Tensor | None,
-                  guidance_scale: float = 1.0) -> Tensor:
-    """net(x, t, h, y) with classifier-free guidance out(∅) + w·(out(c) − out(∅)).
-
-    One batched call for cond + uncond; plain call when w = 1, no labels or unconditional net.
-    """
-    num_classes = num_classes_of(net)
-    if num_classes == 0:
-        y = None
-    if guidance_scale == 1.0 or y is None:
-        return net(x, t, h, y)
-    null = torch.full_like(y, num_classes)
-    out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([h, h]), torch.cat([y, null]))
-    cond, uncond = out.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
-
-
-VELOCITY_ESTIMATES = ("conditional", "batch_posterior")
-
-
-def check_velocity_estimate(name: str) -> None:
-    if name not in VELOCITY_ESTIMATES:
-        raise ValueError(f"velocity_estimate must be one of {', '.join(map(repr, VELOCITY_ESTIMATES))}; "
-                         f"got {name!r}")
-
-
-@torch.no_grad()
-def batch_posterior_velocity(x: Tensor, e: Tensor, t: Tensor, labels: Tensor | None = None,
-                             query_labels: Tensor | None = None, null_class: int | None = None, *,
-                             reference: Tensor | None = None, offset: int = 0) -> Tensor:
-    """The batch's estimate of E[v | z_t] at z_i = (1 − t_i) x_i + t_i e_i (module docstring), like x.
-
-    The reference set is ``reference`` (N, ...) whose rows ``offset .. offset + B`` are x itself (the
-    global batch under DDP), default x. ``labels`` (N,) are the reference samples' classes and
-    ``query_labels`` (B,) the classes each z_i is conditioned on (``null_class`` = unconditional: every
-    j counts); sample i's own x_i is always in its reference set. Computed in float64 as
-    (e_i − x_i) + (x_i − Σ_j w_ij x_j) / t_i, which is e_i − x_i exactly where t_i = 0.
-    """
-    if x.shape != e.shape or t.shape != x.shape[:1]:
-        raise ValueError(f"batch_posterior_velocity: x, e must share a shape and t be (B,); got "
-                         f"{tuple(x.shape)}, {tuple(e.shape)}, {tuple(t.shape)}")
-    xf, ef, tt = x.flatten(1).double(), e.flatten(1).double(), t.double().to(x.device)
-    ref = xf if reference is None else reference.flatten(1).double()
-    if ref.shape[1] != xf.shape[1] or not 0 <= offset <= ref.shape[0] - xf.shape[0]:
-        raise ValueError(f"batch_posterior_velocity: reference {tuple(ref.shape)} must hold x {tuple(xf.shape)} "
-                         f"at rows {offset}..{offset + xf.shape[0]}")
-    a = 1.0 - tt
-    z = a[:, None] * xf + tt[:, None] * ef
-    t_safe = tt.clamp_min(1e-12)
-    # log N(z_i; a_i x_j, t_i² I) up to a per-row constant: (a_i z_i·x_j − ½ a_i² ||x_j||²) / t_i².
-    logits = torch.addr(z @ ref.T, a, (ref * ref).sum(1), alpha=-0.5)
-    logits.mul_((a / t_safe ** 2)[:, None])
-    if labels is not None and query_labels is not None:
-        other = labels[None, :] != query_labels[:, None]
-        if null_class is not None:
-            other &= (query_labels != null_class)[:, None]
-        own = torch.arange(xf.shape[0], device=x.device)
-        other[own, own + offset] = False
-        logits.masked_fill_(other, float("-inf"))
-    x_hat = torch.softmax(logits, dim=1) @ ref
-    v_hat = (ef - xf) + (xf - x_hat) / t_safe[:, None]
-    v_hat = torch.where((tt > 0)[:, None], v_hat, ef - xf)
-    return v_hat.to(x.dtype).view_as(x)
-
-
-def target_velocity(estimate: str, x: Tensor, e: Tensor, t: Tensor, labels: Tensor | None,
-                    query_labels: Tensor | None, num_classes: int) -> Tensor | None:
-    """The velocity an objective regresses: None for "conditional" (the caller's e − x), else the
-    batch-posterior estimate, per class for conditional nets (``labels`` before class dropout,
-    ``query_labels`` after it)."""
-    if estimate == "conditional":
-        return None
-    if num_classes == 0 or labels is None or query_labels is None:
-        labels = query_labels = None
-    # Under torch.distributed the reference set is the global batch (so W ranks with B/W samples
-    # estimate what one process with B does); equal per-rank batch sizes, as the loop guarantees.
-    from onestep.train.distributed import all_gather_rows, current
-
-    reference = all_gather_rows(x.detach())
-    labels = None if labels is None else all_gather_rows(labels)
-    return batch_posterior_velocity(x, e, t, labels, query_labels, num_classes or None,
-                                    reference=reference, offset=current().rank * x.shape[0])
-
-
-@torch.no_grad()
-def velocity(net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | None = None,
-             guidance_scale: float = 1.0) -> Tensor:
-    """No-grad instantaneous velocity v_θ(z, t) = net(z, t, h=0, y), optionally guided. (B, ...)."""
-    t = batch_time(t, z)
-    return guided_output(net, z, t, torch.zeros_like(t), y, guidance_scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +70,7 @@ class FlowMatching(Objective):
         self.velocity_estimate = velocity_estimate
 
     def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
         """Per-sample flow-matching loss (B,), features from the same forward."""
         # Sample t and noise.
         t = sample_time(x.shape[0], dist=self.time_dist, mean=self.mean_t, std=self.std_t, device=x.device)
@@ -256,7 +89,7 @@ class FlowMatching(Objective):
         t = t.to(device=x.device, dtype=x.dtype)
         h = torch.zeros_like(t)
         # Noise the data; conditional velocity (or the given estimate).
-        z = (1 - expand_time(t, x)) * x + expand_time(t, x) * e
+        z = interpolate(x, e, t)
         v = e - x if v is None else v.to(x.dtype)
         # Predict with h = 0, keeping features from this pass.
         if feature_blocks:
@@ -267,7 +100,7 @@ class FlowMatching(Objective):
         # Per-sample sum of squares, adaptively weighted.
         l = sum_squares(u - v)
         loss = adaptive_weight(l, self.adaptive_p, self.adaptive_c) * l
-        logs = {"mse": float(l.detach().mean()), "loss": float(loss.detach().mean())}
+        logs = {"mse": float(l.detach().mean())}
         return LossOutput(loss=loss, features=features, logs=logs)
 
     def velocity(self, net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:

@@ -37,11 +37,12 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from onestep.objectives.base import (LossOutput, Objective, batch_time, eager_module, expand_time,
-                                     register_objective)
-from onestep.objectives.flow_matching import (adaptive_weight, cfg_velocity, check_adaptive, check_range,
-                                              check_velocity_estimate, target_velocity,
-                                              drop_labels, num_classes_of, sum_squares, velocity)
+from onestep.backbones.attention import JVP_KERNELS, jvp_attention
+from onestep.objectives.base import LossOutput, Objective, register_objective
+from onestep.objectives.common import (adaptive_weight, batch_time, cfg_velocity, check_adaptive, check_choice,
+                                       check_range, check_velocity_estimate, drop_labels, eager_module,
+                                       expand_time, interpolate, num_classes_of, sum_squares, target_velocity,
+                                       velocity)
 from onestep.objectives.time_sampling import check_ratio, sample_t_r
 
 __all__ = ["MeanFlow", "meanflow_target", "meanflow_jvp", "adaptive_weight", "cfg_velocity", "jvp_context"]
@@ -52,8 +53,6 @@ def jvp_context(kernel: str = "fused") -> contextlib.AbstractContextManager:
 
     du/dt only feeds the stop-gradient target, so the attention tangent needs no autograd graph.
     """
-    from onestep.backbones.attention import jvp_attention
-
     return jvp_attention(kernel, tangent_grad=False)
 
 
@@ -144,14 +143,9 @@ class MeanFlow(Objective):
                  teacher: Callable[..., Tensor] | None = None, teacher_guidance: float = 1.0,
                  velocity_estimate: Literal["conditional", "batch_posterior"] = "conditional"):
         check_ratio(ratio_r_neq_t)
-        if pairing not in ("sort", "clip"):
-            raise ValueError(f"pairing must be one of 'sort', 'clip'; got {pairing!r}")
-        if time_dist not in ("logit_normal", "uniform"):
-            raise ValueError(f"time_dist must be one of 'logit_normal', 'uniform'; got {time_dist!r}")
-        from onestep.backbones.attention import JVP_KERNELS
-
-        if jvp_kernel not in JVP_KERNELS:
-            raise ValueError(f"jvp_kernel must be one of {', '.join(map(repr, JVP_KERNELS))}; got {jvp_kernel!r}")
+        check_choice("pairing", pairing, ("sort", "clip"))
+        check_choice("time_dist", time_dist, ("logit_normal", "uniform"))
+        check_choice("jvp_kernel", jvp_kernel, JVP_KERNELS)
         check_range("std_t", std_t, 0.0, low_open=True)
         check_range("std_r", std_r, 0.0, low_open=True)
         check_adaptive(adaptive_p, adaptive_c)
@@ -173,8 +167,7 @@ class MeanFlow(Objective):
         self.target_fp32 = bool(target_fp32)
         self.jvp_only_r_neq_t = bool(jvp_only_r_neq_t)
         self.jvp_kernel = jvp_kernel
-        if jvp_tangent not in ("sample", "model"):
-            raise ValueError(f"jvp_tangent must be 'sample' or 'model'; got {jvp_tangent!r}")
+        check_choice("jvp_tangent", jvp_tangent, ("sample", "model"))
         self.jvp_tangent = jvp_tangent
         self.teacher = teacher
         self.teacher_guidance = float(teacher_guidance)
@@ -197,7 +190,7 @@ class MeanFlow(Objective):
                           generator=generator, device=device)
 
     def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
         """Per-sample MeanFlow loss (B,), features from the JVP's primal pass."""
         # Sample t >= r and noise.
         t, r = self.sample_t_r(x.shape[0], device=x.device)
@@ -221,7 +214,7 @@ class MeanFlow(Objective):
             x, e = x.to(dtype), e.to(dtype)
             t, r = t.to(device=x.device, dtype=dtype), r.to(device=x.device, dtype=dtype)
             # Noise the data; conditional velocity.
-            z = (1 - expand_time(t, x)) * x + expand_time(t, x) * e
+            z = interpolate(x, e, t)
             v = e - x if v is None else v.to(dtype)
             # Guided (or teacher) velocity, no grad.
             v_tilde, guided, guided_outputs = self.guided_velocity(net, z, t, v, y, return_outputs=True)
@@ -236,7 +229,7 @@ class MeanFlow(Objective):
         # Per-sample sum of squares, adaptively weighted.
         l = sum_squares(u.to(u_tgt.dtype) - u_tgt)
         loss = adaptive_weight(l, self.adaptive_p, self.adaptive_c) * l
-        logs = {"mse": float(l.detach().mean()), "loss": float(loss.detach().mean())}
+        logs = {"mse": float(l.detach().mean())}
         if guided is not None:
             logs["guided_fraction"] = float(guided.float().mean())
         return LossOutput(loss=loss, features=features, logs=logs)

@@ -201,7 +201,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, z: Tensor) -> Tensor:
         import torch.distributed as dist
 
-        from onestep.train.distributed import all_gather_rows
+        from onestep.utils.distributed import all_gather_rows
 
         ctx.rank, ctx.rows = dist.get_rank(), z.shape[0]
         return all_gather_rows(z)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from onestep.utils.rundir import RunDir
 
-# REFERENCE.md §4: published 1-NFE (and 2-NFE) FID. Source and evaluation suite per row.
+# Published 1-NFE (and 2-NFE) FID. Source and evaluation suite per row.
 PUBLISHED: list[dict[str, Any]] = [
     *[{"run": f"{m} (published)", "data": "imagenet256", "nfe": 1, "value": v, "source": s,
        "implementation": "FID-50K, ADM TF evaluation suite", "objective": o}
@@ -25,7 +24,7 @@ PUBLISHED: list[dict[str, Any]] = [
           ("MeanFlow-M/2", 5.01, "Geng et al. 2025, Tab. 2", "meanflow"),
           ("MeanFlow-L/2", 3.84, "Geng et al. 2025, Tab. 2", "meanflow"),
           ("MeanFlow-XL/2", 3.43, "Geng et al. 2025, Tab. 2", "meanflow"),
-          ("MeanFlow+Disp XL/2", 3.21, "secondary source (REFERENCE §3)", "meanflow"),
+          ("MeanFlow+Disp XL/2", 3.21, "secondary source (docs/reference.md, dispersive loss)", "meanflow"),
           ("AlphaFlow-XL/2+", 2.58, "AlphaFlow paper", "alphaflow"),
           ("SoFlow-XL/2", 2.96, "SoFlow paper", "soflow"),
           ("iMF-XL/2", 1.72, "iMF paper", "meanflow"),
@@ -57,30 +56,11 @@ class RunSummary:
     values: dict[tuple, float] = field(default_factory=dict)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 def summarize_run(run_dir: str | Path) -> RunSummary:
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        from onestep.registry import ConfigError
-
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    stats = _read_jsonl(run_dir / "stats.jsonl")
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    stats = run.read_stats()
+    metrics = run.read_metrics()
     regs = ",".join(f"{r['name']}(w={r.get('weight')})" for r in cfg.get("regularizers") or []) or "-"
     last_stats = stats[-1] if stats else {}
     rates = [s["images_per_s"] for s in stats if "images_per_s" in s]
@@ -93,7 +73,7 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
         "params": (cfg.get("meta") or {}).get("parameters"),
         "train_img_s": round(sum(rates) / len(rates), 1) if rates else None,
     }
-    summary = RunSummary(run_dir.name, info)
+    summary = RunSummary(run.name, info)
     # Latest step wins; within a step, the last row written wins.
     latest_step = {}
     for row in metrics:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from onestep.registry import ConfigError
-from onestep.report.compare import _read_jsonl
+from onestep.utils.rundir import RunDir
 
 
 def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
@@ -18,10 +18,10 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
         raise ConfigError("onestep plot needs matplotlib: pip install 'onestep[plot]'") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = {Path(r).name: _read_jsonl(Path(r) / "stats.jsonl") for r in runs}
-    metrics = {Path(r).name: _read_jsonl(Path(r) / "metrics.jsonl") for r in runs}
+    stats = {RunDir(r).name: RunDir(r).read_stats() for r in runs}
+    metrics = {RunDir(r).name: RunDir(r).read_metrics() for r in runs}
     if not any(stats.values()):
-        raise ConfigError(f"no stats.jsonl rows in {', '.join(map(str, runs))}")
+        raise ConfigError(f"no {RunDir.STATS} rows in {', '.join(map(str, runs))}")
     keys = sorted({k for rows in stats.values() for row in rows for k in row
                    if k.startswith("loss") or k in ("grad_norm", "lr", "mse")})
     panels = {key: {name: [(r["step"], r[key]) for r in rows if key in r] for name, rows in stats.items()}

@@ -9,7 +9,8 @@ from torch import nn
 
 class EMA:
     """theta_ema <- d * theta_ema + (1 - d) * theta, with d = decay (or min(decay, (1 + k) / (10 + k))
-    when ``warmup`` so short runs get a useful average)."""
+    when ``warmup`` so short runs get a useful average). ``update(..., decay=mu)`` overrides d for one
+    update (the consistency target's per-step μ(k))."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         self.decay = decay
@@ -20,8 +21,8 @@ class EMA:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        d = self.decay_at(step)
+    def update(self, model: nn.Module, step: int, decay: float | None = None) -> None:
+        d = self.decay_at(step) if decay is None else decay
         ema_params = list(self.model.parameters())
         params = list(model.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - d)

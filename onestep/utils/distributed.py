@@ -1,7 +1,7 @@
 """Multi-process training through torchrun: process group setup and gradient averaging.
 
 The JVP objectives call the *unwrapped* module (torch.func.jvp through a DDP wrapper does not sync
-gradients correctly, REFERENCE.md §5), so the loop never wraps the model in DDP. Instead, after
+gradients correctly, docs/reference.md "Traps"), so the loop never wraps the model in DDP. Instead, after
 backward, ``sync_gradients`` all-reduces every gradient (plus the loss and a stop flag, in the same
 buffer) and divides by the world size: one mechanism, correct for every objective.
 """

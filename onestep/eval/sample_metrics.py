@@ -1,13 +1,11 @@
 """Download-free, sample-based distribution metrics.
 
-Each registered factory returns a ``Metric``: ``metric(samples (N, ...), reference (M, ...)) -> float``.
+Each registered factory returns a ``SampleMetric``: ``metric(samples (N, ...), reference (M, ...)) -> float``.
 Non-batch dimensions are flattened, so X = {x_i} (N, D) are the generated samples and
 Y = {y_j} (M, D) the reference (data) samples, compared in the given space (data coordinates for
 toy sets, pixels for images). Arithmetic is float64 on the inputs' device; pairwise distances are
 computed in row chunks of 128 MiB, so N = M = 20k in 64 dims peaks near 1 GiB of CPU memory.
 
-``implementation`` names the metric, its version and every setting that changes the number, so
-rows computed differently never share a column in ``onestep compare``.
 """
 from __future__ import annotations
 
@@ -16,30 +14,27 @@ import math
 import torch
 from torch import Tensor
 
-from ..registry import METRICS, ConfigError
+from onestep.eval.base import Metric
+from onestep.registry import METRICS, ConfigError
 
 # Bytes of float64 per pairwise-distance chunk (rows * M * 8 <= this).
 _CHUNK_BYTES = 1 << 27
 
 
-class Metric:
-    """A sample-based metric: ``__call__(samples, reference) -> float``."""
+class SampleMetric(Metric):
+    """A sample-based metric of flattened samples against reference samples (any data kind)."""
 
-    name: str = "metric"
-    implementation: str = ""
-    higher_is_better: bool = False
     min_samples: int = 1
 
-    def __call__(self, samples: Tensor, reference: Tensor) -> float:
+    def __call__(self, samples: Tensor, reference: Tensor | None = None, labels: Tensor | None = None) -> float:
+        if reference is None:
+            raise ValueError(f"{self.name}: needs reference samples")
         x, y = _prepare(samples, reference, self.name, self.min_samples)
         return float(self.compute(x, y))
 
     def compute(self, x: Tensor, y: Tensor) -> float:
         """x (N, D), y (M, D) float64 on one device."""
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.implementation!r})"
 
 
 def _prepare(samples: Tensor, reference: Tensor, name: str, min_samples: int) -> tuple[Tensor, Tensor]:
@@ -127,7 +122,7 @@ def quantile_w2_squared(xs: Tensor, ys: Tensor) -> Tensor:
     return ((xs[:, ix] - ys[:, iy]).square() * widths).sum(1)
 
 
-class SlicedWasserstein(Metric):
+class SlicedWasserstein(SampleMetric):
     """Sliced 2-Wasserstein distance.
 
     SW2(P, Q) = ( E_theta W2^2(theta#P, theta#Q) )^(1/2), theta uniform on the unit sphere S^(D-1),
@@ -168,7 +163,7 @@ def sliced_wasserstein(num_projections: int = 256, seed: int = 0) -> SlicedWasse
 # ----------------------------------------------------------------------------------- energy distance
 
 
-class EnergyDistance(Metric):
+class EnergyDistance(SampleMetric):
     """Energy distance, V-statistic (all pairs, diagonal included):
 
     ED = 2/(N M) sum_{i,j} |x_i - y_j| - 1/N^2 sum_{i,i'} |x_i - x_i'| - 1/M^2 sum_{j,j'} |y_j - y_j'|.
@@ -198,7 +193,7 @@ def energy_distance() -> EnergyDistance:
 # ------------------------------------------------------------------------ precision / recall / coverage
 
 
-class _KNNMetric(Metric):
+class _KNNMetric(SampleMetric):
     higher_is_better = True
 
     def __init__(self, k: int = 5):
@@ -267,7 +262,7 @@ def coverage(k: int = 5) -> Coverage:
 # ---------------------------------------------------------------------------------------- RBF MMD
 
 
-class MMDRBF(Metric):
+class MMDRBF(SampleMetric):
     """Squared maximum mean discrepancy with a Gaussian kernel, V-statistic:
 
     MMD^2 = mean_{i,i'} k(x_i, x_i') + mean_{j,j'} k(y_j, y_j') - 2 mean_{i,j} k(x_i, y_j),
@@ -300,6 +295,3 @@ def mmd_rbf(bandwidth: float = 1.0) -> MMDRBF:
     if not bandwidth > 0:
         raise ConfigError(f"metric 'mmd_rbf': key 'bandwidth' must be > 0, got {bandwidth!r}")
     return MMDRBF(float(bandwidth))
-
-
-from onestep.eval import classifier, fidelity  # noqa: E402,F401  (registers metrics)

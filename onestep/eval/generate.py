@@ -1,0 +1,74 @@
+"""Evaluation samples: sample i always uses noise seeded by ``sample_seed(seed, i)`` (and any
+multi-step re-noising seeded per sample) and, for class-conditional data, class i % C, so the same
+seed gives the same samples at any batch size and on any number of ranks. ``onestep sample``,
+``onestep eval`` and torch-fidelity's generator all go through ``sample_indices``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from onestep.sampling import balanced_labels, sample
+from onestep.utils.distributed import gather_batch
+from onestep.utils.seeding import sample_seed, seeded_noise
+
+
+@torch.no_grad()
+def sample_indices(objective, net, dataset, indices: list[int], *, nfe: int, seed: int, device,
+                   class_id: int | None = None) -> Tensor:
+    """Samples number ``indices`` (float, on ``device``): noise and any re-noising seeded per sample,
+    class i % C (or ``class_id``) for conditional data. Sample i does not depend on its batch."""
+    seeds = [sample_seed(seed, i) for i in indices]
+    noise = seeded_noise(seeds, tuple(dataset.shape), device)
+    y = balanced_labels(indices, dataset.num_classes)
+    if y is not None and class_id is not None:
+        y = torch.full_like(y, class_id)
+    return sample(objective, net, noise, None if y is None else y.to(device), nfe=nfe, seeds=seeds).float()
+
+
+def per_rank_sampler(objective, net, dataset, *, nfe: int, seed: int, device, class_id: int | None = None,
+                     transform: Callable[[Tensor], Tensor] | None = None) -> Callable[[list[int]], Tensor]:
+    """``fn(indices) -> samples`` (then ``transform``) for ``distributed.gather_batch``."""
+    def one_rank(idx: list[int]) -> Tensor:
+        x = sample_indices(objective, net, dataset, idx, nfe=nfe, seed=seed, device=device, class_id=class_id)
+        return x if transform is None else transform(x)
+
+    return one_rank
+
+
+@torch.no_grad()
+def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, batch_size: int,
+             device, class_id: int | None = None, transform=None) -> tuple[Tensor, Tensor | None]:
+    """num_samples samples in batches; returns (samples on CPU, labels or None). ``transform``
+    maps each batch on the device before it moves to the CPU (e.g. VAE decoding to uint8).
+    Under torchrun every rank calls it: each batch is split over the ranks and all-gathered, and
+    every rank returns all samples (the same as one process would)."""
+    one_rank = per_rank_sampler(objective, net, dataset, nfe=nfe, seed=seed, device=device, class_id=class_id,
+                                transform=transform)
+    outs, labels = [], []
+    for start in range(0, num_samples, batch_size):
+        idx = list(range(start, min(start + batch_size, num_samples)))
+        y = balanced_labels(idx, dataset.num_classes)
+        if y is not None:
+            labels.append(y if class_id is None else torch.full_like(y, class_id))
+        outs.append(gather_batch(one_rank, idx).cpu())
+    return torch.cat(outs), (torch.cat(labels) if labels else None)
+
+
+def model_generator_fn(objective, net, dataset, *, nfe: int, seed: int, device=None,
+                       class_id: int | None = None, transform: Callable[[Tensor], Tensor] | None = None
+                       ) -> Callable[[Tensor], Tensor]:
+    """A ``generator_fn(indices) -> samples (B, C, H, W) in [-1, 1]`` for torch-fidelity that
+    reproduces ``generate``: sample i as ``sample_indices`` makes it, then ``transform`` (e.g. VAE
+    decoding). Under torchrun every rank must call it with the same indices: the ranks split each
+    batch and all-gather it (``distributed.gather_batch``)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    one_rank = per_rank_sampler(objective, net, dataset, nfe=nfe, seed=seed, device=device, class_id=class_id,
+                                transform=transform)
+
+    def generator_fn(indices: Tensor) -> Tensor:
+        return gather_batch(one_rank, [int(i) for i in indices])
+
+    return generator_fn
