@@ -9,6 +9,8 @@ import torch
 from onestep.backbones import attention as attention_module
 from onestep.backbones import jvp_attention
 from onestep.backbones.dit import DiT
+from onestep.backbones.imf_dit import V_HEAD_PREFIX, IMFDiT
+from onestep.backbones.layers import GUIDANCE_KEYS
 from onestep.backbones.mlp import MLP
 from onestep.registry import BACKBONES, ConfigError
 
@@ -81,6 +83,7 @@ def test_contract_attributes(name):
     assert isinstance(net.num_blocks, int) and net.num_blocks >= 1
     assert isinstance(net.encoder_blocks, tuple) and net.encoder_blocks
     assert all(0 <= b < net.num_blocks for b in net.encoder_blocks)
+    assert net.cond_keys in ((), GUIDANCE_KEYS)
     params = inspect.signature(BACKBONES.get(name)).parameters
     assert "input_shape" in params and params["num_classes"].default == 0
 
@@ -112,8 +115,25 @@ def test_gradients_reach_every_parameter(name):
     x, t, h, y = _inputs(net)
     out = net(x, t, h, y)
     (out * torch.randn_like(out)).sum().backward()
-    dead = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # forward() is the u path only: an iMF auxiliary v-head gets its gradient through forward_aux.
+    aux = V_HEAD_PREFIX if getattr(net, "has_aux_head", False) else None
+    dead = [n for n, p in net.named_parameters()
+            if (p.grad is None or not p.grad.abs().sum() > 0) and not (aux and n.startswith(aux))]
     assert not dead, f"no gradient reaches: {dead}"
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_stray_guidance_conditions_are_rejected(name):
+    net = _build(name, perturb=False)
+    x, t, h, y = _inputs(net, batch=2)
+    with torch.no_grad():
+        if net.cond_keys:
+            with pytest.raises(ValueError, match="allowed: omega, t_min, t_max"):
+                net(x, t, h, y, cond={"scale": 2.0})
+        else:
+            with pytest.raises(ValueError, match="not built with guidance conditions.*guidance_conditions=True"):
+                net(x, t, h, y, cond={"omega": 2.0})
+            assert torch.equal(net(x, t, h, y, cond=None), net(x, t, h, y, cond={}))
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -127,7 +147,7 @@ def test_forward_features_matches_forward(name):
     assert torch.equal(out, expected)
     assert len(feats) == len(blocks)
     for feat in feats:
-        if isinstance(net, DiT):
+        if isinstance(net, (DiT, IMFDiT)):  # IMFDiT: patch tokens only, without the prefix tokens
             grid = (net.input_shape[1] // net.patch_size) * (net.input_shape[2] // net.patch_size)
             assert feat.shape == (x.shape[0], grid, net.hidden_size)
         elif isinstance(net, MLP):
@@ -175,7 +195,10 @@ def test_time_and_interval_change_the_output(name):
     x, t, h, y = _inputs(net)
     with torch.no_grad():
         base = net(x, t, h, y)
-        assert not torch.allclose(base, net(x, t * 0.5, h, y))
+        if isinstance(net, IMFDiT):  # conditions on h only, by design (as the released iMF code)
+            assert torch.equal(base, net(x, t * 0.5, h, y))
+        else:
+            assert not torch.allclose(base, net(x, t * 0.5, h, y))
         assert not torch.allclose(base, net(x, t, h * 0.5, y))
         assert torch.equal(net(x, t, None, y), net(x, t, torch.zeros_like(t), y))
 

@@ -4,10 +4,12 @@ Notation: x (B, C, H, W) the network input (z_t in the objectives), t (B,) time 
 h = t - r (B,) the interval, y (B,) class ids (``num_classes`` = null class).
 
 The condition c = emb_t(t) + emb_h(h) + emb_y(y) drives every block's adaLN-Zero modulation.
+With ``guidance_conditions=True`` c also gets emb_ω(1 − 1/ω) + emb_tmin(t_min) + emb_tmax(t_max)
+from ``cond`` (three more embedders whose last Linear starts at zero, so a fresh guided net computes
+the same function as the unguided one with the same other weights).
 Tokens are patches of p×p pixels, row-major; N = (H/p)·(W/p).
 """
 from __future__ import annotations
-
 
 import torch
 from timm.layers import Mlp
@@ -16,6 +18,7 @@ from torch import nn
 from ..registry import BACKBONES
 from .attention import Attention
 from .layers import (
+    GUIDANCE_KEYS,
     BlockFeatures,
     LabelEmbedder,
     TimestepEmbedder,
@@ -23,6 +26,7 @@ from .layers import (
     check_input_shape,
     modulate,
     sincos_pos_embed_2d,
+    unpatchify,
 )
 
 __all__ = ["DiT", "DiTBlock", "DIT_SIZES"]
@@ -72,8 +76,9 @@ class FinalLayer(nn.Module):
 class DiT(BlockFeatures, nn.Module):
     """Diffusion transformer with two time embedders (t and h = t - r) and an optional class embedder.
 
-    ``forward(x, t, h=None, y=None)``: (B, C, H, W) -> (B, C, H, W). ``h=None`` means h = 0;
-    ``y=None`` means the null class (ignored when ``num_classes == 0``).
+    ``forward(x, t, h=None, y=None, *, cond=None)``: (B, C, H, W) -> (B, C, H, W). ``h=None`` means
+    h = 0; ``y=None`` means the null class (ignored when ``num_classes == 0``); ``cond`` (guidance
+    scale and interval) only with ``guidance_conditions=True``.
     ``forward_features(..., blocks=...)`` also returns the tokens (B, N, hidden_size) after the
     requested blocks. ``encoder_blocks = (depth // 4,)``: the 0-based block index used by the
     dispersive loss (block 3 of 12 for B/2, block 7 of 28 for XL/2).
@@ -91,6 +96,7 @@ class DiT(BlockFeatures, nn.Module):
         time_scale: float = 1.0,
         dropout: float = 0.0,
         frequency_size: int = 256,
+        guidance_conditions: bool = False,
     ):
         super().__init__()
         channels, height, width = check_input_shape(input_shape, 3, "DiT")
@@ -121,12 +127,25 @@ class DiT(BlockFeatures, nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, channels)
+        self.cond_keys = GUIDANCE_KEYS if guidance_conditions else ()
+        self.guidance_embedders = None
         self.reset_parameters()
+        # Built after the other weights are drawn, so with the same seed they are the unguided net's.
+        if guidance_conditions:
+            self.guidance_embedders = nn.ModuleDict(
+                {key: TimestepEmbedder(hidden_size, frequency_size, time_scale) for key in GUIDANCE_KEYS}
+            )
+            self._reset_guidance()
 
     def reset_parameters(self) -> None:
-        """DiT initialisation: xavier linears, zero adaLN modulations and zero output layer."""
+        """DiT initialisation: xavier linears, zero adaLN modulations and zero output layer.
+
+        Guidance embedders (if any) are initialised last, like the t/h embedders but with their last
+        Linear at zero.
+        """
+        guidance = set() if self.guidance_embedders is None else set(self.guidance_embedders.modules())
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and module not in guidance:
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -143,29 +162,37 @@ class DiT(BlockFeatures, nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self._reset_guidance()
+
+    def _reset_guidance(self) -> None:
+        if self.guidance_embedders is not None:
+            for embedder in self.guidance_embedders.values():
+                embedder.reset_parameters()
+                nn.init.zeros_(embedder.mlp[-1].weight)
+                nn.init.zeros_(embedder.mlp[-1].bias)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, p·p·C) -> (B, C, H, W)."""
-        channels = self.input_shape[0]
-        p = self.patch_size
-        grid_h, grid_w = self.grid_size
-        x = tokens.reshape(tokens.shape[0], grid_h, grid_w, p, p, channels)
-        x = x.permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(tokens.shape[0], channels, grid_h * p, grid_w * p)
+        return unpatchify(tokens, self.input_shape[0], self.patch_size, self.grid_size)
 
-    def condition(self, t: torch.Tensor, h: torch.Tensor | None, y: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
-        """c = emb_t(t) + emb_h(h) [+ emb_y(y)]: (B, hidden_size)."""
+    def condition(self, t: torch.Tensor, h: torch.Tensor | None, y: torch.Tensor | None, batch_size: int,
+                  device: torch.device, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """c = emb_t(t) + emb_h(h) [+ emb_y(y)] [+ emb_ω(1 − 1/ω) + emb_tmin(t_min) + emb_tmax(t_max)]:
+        (B, hidden_size). ``cond`` is the resolved dict of (B,) tensors (guided nets only)."""
         t = batch_times(t, batch_size, device)
         h = torch.zeros_like(t) if h is None else batch_times(h, batch_size, device)
         c = self.t_embedder(t) + self.h_embedder(h)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, batch_size, device)
+        if self.guidance_embedders is not None and cond is not None:
+            emb = self.guidance_embedders
+            c = c + emb["omega"](1 - 1 / cond["omega"]) + emb["t_min"](cond["t_min"]) + emb["t_max"](cond["t_max"])
         return c
 
-    def _run(self, x, t, h, y, blocks: list[int]):
+    def _run(self, x, t, h, y, blocks: list[int], cond: dict[str, torch.Tensor] | None = None):
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"DiT built for per-sample shape {self.input_shape}, got input of shape {tuple(x.shape)}")
-        c = self.condition(t, h, y, x.shape[0], x.device)
+        c = self.condition(t, h, y, x.shape[0], x.device, cond)
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2)
         tokens = tokens + self.pos_embed.to(tokens.dtype)
         wanted = set(blocks)
@@ -203,12 +230,15 @@ def dit(
     time_scale: float = 1.0,
     dropout: float = 0.0,
     frequency_size: int = 256,
+    guidance_conditions: bool = False,
 ) -> DiT:
-    """DiT with every architecture knob exposed (defaults: B/2)."""
+    """DiT with every architecture knob exposed (defaults: B/2).
+
+    ``guidance_conditions``: also condition on the guidance scale and interval (``cond``)."""
     return DiT(
         input_shape, num_classes, patch_size=patch_size, depth=depth, hidden_size=hidden_size,
         num_heads=num_heads, mlp_ratio=mlp_ratio, time_scale=time_scale, dropout=dropout,
-        frequency_size=frequency_size,
+        frequency_size=frequency_size, guidance_conditions=guidance_conditions,
     )
 
 
@@ -220,8 +250,10 @@ def _register_size(name: str, doc: str, default_shape: tuple[int, ...] = (4, 32,
         num_classes: int = 0,
         time_scale: float = 1.0,
         dropout: float = 0.0,
+        guidance_conditions: bool = False,
     ) -> DiT:
-        return DiT(input_shape, num_classes, time_scale=time_scale, dropout=dropout, **DIT_SIZES[name])
+        return DiT(input_shape, num_classes, time_scale=time_scale, dropout=dropout,
+                   guidance_conditions=guidance_conditions, **DIT_SIZES[name])
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc

@@ -6,7 +6,7 @@ y the class id (``num_classes`` is the null class used for classifier-free guida
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +19,15 @@ __all__ = [
     "modulate",
     "resolve_blocks",
     "batch_times",
+    "GUIDANCE_KEYS",
+    "resolve_guidance",
+    "unpatchify",
 ]
+
+# Guidance conditions a backbone may take through ``cond``: the scale omega (>= 1, 1 = unguided) and
+# the interval [t_min, t_max] of times at which guidance applies.
+GUIDANCE_KEYS: tuple[str, ...] = ("omega", "t_min", "t_max")
+GUIDANCE_DEFAULTS: dict[str, float] = {"omega": 1.0, "t_min": 0.0, "t_max": 1.0}
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -146,6 +154,51 @@ def batch_times(t: torch.Tensor | float, batch_size: int, device: torch.device) 
     return t
 
 
+def resolve_guidance(cond: Mapping[str, Any] | None, cond_keys: Sequence[str], batch_size: int,
+                     device: torch.device, dtype: torch.dtype = torch.float32, *, owner: str = "backbone",
+                     option: str = "guidance_conditions=True") -> dict[str, torch.Tensor] | None:
+    """Validate ``cond`` and return {key: (B,) tensor} for every key in ``cond_keys`` (None if there are none).
+
+    ``cond`` is None or a dict with keys among ``cond_keys``; values are (B,) tensors, 0-d tensors or
+    python numbers (broadcast over the batch; numbers are made ``dtype``). Missing keys take the
+    unguided defaults omega = 1, t_min = 0, t_max = 1. Values are not range-checked (that would
+    synchronise with the device). A backbone without ``cond_keys`` accepts only None or {}.
+    """
+    if cond is not None and not isinstance(cond, Mapping):
+        raise ValueError(f"cond must be None or a dict with keys among {', '.join(GUIDANCE_KEYS)}; "
+                         f"got {type(cond).__name__}")
+    cond = dict(cond or {})
+    if not cond_keys:
+        if cond:
+            raise ValueError(f"{owner} was not built with guidance conditions (build it with {option}); "
+                             f"got cond keys {', '.join(map(str, cond))}")
+        return None
+    unknown = [k for k in cond if k not in cond_keys]
+    if unknown:
+        raise ValueError(f"unknown cond key(s) {', '.join(map(repr, unknown))} for {owner}; "
+                         f"allowed: {', '.join(cond_keys)}")
+    out = {}
+    for key in cond_keys:
+        value = cond.get(key, GUIDANCE_DEFAULTS[key])
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value, dtype=dtype, device=device)
+        out[key] = batch_times(value, batch_size, device)
+    return out
+
+
+def unpatchify(tokens: torch.Tensor, channels: int, patch_size: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens back to an image: (B, N, p·p·C) -> (B, C, H, W).
+
+    Tokens are row-major over the (H/p, W/p) grid; each token's p·p·C values are ordered
+    (row-in-patch, column-in-patch, channel).
+    """
+    p = patch_size
+    grid_h, grid_w = grid_size
+    x = tokens.reshape(tokens.shape[0], grid_h, grid_w, p, p, channels)
+    x = x.permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(tokens.shape[0], channels, grid_h * p, grid_w * p)
+
+
 def check_input_shape(input_shape: Sequence[int], ndim: int | tuple[int, ...], what: str) -> tuple[int, ...]:
     """Validate a per-sample shape: positive ints with the allowed number of dimensions."""
     ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
@@ -160,18 +213,34 @@ def check_input_shape(input_shape: Sequence[int], ndim: int | tuple[int, ...], w
 
 
 class BlockFeatures:
-    """Mixin for backbones: ``forward`` and ``forward_features`` on top of one ``_run(x, t, h, y,
-    blocks) -> (out, [features])`` pass, so the two can never disagree."""
+    """Mixin for backbones: ``forward`` and ``forward_features`` on top of one
+    ``_run(x, t, h, y, blocks, cond) -> (out, [features])`` pass, so the two can never disagree.
+
+    ``cond`` reaches ``_run`` already resolved (``resolve_guidance``): None for a backbone whose
+    ``cond_keys`` is empty, else a dict of (B,) tensors with every key in ``cond_keys``.
+    """
 
     num_blocks: int
+    cond_keys: tuple[str, ...] = ()
+    # How to build the backbone with guidance conditions (named in the error for a stray ``cond``).
+    guidance_option: str = "guidance_conditions=True"
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, ...), t (B,), h = t - r (B,) or None, y (B,) or None -> like x."""
-        return self._run(x, t, h, y, [])[0]
+                y: torch.Tensor | None = None, *, cond: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """x (B, ...), t (B,), h = t - r (B,) or None, y (B,) or None -> like x.
+
+        ``cond``: None or {"omega", "t_min", "t_max"} -> (B,) tensors or scalars (guided backbones
+        only; missing keys mean omega = 1, t_min = 0, t_max = 1).
+        """
+        return self._run(x, t, h, y, [], self._resolve_cond(cond, x))[0]
 
     def forward_features(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
-                         y: torch.Tensor | None = None, *, blocks: int | Iterable[int]
-                         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                         y: torch.Tensor | None = None, *, blocks: int | Iterable[int],
+                         cond: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Output and the activations after each requested block (negative indices from the end)."""
-        return self._run(x, t, h, y, resolve_blocks(blocks, self.num_blocks))
+        return self._run(x, t, h, y, resolve_blocks(blocks, self.num_blocks), self._resolve_cond(cond, x))
+
+    def _resolve_cond(self, cond: Mapping[str, Any] | None, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+        return resolve_guidance(cond, self.cond_keys, x.shape[0], x.device, dtype,
+                                owner=type(self).__name__, option=self.guidance_option)

@@ -7,6 +7,8 @@ Layout: x -> Linear(D, width) + c -> ``depth`` residual blocks -> SiLU -> Linear
 c = emb_t(t) + emb_h(h) [+ emb_y(y)] and each block is
 a <- a + Linear(SiLU(Linear(SiLU(a)) + Linear_c(c))).
 Hidden layer i (a feature for ``forward_features``) is the (B, width) activation after block i.
+With ``guidance_conditions=True`` c also gets emb_ω(1 − 1/ω) + emb_tmin(t_min) + emb_tmax(t_max)
+from ``cond``; their last Linear starts at zero (a fresh guided net equals the unguided one).
 """
 from __future__ import annotations
 
@@ -14,7 +16,14 @@ import torch
 from torch import nn
 
 from ..registry import BACKBONES
-from .layers import BlockFeatures, LabelEmbedder, TimestepEmbedder, batch_times, check_input_shape
+from .layers import (
+    GUIDANCE_KEYS,
+    BlockFeatures,
+    LabelEmbedder,
+    TimestepEmbedder,
+    batch_times,
+    check_input_shape,
+)
 
 __all__ = ["MLP", "ResidualBlock"]
 
@@ -51,6 +60,7 @@ class MLP(BlockFeatures, nn.Module):
         time_scale: float = 10.0,
         frequency_size: int = 64,
         dropout: float = 0.0,
+        guidance_conditions: bool = False,
     ):
         super().__init__()
         (dim,) = check_input_shape(input_shape, 1, "MLP")
@@ -70,20 +80,35 @@ class MLP(BlockFeatures, nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, width) if num_classes > 0 else None
         self.blocks = nn.ModuleList(ResidualBlock(width, dropout) for _ in range(depth))
         self.out_proj = nn.Sequential(nn.SiLU(), nn.Linear(width, dim))
+        # Built last so that, with the same seed, every other weight is drawn as without them.
+        self.cond_keys = GUIDANCE_KEYS if guidance_conditions else ()
+        self.guidance_embedders = None
+        if guidance_conditions:
+            self.guidance_embedders = nn.ModuleDict(
+                {key: TimestepEmbedder(width, frequency_size, time_scale) for key in GUIDANCE_KEYS}
+            )
+            for embedder in self.guidance_embedders.values():
+                nn.init.zeros_(embedder.mlp[-1].weight)
+                nn.init.zeros_(embedder.mlp[-1].bias)
 
-    def condition(self, t, h, y, batch_size: int, device: torch.device) -> torch.Tensor:
-        """c = emb_t(t) + emb_h(h) [+ emb_y(y)]: (B, width)."""
+    def condition(self, t, h, y, batch_size: int, device: torch.device,
+                  cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """c = emb_t(t) + emb_h(h) [+ emb_y(y)] [+ emb_ω(1 − 1/ω) + emb_tmin(t_min) + emb_tmax(t_max)]:
+        (B, width). ``cond`` is the resolved dict of (B,) tensors (guided nets only)."""
         t = batch_times(t, batch_size, device)
         h = torch.zeros_like(t) if h is None else batch_times(h, batch_size, device)
         c = self.t_embedder(t) + self.h_embedder(h)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, batch_size, device)
+        if self.guidance_embedders is not None and cond is not None:
+            emb = self.guidance_embedders
+            c = c + emb["omega"](1 - 1 / cond["omega"]) + emb["t_min"](cond["t_min"]) + emb["t_max"](cond["t_max"])
         return c
 
-    def _run(self, x, t, h, y, blocks: list[int]):
+    def _run(self, x, t, h, y, blocks: list[int], cond: dict[str, torch.Tensor] | None = None):
         if x.ndim != 2 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"MLP built for per-sample shape {self.input_shape}, got input of shape {tuple(x.shape)}")
-        c = self.condition(t, h, y, x.shape[0], x.device)
+        c = self.condition(t, h, y, x.shape[0], x.device, cond)
         a = self.in_proj(x) + c
         wanted = set(blocks)
         captured: dict[int, torch.Tensor] = {}
@@ -103,6 +128,7 @@ def mlp_toy(
     time_scale: float = 10.0,
     frequency_size: int = 64,
     dropout: float = 0.0,
+    guidance_conditions: bool = False,
 ) -> MLP:
     """Residual MLP for 2-D toy densities (checkerboard, eight_gaussians) and other vector data.
 
@@ -110,9 +136,10 @@ def mlp_toy(
     on checkerboard (2000 Adam steps, batch 256, lr 1e-3, CPU), 10 put 87-89 % of 1-NFE samples on
     the dark cells vs 76-80 % for 1 and 80-82 % for 100; 1000 was clearly worst (59 % at 1000
     steps). On eight_gaussians 1, 10 and 100 were all close, 10 slightly best by MMD.
+    ``guidance_conditions``: also condition on the guidance scale and interval (``cond``).
     """
     return MLP(input_shape, num_classes, width=width, depth=depth, time_scale=time_scale,
-               frequency_size=frequency_size, dropout=dropout)
+               frequency_size=frequency_size, dropout=dropout, guidance_conditions=guidance_conditions)
 
 
 @BACKBONES.register("test_mlp", family="mlp")
@@ -120,6 +147,8 @@ def test_mlp(
     input_shape: tuple[int, ...] | list[int] = (2,),
     num_classes: int = 0,
     time_scale: float = 10.0,
+    guidance_conditions: bool = False,
 ) -> MLP:
     """Tiny MLP for tests: width 32, depth 2."""
-    return MLP(input_shape, num_classes, width=32, depth=2, time_scale=time_scale, frequency_size=16)
+    return MLP(input_shape, num_classes, width=32, depth=2, time_scale=time_scale, frequency_size=16,
+               guidance_conditions=guidance_conditions)

@@ -7,7 +7,9 @@ Condition: emb = SiLU(map_t(PE(s·t)) + map_h(PE(s·h)) [+ E_y(y)]), PE the posi
 embedding with ``max_positions`` 10000 and frequencies 1/10000^{k/(n/2 − 1)} (EDM's "endpoint"
 form), s = ``time_scale`` (default 1000 so t in [0, 1] spans the frequencies as DDPM's integer
 steps do), map = Linear-SiLU-Linear to ``model_channels × channel_mult_emb``. E_y has one extra row
-for the null class.
+for the null class. With ``guidance_conditions=True`` the sum inside the SiLU also gets
+map_ω(PE(s·(1 − 1/ω))) + map_tmin(PE(s·t_min)) + map_tmax(PE(s·t_max)) from ``cond``, each map's last
+Linear starting at zero (a fresh guided net computes the same function as the unguided one).
 
 Layout (EDM DDPM++: ``channel_mult=[2, 2, 2]``, 4 res blocks per level, attention at 16×16,
 dropout, skip scale √½, GroupNorm(min(32, C/4)), box-filter resampling inside the blocks):
@@ -38,7 +40,7 @@ from torch import nn
 
 from ..registry import BACKBONES
 from .attention import attention
-from .layers import BlockFeatures, batch_times, check_input_shape
+from .layers import GUIDANCE_KEYS, BlockFeatures, batch_times, check_input_shape
 
 __all__ = ["UNet", "UNetBlock", "positional_embedding"]
 
@@ -130,8 +132,9 @@ class UNetBlock(nn.Module):
 class UNet(BlockFeatures, nn.Module):
     """DDPM++ U-Net with two time embeddings (t and h = t − r) and an optional class embedding.
 
-    ``forward(x, t, h=None, y=None)``: (B, C, H, W) -> (B, C, H, W); ``h=None`` means h = 0,
-    ``y=None`` the null class (ignored when ``num_classes == 0``).
+    ``forward(x, t, h=None, y=None, *, cond=None)``: (B, C, H, W) -> (B, C, H, W); ``h=None`` means
+    h = 0, ``y=None`` the null class (ignored when ``num_classes == 0``); ``cond`` (guidance scale and
+    interval) only with ``guidance_conditions=True``.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class UNet(BlockFeatures, nn.Module):
         dropout: float = 0.13,
         num_heads: int = 1,
         time_scale: float = 1000.0,
+        guidance_conditions: bool = False,
     ):
         super().__init__()
         channels, height, width = check_input_shape(input_shape, 3, "UNet")
@@ -207,13 +211,23 @@ class UNet(BlockFeatures, nn.Module):
 
         self.num_blocks = len(self.enc) + len(self.dec)
         self.encoder_blocks = (len(self.enc) - 1,)
+        # Built last so that, with the same seed, every other weight is drawn as without them.
+        self.cond_keys = GUIDANCE_KEYS if guidance_conditions else ()
+        self.map_guidance = None
+        if guidance_conditions:
+            self.map_guidance = nn.ModuleDict({key: mapping() for key in GUIDANCE_KEYS})
+            for m in self.map_guidance.values():
+                _zero(m[-1])
 
     def _add_dec(self, block: UNetBlock, takes_skip: bool) -> None:
         self.dec.append(block)
         self._dec_takes_skip.append(takes_skip)
 
-    def embedding(self, t, h, y, batch_size: int, device: torch.device) -> torch.Tensor:
-        """emb = SiLU(map_t(PE(s·t)) + map_h(PE(s·h)) [+ E_y(y)]): (B, emb_channels)."""
+    def embedding(self, t, h, y, batch_size: int, device: torch.device,
+                  cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """emb = SiLU(map_t(PE(s·t)) + map_h(PE(s·h)) [+ E_y(y)] [+ guidance maps]): (B, emb_channels).
+
+        ``cond`` is the resolved dict of (B,) tensors (guided nets only)."""
         t = batch_times(t, batch_size, device)
         h = torch.zeros_like(t) if h is None else batch_times(h, batch_size, device)
         weight_dtype = self.map_t[0].weight.dtype
@@ -223,12 +237,17 @@ class UNet(BlockFeatures, nn.Module):
             if y is None:
                 y = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
             emb = emb + self.map_y(y.to(device=device, dtype=torch.long))
+        if self.map_guidance is not None and cond is not None:
+            values = {"omega": 1 - 1 / cond["omega"], "t_min": cond["t_min"], "t_max": cond["t_max"]}
+            for key, value in values.items():
+                features = positional_embedding(value * self.time_scale, self.noise_channels).to(weight_dtype)
+                emb = emb + self.map_guidance[key](features)
         return F.silu(emb)
 
-    def _run(self, x, t, h, y, blocks: list[int]):
+    def _run(self, x, t, h, y, blocks: list[int], cond: dict[str, torch.Tensor] | None = None):
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"UNet built for per-sample shape {self.input_shape}, got input of shape {tuple(x.shape)}")
-        emb = self.embedding(t, h, y, x.shape[0], x.device)
+        emb = self.embedding(t, h, y, x.shape[0], x.device, cond)
         wanted = set(blocks)
         captured: dict[int, torch.Tensor] = {}
         index = 0
@@ -265,11 +284,15 @@ def unet(
     dropout: float = 0.13,
     num_heads: int = 1,
     time_scale: float = 1000.0,
+    guidance_conditions: bool = False,
 ) -> UNet:
-    """DDPM++ U-Net with every architecture knob exposed (defaults: the CIFAR-10 configuration)."""
+    """DDPM++ U-Net with every architecture knob exposed (defaults: the CIFAR-10 configuration).
+
+    ``guidance_conditions``: also condition on the guidance scale and interval (``cond``)."""
     return UNet(input_shape, num_classes, model_channels=model_channels, channel_mult=tuple(channel_mult),
                 channel_mult_emb=channel_mult_emb, num_res_blocks=num_res_blocks,
-                attn_resolutions=tuple(attn_resolutions), dropout=dropout, num_heads=num_heads, time_scale=time_scale)
+                attn_resolutions=tuple(attn_resolutions), dropout=dropout, num_heads=num_heads, time_scale=time_scale,
+                guidance_conditions=guidance_conditions)
 
 
 @BACKBONES.register("unet_cifar", family="unet")
@@ -278,13 +301,15 @@ def unet_cifar(
     num_classes: int = 0,
     dropout: float = 0.13,
     time_scale: float = 1000.0,
+    guidance_conditions: bool = False,
 ) -> UNet:
     """EDM's DDPM++ CIFAR-10 U-Net plus an h embedding: 56.1M parameters at (3, 32, 32).
 
     model_channels 128, channel_mult [2, 2, 2], 4 res blocks per level, attention at 16×16.
     Dropout: EDM 0.13, MeanFlow / ECT 0.2, iCT 0.3."""
     return UNet(input_shape, num_classes, model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4,
-                num_res_blocks=4, attn_resolutions=(16,), dropout=dropout, time_scale=time_scale)
+                num_res_blocks=4, attn_resolutions=(16,), dropout=dropout, time_scale=time_scale,
+                guidance_conditions=guidance_conditions)
 
 
 @BACKBONES.register("test_unet", family="unet")
@@ -293,9 +318,11 @@ def test_unet(
     num_classes: int = 0,
     dropout: float = 0.0,
     time_scale: float = 1000.0,
+    guidance_conditions: bool = False,
 ) -> UNet:
     """Tiny U-Net for tests: model_channels 16, channel_mult [1, 2], 1 res block, attention at 4×4."""
     shape = tuple(input_shape)
     attn = (shape[-1] // 2,) if len(shape) == 3 else (4,)
     return UNet(input_shape, num_classes, model_channels=16, channel_mult=(1, 2), channel_mult_emb=2,
-                num_res_blocks=1, attn_resolutions=attn, dropout=dropout, time_scale=time_scale)
+                num_res_blocks=1, attn_resolutions=attn, dropout=dropout, time_scale=time_scale,
+                guidance_conditions=guidance_conditions)
