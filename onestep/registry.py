@@ -163,6 +163,7 @@ OBJECTIVES = Registry("objective")
 REGULARIZERS = Registry("regularizer")
 DATASETS = Registry("dataset")
 METRICS = Registry("metric")
+FORMATS = Registry("checkpoint format")
 
 REGISTRIES = {
     "backbones": BACKBONES,
@@ -170,6 +171,7 @@ REGISTRIES = {
     "regularizers": REGULARIZERS,
     "datasets": DATASETS,
     "metrics": METRICS,
+    "formats": FORMATS,
 }
 
 _COMPONENT_PACKAGES = (
@@ -179,6 +181,7 @@ _COMPONENT_PACKAGES = (
     "onestep.data",
     "onestep.data.latents",
     "onestep.eval.metrics",
+    "onestep.formats",
 )
 _loaded = False
 
