@@ -15,7 +15,7 @@ from torch import nn
 
 from gaussian_closed_form import GaussianClosedForm
 from onestep.backbones.dit import DiT
-from onestep.backbones.layers import LabelEmbedder, sincos_pos_embed_2d, timestep_features
+from onestep.backbones.layers import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d, timestep_features
 from onestep.formats import (
     SiTTeacher, VPEpsilonTeacher, describe, get_format, init_state, load_teacher, parse_spec,
 )
@@ -119,9 +119,9 @@ def make_state(seed=0, *, d=D, depth=DEPTH, cout=2 * C, classes=CLASSES, project
     return sd
 
 
-def save(obj, tmp_path, name="ckpt.pt"):
+def save(obj, tmp_path, name="ckpt.pt", zip_format=True):
     path = tmp_path / name
-    torch.save(obj, path)
+    torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
     return str(path)
 
 
@@ -162,6 +162,10 @@ def test_position_layouts_differ_by_swapping_halves():
 def test_time_and_label_embeddings_match_official():
     t = torch.tensor([0.0, 0.3, 17.25, 999.0], dtype=F64)
     assert torch.allclose(timestep_features(t, FREQ), ref_timestep(t), atol=1e-12)  # cos first, 10000
+    embedder = TimestepEmbedder(8, FREQ).double()
+    sd = {f"t_embedder.mlp.{k}": v for k, v in embedder.mlp.state_dict().items()}
+    lin = lambda h, n: F.linear(h, sd[f"t_embedder.mlp.{n}.weight"], sd[f"t_embedder.mlp.{n}.bias"])  # noqa: E731
+    assert torch.allclose(embedder(t), lin(F.silu(lin(ref_timestep(t), 0)), 2), atol=1e-12)
     emb = LabelEmbedder(CLASSES, 8)
     rows = emb(None, 2, torch.device("cpu"))
     assert torch.equal(rows, emb.embedding_table.weight[[CLASSES, CLASSES]])  # null row = index num_classes
@@ -194,13 +198,13 @@ def test_residual_permutation_is_absorbed_exactly():
 # ------------------------------------------------------------------------------------------------
 # Loading and conversion.
 
-@pytest.mark.parametrize("wrapper", ["raw", "ema", "model"])
+@pytest.mark.parametrize("wrapper", ["raw", "ema", "model", "legacy_serialization"])
 def test_sit_teacher_is_minus_reference_at_one_minus_t(tmp_path, wrapper):
     sd = make_state()
     decoy = make_state(seed=9)
     obj = {"raw": sd, "ema": {"model": decoy, "ema": sd, "opt": {"step": 3}, "args": argparse.Namespace(lr=1e-4)},
-           "model": {"model": sd}}[wrapper]
-    path = save(obj, tmp_path)
+           "model": {"model": sd}, "legacy_serialization": sd}[wrapper]
+    path = save(obj, tmp_path, zip_format=wrapper != "legacy_serialization")  # the old format is not memory-mapped
     teacher = load_teacher(f"sit:{path}#heads={HEADS}")
     assert isinstance(teacher, DiT) and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -221,6 +225,8 @@ def test_sit_fold_equals_unfolded_wrapper(tmp_path):
     unfolded = load_teacher(f"sit:{path}", num_heads=HEADS, fold=False)
     assert isinstance(unfolded, SiTTeacher) and not any(p.requires_grad for p in unfolded.parameters())
     z, y = inputs(seed=2)
+    out, (tokens,) = unfolded.forward_features(z, as_t(0.3), None, y, blocks=[0])
+    assert torch.equal(out, unfolded(z, as_t(0.3), None, y)) and tokens.shape == (3, GRID * GRID, D)
     with torch.no_grad():
         for value in TIMES:
             t = as_t(value)
@@ -359,6 +365,12 @@ def test_dit_teacher_from_a_file_is_finite_at_the_ends_and_guides_all_channels(t
             assert torch.isfinite(teacher(z, as_t(value), None, y)).all()
         assert torch.allclose(teacher(z, as_t(0.0), None, y), teacher(z, as_t(1e-9), None, y), atol=1e-6)
         assert torch.allclose(teacher(z, as_t(1.0), None, y), teacher(z, as_t(1 - 1e-9), None, y), atol=1e-5)
+        v, (tokens,) = teacher.forward_features(z, as_t(0.3), None, y, blocks=[-1])
+        assert torch.equal(v, teacher(z, as_t(0.3), None, y)) and tokens.shape == (3, GRID * GRID, D)
+        cast = load_teacher(f"dit:{save(make_state(), tmp_path, 'b.pt')}", num_heads=HEADS).float()
+        assert cast.log_snr_table.dtype == F64  # the schedule stays float64 when the module is cast
+        assert torch.allclose(cast(z.float(), as_t(0.3).float(), None, y).double(), teacher(z, as_t(0.3), None, y),
+                              atol=1e-4, rtol=1e-4)
         w = 2.5
         for value in (0.2, 0.7):
             t = as_t(value)

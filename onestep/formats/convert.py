@@ -85,11 +85,13 @@ def official_to_onestep(state: dict[str, torch.Tensor], arch: OfficialArch) -> d
     out["final_layer.linear.weight"] = rows[:, :, :c].reshape(p * p * c, d)
     out["final_layer.linear.bias"] = state["final_layer.linear.bias"].reshape(p, p, -1)[:, :, :c].reshape(-1)
     out = permute_residual(out, residual_permutation(d))
-    out["h_embedder.mlp.0.weight"] = state["t_embedder.mlp.0.weight"]
-    out["h_embedder.mlp.0.bias"] = state["t_embedder.mlp.0.bias"]
+    out["h_embedder.mlp.0.weight"] = state["t_embedder.mlp.0.weight"].clone()
+    out["h_embedder.mlp.0.bias"] = state["t_embedder.mlp.0.bias"].clone()
     out["h_embedder.mlp.2.weight"] = torch.zeros_like(state["t_embedder.mlp.2.weight"])
     out["h_embedder.mlp.2.bias"] = torch.zeros_like(state["t_embedder.mlp.2.bias"])
-    return {k: v.contiguous() for k, v in out.items()}
+    # Fresh tensors only: nothing aliases the file's (possibly memory-mapped) storage.
+    originals = {id(v) for v in state.values()}
+    return {k: v.clone() if id(v) in originals else v.contiguous() for k, v in out.items()}
 
 
 def time_flip_matrix(frequency_size: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -122,12 +124,13 @@ def negate_output(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def build_dit(arch: OfficialArch, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> DiT:
     """onestep DiT of the file's size with ``state`` loaded strictly, in ``dtype`` (default: the file's).
 
-    Built on the meta device and filled by assignment (no random initialisation of ~675M weights);
-    the fixed position buffer is then computed exactly as ``DiT.__init__`` does.
+    Built on the meta device and filled by assignment (no random initialisation of ~675M weights):
+    the parameters become the tensors of ``state`` (no two keys may share storage). The fixed
+    position buffer is then computed exactly as ``DiT.__init__`` does.
     """
     dtype = dtype or state["x_embedder.weight"].dtype
     with torch.device("meta"):
         net = DiT(**arch.dit_kwargs())
-    net.load_state_dict({k: v.to(dtype).clone() for k, v in state.items()}, strict=True, assign=True)
+    net.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     net.pos_embed = sincos_pos_embed_2d(arch.hidden_size, *net.grid_size).unsqueeze(0).to(dtype)
     return net

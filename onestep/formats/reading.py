@@ -1,6 +1,7 @@
 """Reading checkpoint files safely and unwrapping them to a flat ``{key: tensor}`` state dict.
 
-Files are opened only with ``torch.load(path, map_location="cpu", weights_only=True)``: tensors,
+Files are opened only with ``torch.load(path, map_location="cpu", weights_only=True)`` (memory-mapped
+when the file is in torch's zip format, so a 2.7 GB teacher is not read into memory twice): tensors,
 containers and numbers, never code. The one extra type allowed is ``argparse.Namespace`` (a plain
 attribute bag), because the official training scripts store their command-line ``args`` next to
 the weights. A file that needs anything else (a pickled class or function) is refused with one
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,7 @@ def read_checkpoint(path: str | Path, where: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{where}: no such file")
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         found = _UNSUPPORTED.search(str(exc))
         if found is None:
