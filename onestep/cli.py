@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=cmd_plot)
 
     ls = sub.add_parser("ls", help="list registered components or recipes")
-    ls.add_argument("kind", nargs="?", help="backbones|objectives|regularizers|datasets|metrics|recipes")
+    ls.add_argument("kind", nargs="?", help="backbones|objectives|regularizers|datasets|metrics|formats|recipes")
     ls.add_argument("pattern", nargs="?")
     ls.set_defaults(fn=cmd_ls)
 

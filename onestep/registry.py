@@ -176,6 +176,7 @@ REGULARIZERS = Registry("regularizer")
 DATASETS = Registry("dataset")
 METRICS = Registry("metric")
 LOGGERS = Registry("logger")
+FORMATS = Registry("checkpoint format")
 
 REGISTRIES = {
     "backbones": BACKBONES,
@@ -184,6 +185,7 @@ REGISTRIES = {
     "datasets": DATASETS,
     "metrics": METRICS,
     "loggers": LOGGERS,
+    "formats": FORMATS,
 }
 
 # The packages whose import registers components (plugin discovery by name: the registry imports
@@ -196,6 +198,7 @@ _COMPONENT_PACKAGES = (
     "onestep.data.latents",
     "onestep.eval",
     "onestep.loggers",
+    "onestep.formats",
 )
 _loaded = False
 
