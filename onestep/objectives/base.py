@@ -56,8 +56,18 @@ class Objective:
     #: True if the objective takes a JVP through the network (fp16 is refused for these).
     uses_jvp: bool = False
 
+    #: Parameters the objective owns; the training loop optimizes them with the network, keeps an
+    #: EMA of them, saves them in checkpoints and all-reduces their gradients (None: none).
+    trainable: nn.Module | None = None
+
     def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
+        """Per-sample loss (B,) for data x and labels y at training step ``step``.
+
+        ``target_net``: an EMA copy of the network owned by the training loop, for objectives that
+        want a slow target (sCM uses it in place of the stop-gradient of ``net`` when given);
+        objectives without a target ignore it.
+        """
         raise NotImplementedError
 
     @torch.no_grad()
