@@ -48,7 +48,8 @@ class GaussianConsistency(GaussianClosedForm):
 
 def trig_velocity_exact(x_theta, theta, mu, s, sigma_d=SD):
     """TrigFlow PF-ODE velocity for x ~ N(μ, s²I), derived in TrigFlow: x_ϑ has mean m = cos ϑ·μ and
-    std S, S² = cos²ϑ·s² + sin²ϑ·σ_d², and dx/dϑ = m' + S'/S·(x_ϑ − m), S' = sin ϑ cos ϑ (σ_d² − s²)/S."""
+    std S, S² = cos²ϑ·s² + sin²ϑ·σ_d², and dx/dϑ = m' + S'/S·(x_ϑ − m),
+    S' = sin ϑ cos ϑ (σ_d² − s²)/S."""
     c, sn = torch.cos(theta)[:, None], torch.sin(theta)[:, None]
     S = torch.sqrt(c ** 2 * s ** 2 + sn ** 2 * sigma_d ** 2)
     dS = sn * c * (sigma_d ** 2 - s ** 2) / S
@@ -168,7 +169,7 @@ def exact_tangent_terms(student, teacher, n=32, seed=0, mode="scd", step=10**6, 
 def test_tangent_vanishes_for_the_exact_consistency_function_and_teacher():
     mu, s = torch.tensor([1.0, -2.0, 0.5], dtype=DT), 0.4
     student, teacher = GaussianConsistency(mu, s), GaussianVelocity(mu, s)
-    obj, terms = exact_tangent_terms(student, teacher)
+    _, terms = exact_tangent_terms(student, teacher)
     scale = terms["x_theta"].abs().max().item()
     assert terms["g_raw"].abs().max().item() < 1e-9 * scale
     # Each half alone is far from zero: the exact f differs from the teacher's denoiser.
@@ -188,7 +189,7 @@ def test_sct_tangent_with_the_marginal_velocity_vanishes():
     """sCT's tangent is affine in dx/dϑ; with the exact PF velocity in its place it is zero."""
     mu, s = torch.tensor([0.3, 0.8], dtype=DT), 0.7
     student = GaussianConsistency(mu, s)
-    obj, terms = exact_tangent_terms(student, None, mode="sct", n=16)
+    _, terms = exact_tangent_terms(student, None, mode="sct", n=16)
     x_theta, th = terms["x_theta"], terms["theta"]
     assert terms["g_raw"].abs().max().item() > 1e-3                       # the conditional signal is noisy
     marginal = trig_velocity_exact(x_theta, th, mu, s)

@@ -199,7 +199,8 @@ def tangent_warmup(step: int, warmup_steps: int) -> float:
 
 
 def trig_time_proposal(n: int, P_mean: float = -1.0, P_std: float = 1.6, sigma_d: float = SIGMA_DATA,
-                       sigma_min: float = 0.002, sigma_max: float = 80.0, generator: torch.Generator | None = None,
+                       sigma_min: float = 0.002, sigma_max: float = 80.0,
+                       generator: torch.Generator | None = None,
                        device: torch.device | str | None = None) -> Tensor:
     """(n,) float64 ϑ = arctan(σ/σ_d) with ln σ ~ N(P_mean, P_std²) truncated to [σ_min, σ_max]
     (inverse-CDF sampling, so ϑ stays strictly inside (0, π/2) and nothing divides by zero)."""
@@ -285,13 +286,13 @@ class SCM(Objective):
         tangent_warmup_steps: H of r = min(1, step/H) (10 000 as in the paper and FastGen; 0 = off).
         tangent_c: c of g/(‖g‖ + c) (0.1).
         tangent_norm: "l2" (default) or "rms". The paper's Algorithm 1 and rCM use the per-sample L2
-            norm over all elements; FastGen's default multiplies it by √(1/D). c = 0.1 was chosen at
-            D = 12288 (ImageNet-64 pixels) and 16384 (ImageNet-512 latents), where ‖g‖₂ ≈ √D·rms(g)
-            ≫ 0.1 unless rms(g) < 1e-3: the tangent is in effect unit-normalized and c only guards the
-            division. With "rms" the same c is a threshold on rms(g), i.e. c_L2 = 0.1·√D ≈ 5.5 at
-            D = 3072: tangents below that are no longer normalized up, a different regime from the
-            paper's. At D = 2 the two differ by √2 only. "l2" reproduces the published behaviour at
-            image scale.
+            norm over all elements; FastGen's default multiplies it by √(1/D). c = 0.1 was set for
+            image-sized samples (D = 3072 for CIFAR-10 up to 16384 for ImageNet-512 latents), where
+            ‖g‖₂ = √D·rms(g) ≫ 0.1 unless rms(g) ≲ 0.1/√D (≤ 2e-3): the tangent is in effect
+            unit-normalized and c only guards the division. With "rms" the same c is a threshold on
+            rms(g), i.e. an L2 constant of 0.1·√D ≈ 5.5 at D = 3072: tangents below that are no
+            longer normalized up, a different regime from the paper's. At D = 2 the two differ by
+            √2 only. "l2" reproduces the published behaviour at image scale.
         loss_reduction: d over the elements of (F_θ − F⁻ − g)²: "auto" (default: the square of the
             tangent's own norm, i.e. the sum for "l2" and the mean for "rms"), "sum" or "mean" (the
             paper's ‖·‖²/D; FastGen divides the mean by D once more, ‖·‖²/D²). With the stop-gradient
