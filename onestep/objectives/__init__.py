@@ -6,11 +6,12 @@ from onestep.objectives.consistency_math import consistency_fn
 from onestep.objectives.ect import EasyConsistencyTuning
 from onestep.objectives.flow_matching import FlowMatching
 from onestep.objectives.meanflow import MeanFlow, meanflow_jvp, meanflow_target
+from onestep.objectives.scm import SCM
 from onestep.objectives.time_sampling import logit_normal, sample_t_r, uniform
 
 __all__ = [
     "LossOutput", "Objective", "batch_time", "expand_time", "interpolate",
     "FlowMatching", "MeanFlow", "adaptive_weight", "cfg_velocity", "velocity",
     "meanflow_jvp", "meanflow_target", "logit_normal", "sample_t_r", "uniform",
-    "ConsistencyTraining", "ConsistencyDistillation", "EasyConsistencyTuning", "consistency_fn",
+    "ConsistencyTraining", "ConsistencyDistillation", "EasyConsistencyTuning", "consistency_fn", "SCM",
 ]

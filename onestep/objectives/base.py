@@ -45,6 +45,11 @@ class Objective:
 
     def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
              feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
+        """Per-sample loss (B,) for data x and labels y at training step ``step``.
+
+        ``target_net``: the loop's EMA copy of the network, passed only to objectives that declare
+        one through ``target_decay``.
+        """
         raise NotImplementedError
 
     def target_decay(self, step: int) -> float | None:

@@ -81,7 +81,7 @@ __all__ = ["ConsistencyTraining", "ConsistencyDistillation"]
 # Shared machinery.
 
 @contextlib.contextmanager
-def _replayable_rng(device: torch.device):
+def replayable_rng(device: torch.device):
     """Run a block on a fork of the RNG state; the code after it draws the same random numbers
     (used so the target and the online pass share one dropout mask)."""
     devices = [device] if device.type == "cuda" else []
@@ -131,7 +131,7 @@ class Consistency(Objective):
         """weight · d(f_θ(z_hi, t_hi), sg f_θ⁻(z_lo, t_lo)); where t_lo <= 0 (or z_lo is None) the target is x."""
         # Stop-gradient target first, on a fork of the RNG (same dropout mask as the online pass).
         data_target = t_lo <= 0
-        with _replayable_rng(x.device), torch.no_grad():
+        with replayable_rng(x.device), torch.no_grad():
             if z_lo is None or bool(data_target.all()):
                 target = x
             else:
