@@ -5,6 +5,7 @@ Config -> kwargs conversion happens here and in ``onestep.build``; the library b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import ExitStack
 from datetime import datetime
@@ -89,6 +90,8 @@ def cmd_train(args) -> int:
     finally:
         distributed.shutdown()
     if dist_info.is_main:
+        print(f"next: onestep eval {out} --nfe 1 --nfe 2 && onestep compare {out}   "
+              f"(or onestep sample {out} --out samples.png)", file=sys.stderr)
         print(out)
     return 0
 
@@ -206,7 +209,11 @@ def cmd_compare(args) -> int:
         datas = {r.info["data"] for r in runs}
         mapping = {"cifar10": "cifar10", "latents": "imagenet256", "imagenet_latents": "imagenet256"}
         wanted = {mapping[d] for d in datas if d in mapping}
-        published = [p for p in PUBLISHED if not wanted or p["data"] in wanted]
+        published = [p for p in PUBLISHED if args.published == "all" or p["data"] in wanted]
+        if not published:
+            print(f"note: no published numbers for data {', '.join(sorted(datas))} (there are some for "
+                  f"{', '.join(sorted({p['data'] for p in PUBLISHED}))}; --published all shows them anyway)",
+                  file=sys.stderr)
     header, rows, notes = build_table(runs, published)
     print(render(header, rows, notes, fmt=args.format), end="")
     return 0
@@ -232,15 +239,19 @@ def cmd_ls(args) -> int:
     kinds = [args.kind] if args.kind else list(REGISTRIES) + ["recipes"]
     for kind in kinds:
         if kind == "recipes":
-            roots = [Path.cwd() / "recipes", REPO_RECIPES]
-            names = sorted({p.stem for root in roots if root.is_dir() for p in root.glob("*.yaml")})
-            entries = [(n, "") for n in names]
+            found = {}
+            for root in (REPO_RECIPES, Path.cwd() / "recipes"):  # ./recipes wins on a name clash
+                if root.is_dir():
+                    found.update({p.stem: p for p in root.glob("*.yaml")})
+            entries = [(n, _recipe_summary(found[n])) for n in sorted(found)]
         else:
             if kind not in REGISTRIES:
                 raise ConfigError(f"unknown kind '{kind}'; allowed: {', '.join(list(REGISTRIES) + ['recipes'])}")
             reg = REGISTRIES[kind]
             entries = []
             for n in reg.names():
+                if n.startswith("test_") and not args.all:
+                    continue  # the tiny variants the tests build
                 doc = inspect.getdoc(reg.get(n)) or ""
                 doc = doc.splitlines()[0] if doc else ""
                 if kind == "backbones":
@@ -252,6 +263,17 @@ def cmd_ls(args) -> int:
         for n, doc in entries:
             print(f"  {n:<28} {doc}".rstrip())
     return 0
+
+
+def _recipe_summary(path: Path) -> str:
+    """The recipe's first comment line (what it trains and where it runs)."""
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            return line.lstrip("# ").rstrip()
+        if line:
+            break
+    return ""
 
 
 def _backbone_summary(reg, name: str) -> str:
@@ -284,12 +306,40 @@ def cmd_validate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------- main
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+TRAIN_EPILOG = """overrides: KEY=VALUE with dotted keys into the recipe, e.g.
+  onestep train toy_meanflow train.steps=500 train.lr=1e-3 objective.ratio_r_neq_t=0.5
+  onestep train digits_meanflow "regularizers=[{name: dispersive, weight: 0.25}]"
+values are YAML (numbers, true/false, [lists], {maps}); unknown keys and wrong types stop at once.
+The run directory is the last line on stdout; the next commands go to stderr."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onestep", description="One-step generators: train, sample, eval, compare.",
                                 epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train from a recipe (or resume a run)")
+    t = sub.add_parser("train", help="train from a recipe (or resume a run)", epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("items", nargs="*", metavar="RECIPE [KEY=VALUE ...]")
     t.add_argument("--run-dir", help="output directory (default runs/RECIPE-TIMESTAMP)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from checkpoints/last.pt")
@@ -299,12 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="write samples of a run as PNG or NPZ")
     s.add_argument("run", metavar="RUN_DIR|CKPT")
-    s.add_argument("--nfe", type=int, default=1)
-    s.add_argument("-n", type=int, default=64, help="number of samples")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--nfe", type=_positive_int, default=1)
+    s.add_argument("-n", type=_positive_int, default=64, help="number of samples")
+    s.add_argument("--seed", type=_non_negative_int, default=0)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     s.add_argument("--class", dest="class_id", type=int, default=None, help="sample only this class")
-    s.add_argument("--batch-size", type=int, default=512)
+    s.add_argument("--batch-size", type=_positive_int, default=512)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="FILE.png (grid / density) or FILE.npz (arr_0, arr_1)")
     s.add_argument("--latents", action="store_true",
@@ -313,11 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="score n-NFE samples; rows go to RUN/metrics.jsonl")
     e.add_argument("run", metavar="RUN_DIR|CKPT")
-    e.add_argument("--nfe", type=int, action="append", help="repeat for several (default: eval.nfe of the recipe)")
+    e.add_argument("--nfe", type=_positive_int, action="append",
+                   help="repeat for several (default: eval.nfe of the recipe)")
     e.add_argument("--metrics", help="comma-separated metric names (`onestep ls metrics`)")
-    e.add_argument("--num-samples", type=int)
-    e.add_argument("--seed", type=int)
-    e.add_argument("--batch-size", type=int)
+    e.add_argument("--num-samples", type=_positive_int)
+    e.add_argument("--seed", type=_non_negative_int)
+    e.add_argument("--batch-size", type=_positive_int)
     e.add_argument("--no-ema", action="store_true")
     e.add_argument("--device", default="auto")
     e.add_argument("--reference", help="fid/kid/prc reference: image FOLDER (ADM center crop), STATS.npz from "
@@ -329,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="one table over runs (and published numbers)")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    c.add_argument("--published", action="store_true", help="add the published rows (docs/reference.md, published results)")
+    c.add_argument("--published", nargs="?", const="auto", choices=["auto", "all"],
+                   help="add the published rows (docs/reference.md) for the runs' dataset ('all': every row)")
     c.add_argument("--format", choices=["rich", "md", "csv"], default="rich")
     c.set_defaults(fn=cmd_compare)
 
@@ -341,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list registered components or recipes")
     ls.add_argument("kind", nargs="?", help="backbones|objectives|regularizers|datasets|metrics|formats|recipes")
     ls.add_argument("pattern", nargs="?")
+    ls.add_argument("--all", action="store_true", help="include the tiny test_* components")
     ls.set_defaults(fn=cmd_ls)
 
     v = sub.add_parser("validate", help="check a recipe (and overrides) without building anything big")
@@ -350,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # torch's own forward-AD decompositions call torch.jit.script (deprecated in torch >= 2.10): not ours to fix.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides given after an option land here
@@ -363,6 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args) or 0
     except ConfigError as exc:
         print(f"onestep {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        # A bad value or file that a component refused: one line, unless ONESTEP_DEBUG asks for the traceback.
+        if os.environ.get("ONESTEP_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"onestep {args.command}: error: {type(exc).__name__}: {first} (ONESTEP_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 2
     except TrainingError as exc:
         print(f"onestep {args.command}: stopped: {exc}", file=sys.stderr)

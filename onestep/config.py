@@ -27,6 +27,8 @@ REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 256
+    # A global batch larger than a finite dataset repeats examples within a batch: refused unless true.
+    batch_with_repeats: bool = False
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # sgd: momentum = betas[0]
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -38,6 +40,9 @@ class TrainConfig:
     ema_warmup: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
+    # CPU threads for torch in this run (None: torch's default, one per core). With several runs on
+    # one machine give each threads = cores / runs (README, "Several runs on one machine").
+    threads: int | None = None
     log_every: int = 50
     sample_every: int = 0
     num_preview: int = 64
@@ -252,6 +257,8 @@ def _check_values(train: TrainConfig, evalc: EvalConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if train.threads is not None and train.threads < 1:
+        raise ConfigError(f"train.threads must be >= 1 (or null for torch's default), got {train.threads}")
     if train.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {train.lr}")
     if not 0.0 <= train.ema_decay < 1.0:

@@ -33,15 +33,44 @@ def image_grid(x: Tensor, ncol: int | None = None, upscale: int = 1, pad: int = 
     return img
 
 
-def density_image(points: Tensor, extent: float = 4.5, bins: int = 200) -> Image.Image:
-    """A log-density picture of 2-D points over [-extent, extent]^2 (dark = dense)."""
+def density_image(points: Tensor, extent: float | None = None, bins: int = 200,
+                  marker_below: int = 2000) -> Image.Image:
+    """A picture of 2-D points over [-extent, extent]² on a light grid (lines every unit, axes darker).
+
+    Up to ``marker_below`` points are drawn as visible dots (so 16 samples read as 16 dots); more as a
+    log-density (dark = dense). ``extent`` defaults to 4.5, widened to fit 99 % of the points."""
+    from PIL import ImageDraw
+
     p = points.detach().float().cpu().numpy()[:, :2]
-    hist, _, _ = np.histogram2d(p[:, 1], p[:, 0], bins=bins, range=[[-extent, extent], [-extent, extent]])
-    hist = np.log1p(hist[::-1])
-    if hist.max() > 0:
-        hist = hist / hist.max()
-    img = (255 * (1 - hist)).astype(np.uint8)
-    return Image.fromarray(img).resize((2 * bins, 2 * bins), Image.NEAREST)
+    if extent is None:
+        spread = float(np.quantile(np.abs(p), 0.99)) if len(p) else 0.0
+        extent = max(4.5, 1.1 * spread) if np.isfinite(spread) else 4.5
+    size = 2 * bins
+    if len(p) > marker_below:
+        hist, _, _ = np.histogram2d(p[:, 1], p[:, 0], bins=bins, range=[[-extent, extent], [-extent, extent]])
+        hist = np.log1p(hist[::-1])
+        if hist.max() > 0:
+            hist = hist / hist.max()
+        img = Image.fromarray((255 * (1 - hist)).astype(np.uint8)).resize((size, size), Image.NEAREST).convert("RGB")
+    else:
+        img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+
+    def px(v: float) -> float:
+        return (v + extent) / (2 * extent) * (size - 1)
+
+    for k in range(-int(extent), int(extent) + 1):
+        color = (150, 150, 150) if k == 0 else (225, 225, 225)
+        draw.line([(px(k), 0), (px(k), size)], fill=color)
+        draw.line([(0, size - 1 - px(k)), (size, size - 1 - px(k))], fill=color)
+    if len(p) <= marker_below:
+        radius = 4 if len(p) <= 256 else 2
+        for x, y in p:
+            if np.isfinite(x) and np.isfinite(y):
+                cx, cy = px(float(x)), size - 1 - px(float(y))
+                draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=(20, 60, 160))
+    draw.rectangle([0, 0, size - 1, size - 1], outline=(120, 120, 120))
+    return img
 
 
 def save_samples_png(x: Tensor, kind: str, path: str | Path, ncol: int | None = None) -> Path:

@@ -36,7 +36,8 @@ def test_train_sample_eval_compare(tiny_recipe, tmp_path, capsys):
     assert main(["eval", str(run), "--nfe", "1", "--nfe", "2", "--num-samples", "200"]) == 0
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert {(r["nfe"], r["metric"]) for r in rows} == {(n, m) for n in (1, 2)
-                                                     for m in ("sliced_wasserstein", "energy_distance")}
+                                                     for m in ("sliced_wasserstein", "energy_distance",
+                                                               "checkerboard_outside")}
     assert all(r["num_samples"] == 200 and r["implementation"] and r["reference"] and r["step"] == 12 for r in rows)
     capsys.readouterr()
     assert main(["compare", str(run), "--format", "md"]) == 0
@@ -75,7 +76,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_recipe, tmp_path):
     trainer = Trainer(load_config(tiny_recipe), run)
     real_loss = trainer.objective.loss
 
-    def poisoned(net, x, y, *, step, feature_blocks=()):
+    def poisoned(net, x, y, *, step, feature_blocks=(), target_net=None):
         out = real_loss(net, x, y, step=step, feature_blocks=feature_blocks)
         if step == 8:
             out.loss = out.loss * float("nan")
@@ -182,7 +183,8 @@ def test_plot_writes_pngs(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     assert main(["train", str(tiny_recipe), "--run-dir", str(run), "--no-progress", "train.steps=4",
                  "eval.every=2", "train.log_every=1"]) == 0
-    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()][::4] == [2, 4]
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == [2, 4] and steps == sorted(steps)
     assert main(["plot", str(run)]) == 0
     for name in ("training.png", "metrics.png"):
         assert (run / "plots" / name).stat().st_size > 1000

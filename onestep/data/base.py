@@ -76,9 +76,14 @@ class BatchStream:
     Generated data: a generator seeded from (seed, step, rank).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 allow_repeats: bool = False):
         if batch_size % world_size:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the world size {world_size}")
+        if dataset.size is not None and batch_size > dataset.size and not allow_repeats:
+            raise ValueError(f"train.batch_size={batch_size} is larger than the {dataset.size} examples of "
+                             f"'{dataset.name}', so a batch would repeat examples; lower it, or set "
+                             f"train.batch_with_repeats=true to allow that")
         self.dataset = dataset
         self.global_batch = batch_size
         self.local_batch = batch_size // world_size

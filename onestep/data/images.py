@@ -113,25 +113,29 @@ def _cifar10_folder(root: str) -> Path | None:
 
 
 def read_cifar10(folder, train: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Read the CIFAR-10 python batches: (x uint8 (N, 3, 32, 32), y int64 (N,), class names)."""
-    import pickle
+    """Read the CIFAR-10 python batches: (x uint8 (N, 3, 32, 32), y int64 (N,), class names).
+
+    The batches are pickles by design; they are read with a restricted unpickler that builds only
+    plain data and numpy arrays (``onestep.utils.safe_pickle``), so a crafted file cannot run code."""
     from pathlib import Path
 
     import numpy as np
 
+    from onestep.utils.safe_pickle import load_plain_pickle
+
     folder = Path(folder)
     xs, ys = [], []
     for name in CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES:
-        with open(folder / name, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+        entry = load_plain_pickle(folder / name)
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{folder / name}: a CIFAR-10 batch is a dict with 'data' and 'labels'")
         entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
         xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(entry["labels"], dtype=np.int64))
     names = [str(i) for i in range(10)]
     meta = folder / "batches.meta"
     if meta.is_file():
-        with open(meta, "rb") as f:
-            info = pickle.load(f, encoding="latin1")
+        info = load_plain_pickle(meta)
         info = {k.decode() if isinstance(k, bytes) else k: v for k, v in info.items()}
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in info.get("label_names", names)]
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), names
@@ -248,13 +252,17 @@ def class_folders(root: str | Path, what: str) -> tuple[list[Path], list[int], l
 def load_image(path: str | Path, image_size: int | None = None, mode: str = "RGB") -> np.ndarray:
     """One image file as uint8 (H, W, channels) in ``mode`` ("RGB" or "L"), ADM center crop to
     ``image_size`` when given (``center_crop_resize``)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        im = im.convert(mode)
-        if image_size is not None:
-            im = center_crop_resize(im, image_size)
-        arr = np.array(im, dtype=np.uint8)  # a writable copy
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if image_size is not None:
+                im = center_crop_resize(im, image_size)
+            arr = np.array(im, dtype=np.uint8)  # a writable copy
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a readable image ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'})") from None
     return arr.reshape(arr.shape[0], arr.shape[1], -1)
 
 

@@ -22,6 +22,7 @@ sampler and the evaluator. The VAE is loaded on first use only, so training neve
 """
 from __future__ import annotations
 
+import contextlib
 import struct
 import zipfile
 from pathlib import Path
@@ -35,6 +36,25 @@ from onestep.registry import DATASETS, ConfigError, DataNotFound
 
 SD_VAE_SCALE = 0.18215
 FLIP_KEY = "latents_flip"
+
+
+@contextlib.contextmanager
+def _open_shard(shard: Path):
+    """np.load of a shard (no pickles); a truncated or corrupt file is one ConfigError line naming it."""
+    try:
+        f = np.load(shard, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ConfigError(f"{shard}: not a readable .npz shard ({type(exc).__name__}: {exc}); "
+                          f"re-encode it with tools/encode_latents.py") from None
+    try:
+        yield f
+    except ConfigError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise ConfigError(f"{shard}: corrupt .npz shard ({type(exc).__name__}: {exc}); "
+                          f"re-encode it with tools/encode_latents.py") from None
+    finally:
+        f.close()
 
 
 def npz_member_memmap(path: str | Path, key: str) -> np.memmap | None:
@@ -125,7 +145,7 @@ def read_latent_shards(root: str | Path, limit: int | None = None, flip: bool = 
 
     xs, xfs, ys, total = [], [], [], 0
     for shard in shards:
-        with np.load(shard) as f:
+        with _open_shard(shard) as f:
             if "latents" not in f or "labels" not in f:
                 raise ConfigError(f"{shard}: a latent shard needs arrays 'latents' and 'labels', has {list(f.keys())}")
             xs.append(load(shard, f, "latents"))

@@ -37,6 +37,8 @@ def default_metrics(dataset) -> list[str]:
     latents with a VAE get the image metrics (fid, isc) of their decoded samples."""
     if dataset.name == "digits":
         return ["digits_fd", "digits_is"] + (["digits_acc"] if dataset.num_classes else [])
+    if dataset.name == "checkerboard":
+        return DEFAULT_METRICS["vector"] + ["checkerboard_outside"]
     if decodes_to_images(dataset):
         return list(DEFAULT_METRICS["image"])
     return list(DEFAULT_METRICS.get(dataset.kind, ["sliced_wasserstein"]))

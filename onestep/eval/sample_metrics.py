@@ -295,3 +295,32 @@ def mmd_rbf(bandwidth: float = 1.0) -> MMDRBF:
     if not bandwidth > 0:
         raise ConfigError(f"metric 'mmd_rbf': key 'bandwidth' must be > 0, got {bandwidth!r}")
     return MMDRBF(float(bandwidth))
+
+
+# ------------------------------------------------------------------------- checkerboard off-support
+
+
+class CheckerboardOutside(Metric):
+    """The share of 2-D samples outside the checkerboard's dark cells (the ``checkerboard`` dataset:
+    [−4, 4]², cell side 2, (x, y) dark when ⌊x/2⌋ + ⌊y/2⌋ is even): 0 for the data itself; the haze
+    between cells that sliced-W barely sees. Lower is better."""
+
+    name = "checkerboard_outside"
+    kinds = ("vector",)
+    needs_reference = False
+    higher_is_better = False
+    implementation = "onestep.checkerboard_outside/v1 (share outside the 8 dark cells of [-4, 4]^2)"
+
+    def __call__(self, samples: Tensor, reference: Tensor | None = None, labels: Tensor | None = None) -> float:
+        x = torch.as_tensor(samples).detach().double().reshape(len(samples), -1)
+        if x.shape[1] != 2 or len(x) == 0:
+            raise ValueError(f"{self.name}: needs 2-D samples (N, 2), got shape {tuple(samples.shape)}")
+        inside_board = (x.abs() <= 4.0).all(1)
+        dark = (torch.floor(x[:, 0] / 2) + torch.floor(x[:, 1] / 2)).remainder(2) == 0
+        return float((~(inside_board & dark)).double().mean())
+
+
+@METRICS.register("checkerboard_outside")
+def checkerboard_outside() -> CheckerboardOutside:
+    """Share of samples outside the checkerboard's dark cells (lower is better; the data scores 0)."""
+    return CheckerboardOutside()

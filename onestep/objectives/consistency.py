@@ -220,7 +220,7 @@ def pair_weights(kind: str, sigma_lo: Tensor, sigma_hi: Tensor) -> Tensor:
 
 @register_objective("consistency_training")
 class ConsistencyTraining(Consistency):
-    """Consistency training on adjacent Karras-grid times (module docstring for the equations).
+    """Consistency training (CT / iCT) on adjacent Karras-grid times; equations in the module docstring.
 
     Args:
         total_steps: K of the curriculum N(k) — required; set it to ``train.steps``.
@@ -309,7 +309,7 @@ class ConsistencyTraining(Consistency):
 
 @register_objective("consistency_distillation")
 class ConsistencyDistillation(Consistency):
-    """Consistency distillation from a frozen teacher's ODE (module docstring).
+    """Consistency distillation (CD) from one ODE step of a frozen teacher; see the module docstring.
 
     Defaults: the CD paper's grid (N = 18 Karras points, Heun) with iCT's loss choices (lognormal
     index, weight 1/(σ_{i+1} − σ_i), pseudo-Huber, θ⁻ = sg θ). The paper's own choices are

@@ -24,7 +24,7 @@ __all__ = ["EasyConsistencyTuning"]
 
 @register_objective("ect")
 class EasyConsistencyTuning(Consistency):
-    """Easy consistency tuning (Geng et al. 2024), tuned from a flow-matching run (module docstring).
+    """Easy consistency tuning (ECT, Geng et al. 2024), tuned from a flow-matching run.
 
     Start it from a flow-matching checkpoint with ``train.init_from``.
 

@@ -37,7 +37,7 @@ from onestep.objectives.time_sampling import TimeDist, sample_time
 
 @register_objective("flow_matching")
 class FlowMatching(Objective):
-    """Flow matching on z_t = (1 − t) x + t e with target v = e − x (module docstring).
+    """Flow matching on z_t = (1 − t) x + t e with target v = e − x (multi-step baseline, teacher).
 
     Args:
         time_dist: "logit_normal" (t = sigmoid(N(mean_t, std_t))) or "uniform".

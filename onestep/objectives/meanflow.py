@@ -94,7 +94,7 @@ def meanflow_jvp(net: nn.Module, z: Tensor, t: Tensor, h: Tensor, v: Tensor, y: 
 
 @register_objective("meanflow")
 class MeanFlow(Objective):
-    """MeanFlow average-velocity objective (module docstring for the equations).
+    """MeanFlow (Geng et al. 2025): the average velocity, for one-step sampling; equations in the module docstring.
 
     Args:
         mean_t, std_t, mean_r, std_r, ratio_r_neq_t, pairing, time_dist: the (t, r) sampler
@@ -104,7 +104,8 @@ class MeanFlow(Objective):
         adaptive_p, adaptive_c: adaptive weight 1 / sg((l + c)^p), ImageNet p = 1, c = 0.01
             (CIFAR-10: p = 0.75, c = 1e-3; p = 0 is plain L2).
         class_dropout: probability of the null label (conditional nets only); dropped samples get
-            ṽ = v.
+            ṽ = v. Labels are dropped independently of the r ≠ t draw; the reference JAX code takes
+            both as batch prefixes, so there a dropped-label sample is never one with r ≠ t.
         cfg_omega, cfg_kappa: ω, κ of the training-time guidance (1, 0 = off). Effective scale
             ω / (1 − κ). Paper: B/2, M/2 ω = 1, κ = 0.5; L/2, XL/2 ω = 0.2, κ = 0.92.
         cfg_t_start, cfg_t_end: guidance only for t in this closed interval.

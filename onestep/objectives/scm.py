@@ -269,7 +269,7 @@ class TrigWeightHead(nn.Module):
 
 @register_objective("scm")
 class SCM(Objective):
-    """Continuous-time consistency training / distillation in TrigFlow (module docstring).
+    """Continuous-time consistency models (sCT / sCD, Lu & Song 2024) in TrigFlow, over any backbone.
 
     Args:
         mode: "sct" (dx/dϑ = cos ϑ·z − sin ϑ·x) or "scd" (dx/dϑ = σ_d·F_teacher, needs ``teacher``).

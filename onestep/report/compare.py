@@ -149,18 +149,44 @@ def render(header, rows, footnotes, fmt: str = "rich", console=None) -> str:
             lines += [f"- {n}" for n in footnotes]
         return "\n".join(lines) + "\n"
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(show_lines=False)
-    for h in header:
-        table.add_column(h, no_wrap=True)
-    for r in rows:
-        table.add_row(*r)
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-    needed = sum(widths) + 3 * len(widths) + 1
-    console = console or Console(width=max(needed, 80), highlight=False)
+    console = console or Console(highlight=False)
+    width = max(console.width, 60)
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) + 3 for i, h in enumerate(header)]
     with console.capture() as cap:
-        console.print(table)
+        # Pages of columns that fit the terminal, each repeating the run name (column 0), instead of
+        # one table wider than the screen.
+        for page in _column_pages(widths, width, first=INFO_COLUMNS):
+            table = Table(show_lines=False)
+            for i in page:
+                table.add_column(escape(header[i]), no_wrap=i != 4, overflow="fold")
+            for r in rows:
+                table.add_row(*[escape(r[i]) for i in page])
+            console.print(table)
         for n in footnotes:
-            console.print(f"  {n}", highlight=False)
+            console.print(f"  {escape(n)}", highlight=False, soft_wrap=False)
     return cap.get()
+
+
+INFO_COLUMNS = 8  # run, data, objective, backbone, regularizers, steps, params, train img/s
+
+
+def _column_pages(widths: list[int], width: int, first: int) -> list[list[int]]:
+    """Column indices grouped into pages whose widths sum to at most ``width``: the info columns
+    first (one page, wrapping if they must), then the metric columns, each page led by column 0."""
+    pages = [list(range(min(first, len(widths))))]
+    current, used = [0], widths[0] + 1
+    for i in range(first, len(widths)):
+        if len(current) > 1 and used + widths[i] > width:
+            pages.append(current)
+            current, used = [0], widths[0] + 1
+        current.append(i)
+        used += widths[i]
+    if len(current) > 1:
+        pages.append(current)
+    # The info page and the first metric page share a table when they fit together.
+    if len(pages) > 1 and sum(widths[i] for i in pages[0]) + sum(widths[i] for i in pages[1][1:]) + 1 <= width:
+        pages[:2] = [pages[0] + pages[1][1:]]
+    return pages

@@ -84,6 +84,8 @@ class Trainer:
         self.dist = distributed.current()
         self.progress = progress and self.dist.is_main
         t = cfg.train
+        if t.threads is not None:
+            torch.set_num_threads(t.threads)
         self.device = pick_device(t.device, self.dist.local_rank)
         torch.manual_seed(cfg.seed)
         self.dataset = build_dataset(cfg)
@@ -100,6 +102,9 @@ class Trainer:
         if resume:
             resume_state = load_checkpoint(self.run_dir)
             self.step = int(resume_state["step"])
+            if self.step >= t.steps:
+                raise ConfigError(f"--resume {self.run_dir}: the run is at step {self.step} and train.steps={t.steps}, "
+                                  f"so there is nothing to train; pass train.steps=N with N > {self.step}")
         elif t.init_from:
             self._load_init(t.init_from)
         distributed.broadcast_parameters(self.net)
@@ -123,7 +128,7 @@ class Trainer:
         self.ema = self.train_step_fn.ema
         try:
             self.stream = BatchStream(self.dataset, t.batch_size, seed=cfg.seed, rank=self.dist.rank,
-                                      world_size=self.dist.world_size)
+                                      world_size=self.dist.world_size, allow_repeats=t.batch_with_repeats)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._stop_signal = 0
