@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "gpu_check.py"
@@ -95,25 +96,24 @@ def test_tiny_run_every_part_ok(tmp_path):
     assert "| part | status |" in proc.stdout  # the table is printed at the end
 
 
-def test_failed_and_hung_parts_are_recorded_and_later_parts_run(tmp_path):
-    proc, report, out = _run(tmp_path, "--parts", "environment,numerics,sampling", "--fail-part", "environment",
-                             "--fail-part", "numerics:hang", "--timeouts", "numerics=2", "--budget-s", "300")
+def test_failed_part_is_recorded_and_later_parts_run(tmp_path):
+    proc, report, out = _run(tmp_path, "--parts", "environment,sampling", "--fail-part", "environment",
+                             "--budget-s", "300")
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = report["parts"]
-    assert list(parts) == ["environment", "numerics", "sampling"]
+    assert list(parts) == ["environment", "sampling"]
     assert parts["environment"]["status"] == "failed" and parts["environment"]["returncode"] != 0
     assert "injected failure" in parts["environment"]["error"]
-    assert parts["numerics"]["status"] == "timeout" and "timed out" in parts["numerics"]["error"]
     assert parts["sampling"]["status"] == "ok" and len(parts["sampling"]["result"]["rows"]) == 2
     md = (out / "gpu_check.md").read_text()
-    assert "## environment: failed" in md and "## numerics: timeout" in md and "## sampling: ok" in md
+    assert "## environment: failed" in md and "## sampling: ok" in md
 
 
-def test_small_budget_skips_later_parts(tmp_path):
-    proc, report, _ = _run(tmp_path, "--budget-s", "8", timeout=120)
+def test_hung_part_times_out_and_a_small_budget_skips_later_parts(tmp_path):
+    proc, report, _ = _run(tmp_path, "--budget-s", "6", "--fail-part", "environment:hang", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = report["parts"]
-    assert parts["environment"]["status"] in ("ok", "timeout")  # started: it fitted
+    assert parts["environment"]["status"] == "timeout" and "timed out" in parts["environment"]["error"]
     for name in PARTS[1:]:
         assert parts[name]["status"] == "skipped" and "budget" in parts[name]["reason"], (name, parts[name])
 
@@ -180,3 +180,32 @@ def test_generic_objective_rows_match_float64_with_cpu_drawn_randomness():
         assert rows[0]["vs_float64"]["grad_rel"] < 1e-5  # fp32: the same randomness, not merely close
     (row,) = tool.generic_objective_rows("consistency_training", net, x, y, torch.device("cpu"))
     assert row["pass"] is False and "total_steps" in row["error"]
+
+
+def test_bench_skip_oom_and_stream(monkeypatch, capsys):
+    """tools/bench.py --skip-oom --stream (what the bench parts call): an out-of-memory row becomes an
+    error row and the next row runs; rows come out one by one with ratios to the earlier flow-matching row."""
+    spec = importlib.util.spec_from_file_location("bench_tool", TOOL.parent / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def fake_bench_one(**c):
+        if c["objective"].startswith("meanflow:jvp_only"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if c["objective"] == "boom":
+            raise RuntimeError("something else")
+        ms = {"flow_matching": 10.0, "meanflow": 11.0}[c["objective"]]
+        return {"backbone": c["backbone"], "objective": c["objective"], "batch": c["batch"], "compile": c["compile"],
+                "ms_per_step": ms, "peak_mem_mb": 2 * ms}
+
+    monkeypatch.setattr(bench, "bench_one", fake_bench_one)
+    assert bench.main(["--backbones", "test_dit", "--batch", "8", "--device", "cpu", "--skip-oom", "--stream",
+                       "--objectives", "flow_matching;meanflow:jvp_only_r_neq_t=false;meanflow"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["objective"] for r in rows] == ["flow_matching", "meanflow:jvp_only_r_neq_t=false", "meanflow"]
+    assert rows[1]["error"] == "out of memory" and rows[1]["ms_per_step"] is None
+    assert rows[1]["ratio_to_flow_matching"] is None
+    assert rows[0]["ratio_to_flow_matching"] == 1.0
+    assert rows[2]["ratio_to_flow_matching"] == 1.1 and rows[2]["mem_ratio_to_flow_matching"] == 1.1
+    with pytest.raises(RuntimeError, match="something else"):  # anything but an allocation failure stops it
+        bench.main(["--device", "cpu", "--skip-oom", "--objectives", "boom"])

@@ -146,21 +146,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_group(pid: int, grace: float = 10.0) -> None:
+def kill_group(pid: int, grace: float = 5.0, proc: subprocess.Popen | None = None) -> None:
     """SIGTERM the process group led by ``pid`` (a process this tool started with its own session),
-    then SIGKILL what is left after ``grace`` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + wait
+    wait up to ``grace`` seconds for the leader (``proc``, reaped here) or the group to go, then
+    SIGKILL whatever is left of the group."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    else:
+        deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             try:
                 os.killpg(pid, 0)
             except (ProcessLookupError, PermissionError):
                 return
             time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def run_process(cmd: list[str], timeout: float, *, cwd: Path = ROOT, env: dict | None = None,
@@ -168,7 +174,8 @@ def run_process(cmd: list[str], timeout: float, *, cwd: Path = ROOT, env: dict |
     """Run ``cmd`` in its own session with a timeout (killing its whole process group on expiry).
 
     stdout/stderr go to files (no pipe to fill up); returns rc (None on timeout), timed_out, wall_s,
-    stdout, stderr. ``children_file`` gets the pid, so whoever kills us can kill it too.
+    stdout, stderr. ``children_file`` gets the pid when it starts and -pid once it is gone, so
+    whoever kills us can kill what we left running.
     """
     out_path, err_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
     t0 = time.monotonic()
@@ -182,15 +189,18 @@ def run_process(cmd: list[str], timeout: float, *, cwd: Path = ROOT, env: dict |
             rc = proc.wait(timeout=max(1.0, timeout))
             timed_out = False
         except subprocess.TimeoutExpired:
-            kill_group(proc.pid)
+            kill_group(proc.pid, proc=proc)
             proc.wait()
             rc, timed_out = None, True
         finally:
-            if proc.poll() is None:
-                kill_group(proc.pid, grace=2.0)
+            if proc.poll() is None:  # interrupted while waiting
+                kill_group(proc.pid, grace=2.0, proc=proc)
         # Leftovers of the group (e.g. torchrun workers) after a normal exit.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        if children_file is not None:
+            with open(children_file, "a") as f:
+                f.write(f"-{proc.pid}\n")  # done: nothing of this group is left to kill
     return {"rc": rc, "timed_out": timed_out, "wall_s": round(time.monotonic() - t0, 2),
             "stdout": read_text(out_path), "stderr": read_text(err_path)}
 
@@ -1172,12 +1182,12 @@ class Runner:
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         # the worker gets a few seconds past its own deadline to write up before it is killed
         try:
-            out = run_process([sys.executable, str(TOOL), "--_worker", part, "--_spec", str(spec_file)], timeout + 5,
+            out = run_process([sys.executable, str(TOOL), "--_worker", part, "--_spec", str(spec_file)], timeout + 3,
                               env=env, log_dir=self.work, name=f"part_{part}")
-        finally:
-            for line in read_text(children).split():  # whatever the worker started and left behind
-                with contextlib.suppress(ValueError):
-                    kill_group(int(line), grace=2.0)
+        finally:  # whatever the worker started and left running when it was killed
+            started = [int(x) for x in read_text(children).split() if x.lstrip("-").isdigit()]
+            for pid in {p for p in started if p > 0} - {-p for p in started if p < 0}:
+                kill_group(pid, grace=2.0)
         result = {}
         with contextlib.suppress(OSError, json.JSONDecodeError):
             result = json.loads(result_file.read_text())
