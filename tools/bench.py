@@ -15,6 +15,13 @@ Where that is unavailable (other OSes) CPU rows report null. That fixed threshol
 (up to 2x step time on these models), so on the CPU the times come from a first pass with the
 allocator untouched and the memory from a second pass (1 warm-up + 1 measured step per row);
 ``--no-cpu-memory`` skips the second pass.
+
+For long GPU runs: ``--skip-oom`` turns a row that runs out of memory into a row with
+``"error": "out of memory"`` (null figures) and goes on with the next; ``--stream`` prints each JSON
+row as soon as it is measured (so a killed run keeps its finished rows), with ratios against a
+flow-matching row measured earlier in the same group (list ``flow_matching`` first) and no CPU
+memory pass; ``--compile-backend`` picks the ``torch.compile`` backend (``aot_eager`` for a quick
+CPU check of the compiled path).
 """
 from __future__ import annotations
 
@@ -97,7 +104,8 @@ class PeakMemory:
 
 def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...], steps: int, warmup: int,
               device: torch.device, precision: str, num_classes: int, objective_kwargs: dict, *,
-              regularizer: str | None = None, compile: bool = False, cpu_peak: bool = False) -> dict:
+              regularizer: str | None = None, compile: bool = False, cpu_peak: bool = False,
+              compile_backend: str = "inductor") -> dict:
     torch.manual_seed(0)
     net = BACKBONES.build(backbone, input_shape=shape, num_classes=num_classes).to(device)
     name, _, spec = objective.partition(":")  # "meanflow:jvp_only_r_neq_t=false,ratio_r_neq_t=0.5"
@@ -114,7 +122,8 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
     opt = make_optimizer(params, "adam", 1e-4, (0.9, 0.95), 0.0)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device) if num_classes else None
-    train_net = torch.compile(net) if compile else net  # as train.compile: the JVP runs on the eager module
+    # As train.compile: the JVP runs on the eager module.
+    train_net = torch.compile(net, backend=compile_backend) if compile else net
     step_fn = TrainStep(net, obj, regs, opt, ema_decay=0.9999, precision=precision, train_net=train_net, device=device)
 
     def step():
@@ -137,9 +146,50 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
     peak = memory.stop()
     ms = 1000 * elapsed / steps
     return {"backbone": backbone, "objective": objective + (f"+{regularizer}" if regularizer else ""), "batch": batch, "input_shape": list(shape),
-            "device": str(device), "precision": precision, "compile": compile, "ms_per_step": round(ms, 2),
+            "device": str(device), "precision": precision, "compile": compile,
+            "compile_backend": compile_backend if compile else None, "ms_per_step": round(ms, 2),
             "steps_per_s": round(1000 / ms, 3), "images_per_s": round(batch * 1000 / ms, 1),
             "peak_mem_mb": peak, "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An allocation failure on the device (also the cuBLAS/cuDNN ones that surface as RuntimeError)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+
+
+def bench_or_oom(config: dict, **kwargs) -> dict:
+    """``bench_one``, or a row with ``"error": "out of memory"`` and null figures when it runs out."""
+    try:
+        return bench_one(**config, **kwargs)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_oom(exc):
+            raise
+    # Out of memory. Freed here, outside the except block: its traceback (and the tensors its frames
+    # hold) is gone by now.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    c = config
+    return {"backbone": c["backbone"], "objective": c["objective"] + (f"+{c['regularizer']}" if c["regularizer"] else ""),
+            "batch": c["batch"], "input_shape": list(c["shape"]), "device": str(c["device"]),
+            "precision": c["precision"], "compile": c["compile"],
+            "compile_backend": kwargs.get("compile_backend", "inductor") if c["compile"] else None,
+            "ms_per_step": None, "steps_per_s": None, "images_per_s": None, "peak_mem_mb": None, "params_m": None,
+            "error": "out of memory"}
+
+
+def add_ratios(row: dict, group: list[dict]) -> dict:
+    """Time and memory ratios of ``row`` to the flow-matching row of ``group`` with the same compile setting."""
+    ref = next((q for q in group if q["objective"] == "flow_matching" and q["compile"] == row["compile"]
+                and q["ms_per_step"]), None)
+    row["ratio_to_flow_matching"] = (round(row["ms_per_step"] / ref["ms_per_step"], 3)
+                                     if ref and row["ms_per_step"] else None)
+    row["mem_ratio_to_flow_matching"] = (round(row["peak_mem_mb"] / ref["peak_mem_mb"], 3)
+                                         if ref and ref["peak_mem_mb"] and row["peak_mem_mb"] is not None else None)
+    return row
 
 
 def main(argv=None) -> int:
@@ -162,11 +212,19 @@ def main(argv=None) -> int:
     p.add_argument("--compile", choices=["off", "on", "both"], default="off",
                    help="torch.compile the network (inductor; warmup steps absorb compilation); 'both' times "
                         "each row eager and compiled. Ratios compare rows with the same setting.")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--no-cpu-memory", action="store_true",
                    help="CPU: skip the peak-memory pass (peak_mem_mb is then null)")
+    p.add_argument("--skip-oom", action="store_true",
+                   help="a row that runs out of memory becomes a row with error 'out of memory'; go on")
+    p.add_argument("--stream", action="store_true",
+                   help="print each JSON row as soon as it is measured (implies --json and --no-cpu-memory; "
+                        "ratios against an earlier flow_matching row of the same group)")
     args = p.parse_args(argv)
+    if args.stream:
+        args.json, args.no_cpu_memory = True, True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -186,20 +244,27 @@ def main(argv=None) -> int:
                                           objective_kwargs=json.loads(args.objective_kwargs), regularizer=reg,
                                           compile=compiled))
             groups.append(group)
+    run = (lambda c, **kw: bench_or_oom(c, **kw)) if args.skip_oom else (lambda c, **kw: bench_one(**c, **kw))
+    extra = dict(compile_backend=args.compile_backend)
+    if args.stream:
+        for group in groups:
+            done = []
+            for c in group:
+                done.append(run(c, steps=args.steps, warmup=args.warmup, **extra))
+                print(json.dumps(add_ratios(done[-1], done)), flush=True)
+        return 0
     # Timing first, with the allocator as it is; then, on the CPU, a separate memory pass (1 warm-up,
     # 1 measured step per row): the resident-set tracking fixes glibc's mmap threshold at 64 KiB for the
     # rest of the process, which slows allocation (up to 2x on these models) and must not enter the times.
-    timed = [[bench_one(**c, steps=args.steps, warmup=args.warmup) for c in group] for group in groups]
+    timed = [[run(c, steps=args.steps, warmup=args.warmup, **extra) for c in group] for group in groups]
     if cpu_memory and cpu_peak_tracking():
         for group, rows_ in zip(groups, timed):
             for c, r in zip(group, rows_):
-                r["peak_mem_mb"] = bench_one(**c, steps=1, warmup=1, cpu_peak=True)["peak_mem_mb"]
+                if r.get("error") is None:
+                    r["peak_mem_mb"] = run(c, steps=1, warmup=1, cpu_peak=True, **extra)["peak_mem_mb"]
     for group in timed:
         for r in group:
-            ref = next((q for q in group if q["objective"] == "flow_matching" and q["compile"] == r["compile"]), None)
-            r["ratio_to_flow_matching"] = round(r["ms_per_step"] / ref["ms_per_step"], 3) if ref else None
-            r["mem_ratio_to_flow_matching"] = (round(r["peak_mem_mb"] / ref["peak_mem_mb"], 3)
-                                               if ref and ref["peak_mem_mb"] else None)
+            add_ratios(r, group)
         rows += group
     if args.json:
         for r in rows:
