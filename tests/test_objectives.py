@@ -618,3 +618,21 @@ def test_jvp_only_on_r_neq_t_equals_full_jvp():
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     with pytest.raises(ConfigError, match="jvp_kernel. must be one of"):
         OBJECTIVES.build("meanflow", jvp_kernel="flash")
+
+
+def test_bf16_plain_forward_stays_bf16_while_the_jvp_is_fp32():
+    """target_fp32 turns autocast off for the target side (guided velocity, tangent, JVP) only: the
+    r = t samples' plain forward keeps the ambient bf16 autocast."""
+    torch.manual_seed(0)
+    net = BACKBONES.build("test_mlp", input_shape=(2,))
+    seen = []
+    hook = net.blocks[0].fc1.register_forward_hook(lambda m, i, o: seen.append((i[0].shape[0], o.dtype)))
+    obj = OBJECTIVES.build("meanflow", ratio_r_neq_t=0.25)
+    x = torch.randn(16, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = obj.loss(net, x, None, step=0)
+    hook.remove()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss).all()
+    assert sorted(seen) == [(4, torch.float32), (12, torch.bfloat16)]  # JVP on 4 samples in fp32, 12 plain in bf16
+    out.loss.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)

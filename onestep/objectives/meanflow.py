@@ -209,7 +209,12 @@ class MeanFlow(Objective):
             y = None
         dtype = torch.float32 if self.target_fp32 else x.dtype
         dtype = torch.promote_types(dtype, x.dtype)
-        precision = (torch.autocast(device_type=x.device.type, enabled=False) if self.target_fp32
+        # The target side (guided velocity, tangent, JVP) in float32 with autocast off; the plain
+        # forward of the r = t samples keeps the ambient autocast (bf16 training stays bf16 there).
+        device_type = x.device.type
+        ambient = (torch.autocast(device_type=device_type, dtype=torch.get_autocast_dtype(device_type))
+                   if torch.is_autocast_enabled(device_type) else contextlib.nullcontext())
+        precision = (torch.autocast(device_type=device_type, enabled=False) if self.target_fp32
                      else contextlib.nullcontext())
         with precision:
             x, e = x.to(dtype), e.to(dtype)
@@ -224,7 +229,7 @@ class MeanFlow(Objective):
             v_tangent = (v_tilde if self.jvp_tangent == "sample"
                          else self.model_tangent(net, z, t, r, y, v_tilde, guided_outputs=guided_outputs))
             # u and du/dt from a JVP along (v_tangent, 1, 1) in (z, t, h).
-            u, dudt, features = self.u_and_dudt(net, z, t, r, v_tangent, y, feature_blocks)
+            u, dudt, features = self.u_and_dudt(net, z, t, r, v_tangent, y, feature_blocks, plain_precision=ambient)
         # Stop-gradient target, in float32.
         u_tgt = meanflow_target(v_tilde, dudt, t, r)
         # Per-sample sum of squares, adaptively weighted.
@@ -236,7 +241,7 @@ class MeanFlow(Objective):
         return LossOutput(loss=loss, features=features, logs=logs)
 
     def u_and_dudt(self, net: nn.Module, z: Tensor, t: Tensor, r: Tensor, v: Tensor, y: Tensor | None,
-                   feature_blocks: tuple[int, ...] = ()) -> tuple[Tensor, Tensor, list[Tensor]]:
+                   feature_blocks: tuple[int, ...] = (), plain_precision=None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """u_θ (with graph), du/dt and features for the batch.
 
         With ``jvp_only_r_neq_t`` the JVP runs only on the samples with r ≠ t (25 % by default) and a
@@ -255,12 +260,14 @@ class MeanFlow(Objective):
         # JVP on the r != t samples.
         u_j, dudt_j, feats_j = meanflow_jvp(net, z[idx_j], t[idx_j], (t - r)[idx_j], v[idx_j], take(y, idx_j),
                                             feature_blocks, self.jvp_kernel)
-        # Plain forward (h = 0) on the r == t samples.
+        # Plain forward (h = 0) on the r == t samples, under ``plain_precision`` (the caller's autocast).
         z_p, t_p, y_p = z[idx_p], t[idx_p], take(y, idx_p)
-        if feature_blocks:
-            u_p, feats_p = net.forward_features(z_p, t_p, torch.zeros_like(t_p), y_p, blocks=tuple(feature_blocks))
-        else:
-            u_p, feats_p = net(z_p, t_p, torch.zeros_like(t_p), y_p), []
+        with plain_precision if plain_precision is not None else contextlib.nullcontext():
+            if feature_blocks:
+                u_p, feats_p = net.forward_features(z_p, t_p, torch.zeros_like(t_p), y_p,
+                                                    blocks=tuple(feature_blocks))
+            else:
+                u_p, feats_p = net(z_p, t_p, torch.zeros_like(t_p), y_p), []
         # Back to batch order.
         inverse = torch.argsort(torch.cat([idx_j, idx_p]))
         u = torch.cat([u_j, u_p.to(u_j.dtype)])[inverse]
