@@ -66,3 +66,19 @@ def test_cpu_peak_memory_follows_live_tensors():
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     for mib, peak in zip((80, 20), peaks):
         assert 2 * mib - 2 < peak < 2 * mib + 12, (mib, peak)
+
+
+def test_rounds_report_median_and_spread():
+    out = subprocess.run([sys.executable, str(TOOL), "--backbones", "test_mlp", "--input-shape", "2", "--batch", "32",
+                          "--objectives", "flow_matching,meanflow", "--steps", "2", "--warmup", "1", "--rounds", "3",
+                          "--json", "--threads", "1", "--no-cpu-memory"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    fm, mf = rows
+    for r in rows:
+        assert r["rounds"] == 3 and len(r["ms_per_step_rounds"]) == 3
+        lo, hi = r["ms_range"]
+        assert lo <= r["ms_per_step"] <= hi and sorted(r["ms_per_step_rounds"])[1] == r["ms_per_step"]
+    assert fm["ratio_rounds"] == [1.0, 1.0, 1.0] and fm["ratio_to_flow_matching"] == 1.0
+    lo, hi = mf["ratio_range"]
+    assert lo <= mf["ratio_to_flow_matching"] <= hi and len(mf["ratio_rounds"]) == 3

@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -192,6 +193,27 @@ def add_ratios(row: dict, group: list[dict]) -> dict:
     return row
 
 
+def _over_rounds(rows: list[dict], groups: list[list[dict]], index: int) -> dict:
+    """One row from the same row's results over rounds: median ms/step and, per round, the ratio to
+    that round's flow-matching row; spreads as [min, max]."""
+    if len(rows) == 1:
+        return rows[0]
+    out = dict(rows[0])
+    times = [r["ms_per_step"] for r in rows if r.get("ms_per_step")]
+    if not times:
+        return out
+    ratios = [add_ratios(dict(r), g)["ratio_to_flow_matching"] for r, g in zip(rows, groups)]
+    ratios = [q for q in ratios if q is not None]
+    ms = statistics.median(times)
+    out.update({"rounds": len(rows), "ms_per_step": round(ms, 2), "ms_per_step_rounds": times,
+                "ms_range": [min(times), max(times)], "steps_per_s": round(1000 / ms, 3),
+                "images_per_s": round(out["batch"] * 1000 / ms, 1)})
+    if ratios:
+        out.update({"ratio_to_flow_matching": round(statistics.median(ratios), 3), "ratio_rounds": ratios,
+                    "ratio_range": [min(ratios), max(ratios)], "mem_ratio_to_flow_matching": None})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", default="dit_s_2")
@@ -214,6 +236,10 @@ def main(argv=None) -> int:
                         "each row eager and compiled. Ratios compare rows with the same setting.")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every row this many times, the rows interleaved round by round; rows report the "
+                        "median ms/step and ratio with their spread (min, max over rounds), so one lucky round "
+                        "cannot stand as the figure")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--no-cpu-memory", action="store_true",
                    help="CPU: skip the peak-memory pass (peak_mem_mb is then null)")
@@ -256,7 +282,12 @@ def main(argv=None) -> int:
     # Timing first, with the allocator as it is; then, on the CPU, a separate memory pass (1 warm-up,
     # 1 measured step per row): the resident-set tracking fixes glibc's mmap threshold at 64 KiB for the
     # rest of the process, which slows allocation (up to 2x on these models) and must not enter the times.
-    timed = [[run(c, steps=args.steps, warmup=args.warmup, **extra) for c in group] for group in groups]
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    rounds = [[[run(c, steps=args.steps, warmup=args.warmup, **extra) for c in group] for group in groups]
+              for _ in range(args.rounds)]
+    timed = [[_over_rounds([rnd[g][i] for rnd in rounds], [rnd[g] for rnd in rounds], i) for i in range(len(group))]
+             for g, group in enumerate(groups)]
     if cpu_memory and cpu_peak_tracking():
         for group, rows_ in zip(groups, timed):
             for c, r in zip(group, rows_):
@@ -264,7 +295,10 @@ def main(argv=None) -> int:
                     r["peak_mem_mb"] = run(c, steps=1, warmup=1, cpu_peak=True, **extra)["peak_mem_mb"]
     for group in timed:
         for r in group:
-            add_ratios(r, group)
+            if "ratio_rounds" in r:  # keep the per-round time ratios; memory is measured once
+                r["mem_ratio_to_flow_matching"] = add_ratios(dict(r), group)["mem_ratio_to_flow_matching"]
+            else:
+                add_ratios(r, group)
         rows += group
     if args.json:
         for r in rows:
@@ -276,6 +310,9 @@ def main(argv=None) -> int:
     table = Table(title=f"onestep bench — {device}, {args.precision}, {args.steps} timed steps")
     cols = ["backbone", "objective", "batch", "compile", "ms_per_step", "images_per_s", "peak_mem_mb",
             "ratio_to_flow_matching", "mem_ratio_to_flow_matching"]
+    if args.rounds > 1:
+        cols[5:5] = ["ms_range"]
+        cols.insert(cols.index("ratio_to_flow_matching") + 1, "ratio_range")
     for c in cols:
         table.add_column(c)
     for r in rows:
