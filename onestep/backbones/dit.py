@@ -18,11 +18,8 @@ from torch import nn
 from ..registry import BACKBONES
 from .attention import Attention
 from .layers import (
-    GUIDANCE_KEYS,
     BlockFeatures,
-    LabelEmbedder,
-    TimestepEmbedder,
-    batch_times,
+    TimeConditioned,
     check_input_shape,
     modulate,
     sincos_pos_embed_2d,
@@ -73,7 +70,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(BlockFeatures, nn.Module):
+class DiT(TimeConditioned, BlockFeatures, nn.Module):
     """Diffusion transformer with two time embedders (t and h = t - r) and an optional class embedder.
 
     ``forward(x, t, h=None, y=None, *, cond=None)``: (B, C, H, W) -> (B, C, H, W). ``h=None`` means
@@ -122,20 +119,13 @@ class DiT(BlockFeatures, nn.Module):
 
         self.x_embedder = nn.Conv2d(channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, *self.grid_size).unsqueeze(0), persistent=False)
-        self.t_embedder = TimestepEmbedder(hidden_size, frequency_size, time_scale)
-        self.h_embedder = TimestepEmbedder(hidden_size, frequency_size, time_scale)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.add_time_embedders(hidden_size, frequency_size, time_scale, num_classes)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, channels)
-        self.cond_keys = GUIDANCE_KEYS if guidance_conditions else ()
         self.guidance_embedders = None
         self.reset_parameters()
         # Built after the other weights are drawn, so with the same seed they are the unguided net's.
-        if guidance_conditions:
-            self.guidance_embedders = nn.ModuleDict(
-                {key: TimestepEmbedder(hidden_size, frequency_size, time_scale) for key in GUIDANCE_KEYS}
-            )
-            self._reset_guidance()
+        self.add_guidance_embedders(guidance_conditions, hidden_size, frequency_size, time_scale, normal_init=True)
 
     def reset_parameters(self) -> None:
         """DiT initialisation: xavier linears, zero adaLN modulations and zero output layer.
@@ -162,32 +152,11 @@ class DiT(BlockFeatures, nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self._reset_guidance()
-
-    def _reset_guidance(self) -> None:
-        if self.guidance_embedders is not None:
-            for embedder in self.guidance_embedders.values():
-                embedder.reset_parameters()
-                nn.init.zeros_(embedder.mlp[-1].weight)
-                nn.init.zeros_(embedder.mlp[-1].bias)
+        self.reset_guidance_embedders(normal_init=True)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, p·p·C) -> (B, C, H, W)."""
         return unpatchify(tokens, self.input_shape[0], self.patch_size, self.grid_size)
-
-    def condition(self, t: torch.Tensor, h: torch.Tensor | None, y: torch.Tensor | None, batch_size: int,
-                  device: torch.device, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """c = emb_t(t) + emb_h(h) [+ emb_y(y)] [+ emb_ω(1 − 1/ω) + emb_tmin(t_min) + emb_tmax(t_max)]:
-        (B, hidden_size). ``cond`` is the resolved dict of (B,) tensors (guided nets only)."""
-        t = batch_times(t, batch_size, device)
-        h = torch.zeros_like(t) if h is None else batch_times(h, batch_size, device)
-        c = self.t_embedder(t) + self.h_embedder(h)
-        if self.y_embedder is not None:
-            c = c + self.y_embedder(y, batch_size, device)
-        if self.guidance_embedders is not None and cond is not None:
-            emb = self.guidance_embedders
-            c = c + emb["omega"](1 - 1 / cond["omega"]) + emb["t_min"](cond["t_min"]) + emb["t_max"](cond["t_max"])
-        return c
 
     def _run(self, x, t, h, y, blocks: list[int], cond: dict[str, torch.Tensor] | None = None):
         if tuple(x.shape[1:]) != self.input_shape:

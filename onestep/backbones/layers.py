@@ -212,6 +212,51 @@ def check_input_shape(input_shape: Sequence[int], ndim: int | tuple[int, ...], w
     return shape
 
 
+class TimeConditioned:
+    """Mixin for the adaLN-style backbones (DiT, MLP): the condition vector
+
+        c = emb_t(t) + emb_h(h) [+ emb_y(y)] [+ emb_ω(1 − 1/ω) + emb_tmin(t_min) + emb_tmax(t_max)]
+
+    The embedders are attributes of the backbone itself (``t_embedder``, ``h_embedder``,
+    ``y_embedder``, ``guidance_embedders``), so checkpoints keep their keys."""
+
+    def add_time_embedders(self, width: int, frequency_size: int, time_scale: float, num_classes: int) -> None:
+        self.t_embedder = TimestepEmbedder(width, frequency_size, time_scale)
+        self.h_embedder = TimestepEmbedder(width, frequency_size, time_scale)
+        self.y_embedder = LabelEmbedder(num_classes, width) if num_classes > 0 else None
+
+    def add_guidance_embedders(self, enabled: bool, width: int, frequency_size: int, time_scale: float,
+                               normal_init: bool = False) -> None:
+        """Three more scalar embedders (1 − 1/ω, t_min, t_max) when ``enabled``, their last Linear at zero
+        so a freshly built guided net computes exactly the unguided function."""
+        self.cond_keys = GUIDANCE_KEYS if enabled else ()
+        self.guidance_embedders = None
+        if enabled:
+            self.guidance_embedders = nn.ModuleDict(
+                {key: TimestepEmbedder(width, frequency_size, time_scale) for key in GUIDANCE_KEYS})
+            self.reset_guidance_embedders(normal_init)
+
+    def reset_guidance_embedders(self, normal_init: bool = False) -> None:
+        for embedder in (self.guidance_embedders or {}).values():
+            if normal_init:
+                embedder.reset_parameters()
+            nn.init.zeros_(embedder.mlp[-1].weight)
+            nn.init.zeros_(embedder.mlp[-1].bias)
+
+    def condition(self, t, h, y, batch_size: int, device: torch.device,
+                  cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """c (B, width); ``cond`` is the resolved dict of (B,) tensors (guided nets only)."""
+        t = batch_times(t, batch_size, device)
+        h = torch.zeros_like(t) if h is None else batch_times(h, batch_size, device)
+        c = self.t_embedder(t) + self.h_embedder(h)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, batch_size, device)
+        if self.guidance_embedders is not None and cond is not None:
+            emb = self.guidance_embedders
+            c = c + emb["omega"](1 - 1 / cond["omega"]) + emb["t_min"](cond["t_min"]) + emb["t_max"](cond["t_max"])
+        return c
+
+
 class BlockFeatures:
     """Mixin for backbones: ``forward`` and ``forward_features`` on top of one
     ``_run(x, t, h, y, blocks, cond) -> (out, [features])`` pass, so the two can never disagree.

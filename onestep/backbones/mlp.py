@@ -17,11 +17,8 @@ from torch import nn
 
 from ..registry import BACKBONES
 from .layers import (
-    GUIDANCE_KEYS,
     BlockFeatures,
-    LabelEmbedder,
-    TimestepEmbedder,
-    batch_times,
+    TimeConditioned,
     check_input_shape,
 )
 
@@ -44,7 +41,7 @@ class ResidualBlock(nn.Module):
         return a + self.fc2(self.drop(hidden))
 
 
-class MLP(BlockFeatures, nn.Module):
+class MLP(TimeConditioned, BlockFeatures, nn.Module):
     """Time-conditioned residual MLP: (B, D), t (B,), h (B,) or None, y (B,) or None -> (B, D).
 
     ``forward_features(..., blocks=...)`` also returns the (B, width) activations after the
@@ -75,35 +72,11 @@ class MLP(BlockFeatures, nn.Module):
         self.encoder_blocks = (depth // 2,)
 
         self.in_proj = nn.Linear(dim, width)
-        self.t_embedder = TimestepEmbedder(width, frequency_size, time_scale)
-        self.h_embedder = TimestepEmbedder(width, frequency_size, time_scale)
-        self.y_embedder = LabelEmbedder(num_classes, width) if num_classes > 0 else None
+        self.add_time_embedders(width, frequency_size, time_scale, num_classes)
         self.blocks = nn.ModuleList(ResidualBlock(width, dropout) for _ in range(depth))
         self.out_proj = nn.Sequential(nn.SiLU(), nn.Linear(width, dim))
         # Built last so that, with the same seed, every other weight is drawn as without them.
-        self.cond_keys = GUIDANCE_KEYS if guidance_conditions else ()
-        self.guidance_embedders = None
-        if guidance_conditions:
-            self.guidance_embedders = nn.ModuleDict(
-                {key: TimestepEmbedder(width, frequency_size, time_scale) for key in GUIDANCE_KEYS}
-            )
-            for embedder in self.guidance_embedders.values():
-                nn.init.zeros_(embedder.mlp[-1].weight)
-                nn.init.zeros_(embedder.mlp[-1].bias)
-
-    def condition(self, t, h, y, batch_size: int, device: torch.device,
-                  cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """c = emb_t(t) + emb_h(h) [+ emb_y(y)] [+ emb_ω(1 − 1/ω) + emb_tmin(t_min) + emb_tmax(t_max)]:
-        (B, width). ``cond`` is the resolved dict of (B,) tensors (guided nets only)."""
-        t = batch_times(t, batch_size, device)
-        h = torch.zeros_like(t) if h is None else batch_times(h, batch_size, device)
-        c = self.t_embedder(t) + self.h_embedder(h)
-        if self.y_embedder is not None:
-            c = c + self.y_embedder(y, batch_size, device)
-        if self.guidance_embedders is not None and cond is not None:
-            emb = self.guidance_embedders
-            c = c + emb["omega"](1 - 1 / cond["omega"]) + emb["t_min"](cond["t_min"]) + emb["t_max"](cond["t_max"])
-        return c
+        self.add_guidance_embedders(guidance_conditions, width, frequency_size, time_scale)
 
     def _run(self, x, t, h, y, blocks: list[int], cond: dict[str, torch.Tensor] | None = None):
         if x.ndim != 2 or tuple(x.shape[1:]) != self.input_shape:
