@@ -156,8 +156,10 @@ def load_run(path: str | Path, *, use_ema: bool = True, device: Any = "cpu") -> 
 
 @FORMATS.register("onestep")
 class OnestepFormat(CheckpointFormat):
-    """onestep's own (a plain path): a run directory (its checkpoints/last.pt), a checkpoint file, or an
-    export directory (model.safetensors + config.yaml from `onestep export`, read without pickle).
+    """onestep's own runs, checkpoint files and exports (a plain path without FORMAT: is this format).
+
+    A run directory (its checkpoints/last.pt), a checkpoint file, or an export directory
+    (model.safetensors + config.yaml from `onestep export`, read without pickle).
 
     The backbone is rebuilt from the run's resolved config with its EMA weights (``teacher_ema:
     false``, ``--no-ema``: the raw ones). As a teacher it is the run's network, called with h = 0
