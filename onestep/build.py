@@ -1,5 +1,8 @@
 """Turn a validated Config into objects: the one place where recipe sections become factory kwargs.
 
+Checkpoints (run directories, exports, public files) are read by ``onestep.formats``, which calls
+these builders (``onestep.formats.load_run``).
+
 ``check_buildable(cfg)`` builds everything a recipe names (the backbone on the meta device, so no
 large weights are allocated; the data unless its files are missing) so that every value a factory
 refuses is one ``ConfigError`` line before any work starts (``onestep validate``, ``train``).
@@ -12,11 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from onestep.config import REGULARIZER_LOOP_KEYS, Config, from_dict
+from onestep.config import REGULARIZER_LOOP_KEYS, Config
 from onestep.data.base import Dataset
 from onestep.registry import (BACKBONES, DATASETS, LOGGERS, METRICS, OBJECTIVES, REGULARIZERS, ConfigError,
                               DataNotFound)
-from onestep.utils.rundir import load_checkpoint, resolve_checkpoint
 
 
 def _kwargs(entry: dict[str, Any], exclude: tuple[str, ...] = ("name",)) -> dict[str, Any]:
@@ -50,33 +52,18 @@ def build_backbone(cfg: Config, dataset: Dataset | None) -> nn.Module:
     return BACKBONES.build(cfg.backbone["name"], **kwargs)
 
 
-# Objective keys handled here rather than by the factory.
-OBJECTIVE_BUILD_KEYS = ("name", "teacher_ema")
+# Objective keys handled here rather than by the factory (the teacher spec is resolved by the caller).
+OBJECTIVE_BUILD_KEYS = ("name", "teacher", "teacher_ema")
 
 
-def build_objective(cfg: Config, dataset: Dataset | None = None, device: Any = "cpu", *, with_teacher: bool = True):
-    """The objective; a ``teacher: RUN_DIR|CKPT`` string becomes a frozen backbone rebuilt from that
-    run's own config (EMA weights unless ``teacher_ema: false``), checked against the data.
-    ``with_teacher=False`` (sampling, evaluation) leaves the teacher out."""
+def build_objective(cfg: Config, dataset: Dataset | None = None, teacher: nn.Module | None = None):
+    """The objective of ``cfg``; ``teacher`` is the frozen module for a recipe's ``objective.teacher``
+    (the formats layer turns the spec into one: ``onestep.formats.resolve_teacher``) or None
+    (sampling, evaluation, validation: the objective is built without it)."""
     kwargs = _kwargs(cfg.objective, OBJECTIVE_BUILD_KEYS)
-    if not with_teacher:
-        kwargs.pop("teacher", None)
-    elif isinstance(kwargs.get("teacher"), str):
-        kwargs["teacher"] = load_teacher(kwargs["teacher"], dataset, use_ema=cfg.objective.get("teacher_ema", True),
-                                         device=device)
+    if teacher is not None:
+        kwargs["teacher"] = teacher
     return OBJECTIVES.build(cfg.objective["name"], **kwargs)
-
-
-def load_teacher(path: str, dataset: Dataset | None, *, use_ema: bool = True, device: Any = "cpu") -> nn.Module:
-    run = load_run(path, use_ema=use_ema, device=device)
-    if dataset is not None:
-        if tuple(run.dataset.shape) != tuple(dataset.shape) or run.dataset.num_classes != dataset.num_classes:
-            raise ConfigError(
-                f"objective.teacher={path} was trained on data of shape {tuple(run.dataset.shape)} with "
-                f"{run.dataset.num_classes} classes; this run's data has shape {tuple(dataset.shape)} with "
-                f"{dataset.num_classes} classes"
-            )
-    return run.net
 
 
 @dataclass
@@ -117,34 +104,6 @@ def count_parameters(net: nn.Module) -> int:
 
 
 @dataclass
-class LoadedRun:
-    cfg: Config
-    net: nn.Module
-    objective: Any
-    dataset: Dataset
-    step: int
-    path: Any
-
-
-def config_from_checkpoint(state: dict[str, Any]) -> Config:
-    return from_dict({k: v for k, v in state["config"].items() if k != "meta"})
-
-
-def load_run(path: Any, *, use_ema: bool = True, device: Any = "cpu") -> LoadedRun:
-    """Rebuild the data, backbone (EMA weights by default) and objective of a run dir or checkpoint."""
-    ckpt = resolve_checkpoint(path)
-    state = load_checkpoint(ckpt)
-    cfg = config_from_checkpoint(state)
-    dataset = build_dataset(cfg)
-    net = build_backbone(cfg, dataset)
-    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    net.load_state_dict(weights)
-    net.to(device).eval().requires_grad_(False)
-    return LoadedRun(cfg, net, build_objective(cfg, dataset, device, with_teacher=False), dataset,
-                     int(state["step"]), ckpt)
-
-
-@dataclass
 class BuildCheck:
     """What ``check_buildable`` found: the dataset (None when its files are missing, with the reason)
     and the parameter count of the backbone."""
@@ -172,7 +131,7 @@ def check_buildable(cfg: Config, *, need_data: bool = False) -> BuildCheck:
             raise ConfigError(f"backbone '{cfg.backbone['name']}': {exc} (the data did not load, so the recipe "
                               f"must give backbone.input_shape and backbone.num_classes)") from None
         build_regularizers(cfg, net)
-    build_objective(cfg, dataset, with_teacher=False)
+    build_objective(cfg, dataset)
     for registry, specs in ((METRICS, cfg.eval.metrics or []), (LOGGERS, cfg.train.loggers)):
         for spec in specs:  # factories only check their options (nothing is opened or downloaded)
             name, options = (spec, {}) if isinstance(spec, str) else (spec["name"], _kwargs(spec))

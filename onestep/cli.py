@@ -1,4 +1,4 @@
-"""The ``onestep`` command line: train, sample, eval, compare, ls, validate.
+"""The ``onestep`` command line: train, sample, eval, export, compare, ls, validate.
 
 Config -> kwargs conversion happens here and in ``onestep.build``; the library below never parses argv.
 """
@@ -104,6 +104,8 @@ def _dry_run(cfg, run_dir: Path) -> int:
     if check.data_note:
         _console(stderr=True).print(f"[yellow]note:[/] data not loaded ({check.data_note}); "
                                     f"using backbone input_shape/num_classes from the recipe")
+    for note in _checkpoint_notes(cfg):
+        _console(stderr=True).print(f"[yellow]note:[/] {note}")
     resolved = cfg.to_dict()
     resolved["backbone"] = {"name": cfg.backbone["name"], **to_plain(backbone_kwargs(cfg, check.dataset))}
     print(dump_yaml(resolved), end="")
@@ -113,14 +115,28 @@ def _dry_run(cfg, run_dir: Path) -> int:
     return 0
 
 
+def _checkpoint_notes(cfg) -> list[str]:
+    """Notes on the checkpoints a recipe names (objective.teacher, train.init_from) whose files are
+    not here; a bad spec (unknown format, a format that cannot initialise) is a ConfigError."""
+    from onestep.formats import spec_note
+
+    specs = [("objective.teacher", cfg.objective.get("teacher"), False), ("train.init_from", cfg.train.init_from, True)]
+    notes = [spec_note(spec, where=where, init=init) for where, spec, init in specs if isinstance(spec, str)]
+    return [n for n in notes if n]
+
+
+def _model_step(run) -> str:
+    return f"step {run.step}" if run.step is not None else f"{run.format} checkpoint"
+
+
 # --------------------------------------------------------------------------------------------- sample
 def cmd_sample(args) -> int:
     import numpy as np
 
-    from onestep.build import load_run
     from onestep.eval.evaluate import decodes_to_images
     from onestep.eval.fidelity import to_uint8_rgb
     from onestep.eval.generate import generate
+    from onestep.formats import open_model
     from onestep.utils.device import pick_device
     from onestep.viz import save_samples_png, to_uint8_images
 
@@ -128,7 +144,7 @@ def cmd_sample(args) -> int:
     if out.suffix not in (".png", ".npz"):
         raise ConfigError(f"--out must end in .png or .npz, got '{out.name}'")
     device = pick_device(args.device)
-    run = load_run(args.run, use_ema=not args.no_ema, device=device)
+    run = open_model(args.run, device=device, ema=not args.no_ema, guidance=args.guidance, vae=args.vae)
     if args.class_id is not None and not 0 <= args.class_id < run.dataset.num_classes:
         raise ConfigError(f"--class {args.class_id}: this run has {run.dataset.num_classes} classes "
                           f"(allowed 0..{run.dataset.num_classes - 1})" if run.dataset.num_classes else
@@ -151,14 +167,15 @@ def cmd_sample(args) -> int:
             arrays["arr_1"] = y.numpy().astype(np.int64)
         np.savez(out, **arrays)
     what = "VAE-decoded images" if decode else "latents (model coordinates)" if kind == "latent" else "samples"
-    print(f"wrote {len(x)} {what} ({args.nfe} NFE, step {run.step}) to {out}")
+    print(f"wrote {len(x)} {what} ({args.nfe} NFE, {_model_step(run)}) to {out}")
     return 0
 
 
 # --------------------------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from onestep.build import load_run
+    from onestep.config import EvalConfig
     from onestep.eval.evaluate import evaluate_model
+    from onestep.formats import open_model
     from onestep.registry import METRICS
     from onestep.utils import distributed
     from onestep.utils.device import pick_device
@@ -170,8 +187,8 @@ def cmd_eval(args) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     for m in metrics or []:
         METRICS.get(m)
-    run = load_run(args.run, use_ema=not args.no_ema, device=device)
-    ev = run.cfg.eval
+    run = open_model(args.run, device=device, ema=not args.no_ema, guidance=args.guidance, vae=args.vae)
+    ev = run.cfg.eval if run.cfg is not None else EvalConfig()
     nfes = args.nfe or ev.nfe
     rows = evaluate_model(run.objective, run.net, run.dataset, nfes=nfes, metrics=metrics or ev.metrics,
                           num_samples=args.num_samples or ev.num_samples,
@@ -187,7 +204,7 @@ def cmd_eval(args) -> int:
         run_dir.append_metrics(rows)
     from rich.table import Table
 
-    table = Table(title=f"{run_dir.name if run_dir else run.path} — step {run.step}")
+    table = Table(title=f"{run_dir.name if run_dir else run.path} — {_model_step(run)}")
     for col in ("nfe", "metric", "value", "samples", "samples/s"):
         table.add_column(col)
     for r in rows:
@@ -196,6 +213,15 @@ def cmd_eval(args) -> int:
     console.print(table)
     for impl in sorted({f"{r['metric']}: {r['implementation']}; reference: {r['reference']}" for r in rows}):
         console.print(f"  {impl}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from onestep.formats import export_model
+
+    out = export_model(args.run, args.out, ema=not args.no_ema, force=args.force)
+    print(out)
     return 0
 
 
@@ -298,7 +324,8 @@ def cmd_validate(args) -> int:
         raise ConfigError("validate needs a RECIPE")
     cfg = load_config(recipe, overrides)
     check = check_buildable(cfg)
-    note = f" (data not loaded: {check.data_note})" if check.data_note else ""
+    notes = ([f"data not loaded: {check.data_note}"] if check.data_note else []) + _checkpoint_notes(cfg)
+    note = f" ({'; '.join(notes)})" if notes else ""
     print(f"OK {recipe}: data={cfg.data['name']} backbone={cfg.backbone['name']} ({check.parameters / 1e6:.2f}M) "
           f"objective={cfg.objective['name']} regularizers={[r['name'] for r in cfg.regularizers]} "
           f"steps={cfg.train.steps}{note}")
@@ -344,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("sample", help="write samples of a run as PNG or NPZ")
-    s.add_argument("run", metavar="RUN_DIR|CKPT")
+    s = sub.add_parser("sample", help="write samples of a run (or any checkpoint) as PNG or NPZ")
+    s.add_argument("run", metavar="RUN_DIR|CKPT|EXPORT|FORMAT:PATH")
     s.add_argument("--nfe", type=_positive_int, default=1)
     s.add_argument("-n", type=_positive_int, default=64, help="number of samples")
     s.add_argument("--seed", type=_non_negative_int, default=0)
@@ -356,10 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="FILE.png (grid / density) or FILE.npz (arr_0, arr_1)")
     s.add_argument("--latents", action="store_true",
                    help="latent runs with data.vae: write the raw latents (float32 arr_0) instead of decoded images")
+    _model_options(s)
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="score n-NFE samples; rows go to RUN/metrics.jsonl")
-    e.add_argument("run", metavar="RUN_DIR|CKPT")
+    e.add_argument("run", metavar="RUN_DIR|CKPT|EXPORT|FORMAT:PATH")
     e.add_argument("--nfe", type=_positive_int, action="append",
                    help="repeat for several (default: eval.nfe of the recipe)")
     e.add_argument("--metrics", help="comma-separated metric names (`onestep ls metrics`)")
@@ -373,7 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: eval.reference, else the training images)")
     e.add_argument("--feature-extractor", help="torch-fidelity feature extractor for fid/isc/kid/prc "
                                                "(default: eval.feature_extractor, else each metric's own)")
+    _model_options(e)
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="write a run's model as DIR/{model.safetensors, config.yaml, README.md}")
+    x.add_argument("run", metavar="RUN_DIR|CKPT")
+    x.add_argument("--out", required=True, metavar="DIR", help="the export directory (refused if not empty)")
+    x.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    x.add_argument("--force", action="store_true", help="overwrite the files of a non-empty DIR")
+    x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("compare", help="one table over runs (and published numbers)")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -397,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("items", nargs="+", metavar="RECIPE [KEY=VALUE ...]")
     v.set_defaults(fn=cmd_validate)
     return p
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale on all channels, for models that guide when sampling "
+                        "(public checkpoints, flow-matching runs)")
+    p.add_argument("--vae", default=None, help="decode latents with this VAE (Hugging Face id or local directory; "
+                                               "default data.vae of the run)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -462,16 +462,16 @@ def test_parse_spec():
         assert parse_spec(not_a_spec) is None
     with pytest.raises(ConfigError) as info:
         parse_spec("sitt:/a.pt")
-    assert_one_line(info, "'sitt'", "dit, repa_sit, sit")
+    assert_one_line(info, "'sitt'", "dit, onestep, repa_sit, sit")
     with pytest.raises(ConfigError) as info:
         parse_spec("sit:/a.pt#depth=3")
     assert_one_line(info, "unknown option 'depth'", "heads")
     with pytest.raises(ConfigError) as info:
         parse_spec("sit:/a.pt#heads=0")
     assert_one_line(info, "heads")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError) as info:  # a plain path is the onestep format (a run, checkpoint or export)
         load_teacher("/ckpt/a.pt")
-    assert_one_line(info, "FORMAT:PATH")
+    assert_one_line(info, "/ckpt/a.pt", "not found")
 
 
 def test_head_count_inference_and_override():
@@ -511,7 +511,7 @@ def test_heads_from_spec_and_argument(tmp_path):
 
 def test_registry_and_descriptions():
     assert REGISTRIES["formats"] is FORMATS
-    assert FORMATS.names() == ["dit", "repa_sit", "sit"]
+    assert FORMATS.names() == ["dit", "onestep", "repa_sit", "sit"]
     for name in FORMATS.names():
         assert get_format(name).name == name and len(describe(name)) > 40
 

@@ -336,7 +336,7 @@ def test_train_sample_eval_on_decoded_latents(encoded, vae_dir, folder, tmp_path
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress"]) == 0
     # The training preview shows the VAE-decoded 1-NFE samples of the EMA model from its fixed noise.
-    from onestep.build import load_run
+    from onestep.formats import load_run
     from onestep.sampling import balanced_labels, sample, seeded_noise
     from onestep.viz import save_samples_png
     from PIL import Image

@@ -1,6 +1,7 @@
 """Evaluation samples: sample i always uses noise seeded by ``sample_seed(seed, i)`` (and any
-multi-step re-noising seeded per sample) and, for class-conditional data, class i % C, so the same
-seed gives the same samples at any batch size and on any number of ranks. ``onestep sample``,
+multi-step re-noising seeded per sample) and, for class-conditional data, class i % C (or one
+``class_id`` for all, or ``labels[i]``), so the same seed gives the same samples at any batch size
+and on any number of ranks. ``onestep sample``,
 ``onestep eval`` and torch-fidelity's generator all go through ``sample_indices``.
 """
 from __future__ import annotations
@@ -15,24 +16,37 @@ from onestep.utils.distributed import gather_batch
 from onestep.utils.seeding import sample_seed, seeded_noise
 
 
+def labels_of(indices: list[int], num_classes: int, class_id: int | None = None,
+              labels: Tensor | None = None) -> Tensor | None:
+    """The classes of samples ``indices``: ``labels[i]`` when given, else ``class_id``, else i % C
+    (None for unconditional data)."""
+    y = balanced_labels(indices, num_classes)
+    if y is None:
+        return None
+    if labels is not None:
+        return labels[torch.as_tensor(list(indices), dtype=torch.long)].to(torch.long)
+    return y if class_id is None else torch.full_like(y, class_id)
+
+
 @torch.no_grad()
 def sample_indices(objective, net, dataset, indices: list[int], *, nfe: int, seed: int, device,
-                   class_id: int | None = None) -> Tensor:
+                   class_id: int | None = None, labels: Tensor | None = None) -> Tensor:
     """Samples number ``indices`` (float, on ``device``): noise and any re-noising seeded per sample,
-    class i % C (or ``class_id``) for conditional data. Sample i does not depend on its batch."""
+    class i % C (or ``class_id``, or ``labels[i]``) for conditional data. Sample i does not depend on
+    its batch."""
     seeds = [sample_seed(seed, i) for i in indices]
     noise = seeded_noise(seeds, tuple(dataset.shape), device)
-    y = balanced_labels(indices, dataset.num_classes)
-    if y is not None and class_id is not None:
-        y = torch.full_like(y, class_id)
+    y = labels_of(indices, dataset.num_classes, class_id, labels)
     return sample(objective, net, noise, None if y is None else y.to(device), nfe=nfe, seeds=seeds).float()
 
 
 def per_rank_sampler(objective, net, dataset, *, nfe: int, seed: int, device, class_id: int | None = None,
-                     transform: Callable[[Tensor], Tensor] | None = None) -> Callable[[list[int]], Tensor]:
+                     transform: Callable[[Tensor], Tensor] | None = None, labels: Tensor | None = None
+                     ) -> Callable[[list[int]], Tensor]:
     """``fn(indices) -> samples`` (then ``transform``) for ``distributed.gather_batch``."""
     def one_rank(idx: list[int]) -> Tensor:
-        x = sample_indices(objective, net, dataset, idx, nfe=nfe, seed=seed, device=device, class_id=class_id)
+        x = sample_indices(objective, net, dataset, idx, nfe=nfe, seed=seed, device=device, class_id=class_id,
+                           labels=labels)
         return x if transform is None else transform(x)
 
     return one_rank
@@ -40,21 +54,27 @@ def per_rank_sampler(objective, net, dataset, *, nfe: int, seed: int, device, cl
 
 @torch.no_grad()
 def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, batch_size: int,
-             device, class_id: int | None = None, transform=None) -> tuple[Tensor, Tensor | None]:
+             device, class_id: int | None = None, transform=None, labels: Tensor | None = None
+             ) -> tuple[Tensor, Tensor | None]:
     """num_samples samples in batches; returns (samples on CPU, labels or None). ``transform``
     maps each batch on the device before it moves to the CPU (e.g. VAE decoding to uint8).
+    ``labels`` (num_samples,): the class of each sample (instead of i % C or ``class_id``).
     Under torchrun every rank calls it: each batch is split over the ranks and all-gathered, and
     every rank returns all samples (the same as one process would)."""
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
+        if labels.numel() != num_samples:
+            raise ValueError(f"got {labels.numel()} labels for {num_samples} samples")
     one_rank = per_rank_sampler(objective, net, dataset, nfe=nfe, seed=seed, device=device, class_id=class_id,
-                                transform=transform)
-    outs, labels = [], []
+                                transform=transform, labels=labels)
+    outs, ys = [], []
     for start in range(0, num_samples, batch_size):
         idx = list(range(start, min(start + batch_size, num_samples)))
-        y = balanced_labels(idx, dataset.num_classes)
+        y = labels_of(idx, dataset.num_classes, class_id, labels)
         if y is not None:
-            labels.append(y if class_id is None else torch.full_like(y, class_id))
+            ys.append(y)
         outs.append(gather_batch(one_rank, idx).cpu())
-    return torch.cat(outs), (torch.cat(labels) if labels else None)
+    return torch.cat(outs), (torch.cat(ys) if ys else None)
 
 
 def model_generator_fn(objective, net, dataset, *, nfe: int, seed: int, device=None,

@@ -80,6 +80,7 @@ class DiTFormat(OfficialFormat):
     """
 
     name = "dit"
+    can_init = False
 
     def load_teacher(self, path: str, *, num_heads: int | None = None, dtype: torch.dtype | None = None,
                      **options) -> nn.Module:
@@ -89,8 +90,11 @@ class DiTFormat(OfficialFormat):
         return VPEpsilonTeacher(freeze(build_dit(arch, official_to_onestep(state, arch), dtype)))
 
     def init_state(self, path: str, backbone: nn.Module, *, num_heads: int | None = None) -> dict[str, torch.Tensor]:
-        raise ConfigError(f"{self.where(path)}: a DiT checkpoint cannot initialise a velocity backbone (an ε-model on a "
-                          f"VP schedule is not a velocity network); use it as a teacher")
+        raise ConfigError(self.init_refusal(path))
+
+    def init_refusal(self, path: str) -> str:
+        return (f"{self.where(path)}: a DiT checkpoint cannot initialise a velocity backbone (an ε-model on a "
+                f"VP schedule is not a velocity network); use it as a teacher")
 
 
 @FORMATS.register("sit")

@@ -136,11 +136,25 @@ def cfg_velocity(v: Tensor, u_cond: Tensor, u_uncond: Tensor, omega: float, kapp
     return omega * v + kappa * u_cond + (1.0 - omega - kappa) * u_uncond
 
 
+def check_guidance_interval(name: str, interval: Any) -> tuple[float, float] | None:
+    """None, or ``[lo, hi]`` with 0 <= lo <= hi <= 1 as a tuple (ValueError naming ``name`` otherwise)."""
+    if interval is None:
+        return None
+    if not isinstance(interval, (list, tuple)) or len(interval) != 2:
+        raise ValueError(f"{name} must be [lo, hi] (times in [0, 1]) or null, got {interval!r}")
+    lo, hi = (float(v) for v in interval)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"{name} must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(interval)}")
+    return lo, hi
+
+
 def guided_output(net: nn.Module, x: Tensor, t: Tensor, h: Tensor, y: Tensor | None,
-                  guidance_scale: float = 1.0) -> Tensor:
+                  guidance_scale: float = 1.0, interval: tuple[float, float] | None = None) -> Tensor:
     """net(x, t, h, y) with classifier-free guidance out(∅) + w·(out(c) − out(∅)).
 
     One batched call for cond + uncond; plain call when w = 1, no labels or unconditional net.
+    ``interval`` = (lo, hi): guidance only for samples with lo <= t <= hi, out(c) elsewhere (REPA's
+    sampler: guidance_low <= t <= guidance_high, in the same t, t = 1 noise).
     """
     num_classes = num_classes_of(net)
     if num_classes == 0:
@@ -150,7 +164,11 @@ def guided_output(net: nn.Module, x: Tensor, t: Tensor, h: Tensor, y: Tensor | N
     null = torch.full_like(y, num_classes)
     out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([h, h]), torch.cat([y, null]))
     cond, uncond = out.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    guided = uncond + guidance_scale * (cond - uncond)
+    if interval is None:
+        return guided
+    inside = (t >= interval[0]) & (t <= interval[1])
+    return torch.where(inside.reshape(-1, *([1] * (x.ndim - 1))), guided, cond)
 
 
 VELOCITY_ESTIMATES = ("conditional", "batch_posterior")
@@ -220,7 +238,8 @@ def target_velocity(estimate: str, x: Tensor, e: Tensor, t: Tensor, labels: Tens
 
 @torch.no_grad()
 def velocity(net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | None = None,
-             guidance_scale: float = 1.0) -> Tensor:
-    """No-grad instantaneous velocity v_θ(z, t) = net(z, t, h=0, y), optionally guided. (B, ...)."""
+             guidance_scale: float = 1.0, interval: tuple[float, float] | None = None) -> Tensor:
+    """No-grad instantaneous velocity v_θ(z, t) = net(z, t, h=0, y), optionally guided (only for t
+    in ``interval`` when given). (B, ...)."""
     t = batch_time(t, z)
-    return guided_output(net, z, t, torch.zeros_like(t), y, guidance_scale)
+    return guided_output(net, z, t, torch.zeros_like(t), y, guidance_scale, interval)

@@ -67,8 +67,8 @@ import torch
 from torch import Tensor, nn
 
 from onestep.objectives.base import LossOutput, Objective, register_objective
-from onestep.objectives.common import (batch_time, check_choice, check_range, drop_labels, expand_time,
-                                       interpolate, num_classes_of, sum_squares)
+from onestep.objectives.common import (batch_time, check_choice, check_guidance_interval, check_range, drop_labels,
+                                       expand_time, interpolate, num_classes_of, sum_squares)
 from onestep.objectives.consistency_math import (SIGMA_MID, consistency_fn, ema_decay_mu, euler_step, heun_step,
                                                  ict_huber_c, karras_sigmas, lognormal_grid_weights, num_scales,
                                                  pseudo_huber, sigma_to_t)
@@ -324,6 +324,8 @@ class ConsistencyDistillation(Consistency):
             Required for training; sampling and evaluation run without it.
         solver: "heun" (default) or "euler" teacher step from t_{n+1} to t_n.
         teacher_guidance: CFG scale of the teacher's velocity (1 = none).
+        teacher_guidance_interval: [lo, hi]: guide the teacher only at times lo <= t <= hi (REPA's
+            sampler guides t <= 0.7: [0, 0.7]); null (default) guides at every t.
         num_scales: N of the Karras grid (CD CIFAR-10: 18).
         index_dist: "lognormal" (default, iCT) or "uniform" (the CD paper) over the grid's intervals.
         weighting: "inverse_delta" (default, iCT: 1/(σ_{i+1} − σ_i)) or "uniform" (the CD paper).
@@ -332,7 +334,8 @@ class ConsistencyDistillation(Consistency):
     """
 
     def __init__(self, teacher: Callable[..., Tensor] | None = None, solver: Literal["heun", "euler"] = "heun",
-                 teacher_guidance: float = 1.0, num_scales: int = 18, target: Literal["sg", "ema"] = "sg",
+                 teacher_guidance: float = 1.0, teacher_guidance_interval: list[float] | None = None,
+                 num_scales: int = 18, target: Literal["sg", "ema"] = "sg",
                  mu0: float = 0.95, metric: Literal["pseudo_huber", "l2"] = "pseudo_huber",
                  huber_c: float | None = None, index_dist: Literal["lognormal", "uniform"] = "lognormal",
                  weighting: Literal["inverse_delta", "uniform"] = "inverse_delta", P_mean: float = -1.1,
@@ -352,6 +355,7 @@ class ConsistencyDistillation(Consistency):
         if not isinstance(num_scales, int) or num_scales < 2:
             raise ValueError(f"num_scales must be an int >= 2, got {num_scales!r}")
         self.teacher, self.solver, self.teacher_guidance = teacher, solver, float(teacher_guidance)
+        self.teacher_guidance_interval = check_guidance_interval("teacher_guidance_interval", teacher_guidance_interval)
         self.num_scales, self.target, self.mu0 = num_scales, target, float(mu0)
         self.index_dist, self.weighting = index_dist, weighting
         self.P_mean, self.P_std = float(P_mean), float(P_std)
@@ -363,7 +367,7 @@ class ConsistencyDistillation(Consistency):
     def teacher_step(self, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
         """z_r from z_t by one teacher ODE step (no grad)."""
         step_fn = heun_step if self.solver == "heun" else euler_step
-        return step_fn(self.teacher, z, t, r, y, self.teacher_guidance)
+        return step_fn(self.teacher, z, t, r, y, self.teacher_guidance, self.teacher_guidance_interval)
 
     def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
              feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:

@@ -118,18 +118,19 @@ def consistency_fn(net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | Non
 
 
 def euler_step(teacher: nn.Module, z: Tensor, t: Tensor | float, r: Tensor | float, y: Tensor | None = None,
-               guidance_scale: float = 1.0) -> Tensor:
-    """One Euler step of dz/dt = v_φ(z, t) from t to r: z_r = z − (t − r)·v_φ(z, t). No grad."""
+               guidance_scale: float = 1.0, interval: tuple[float, float] | None = None) -> Tensor:
+    """One Euler step of dz/dt = v_φ(z, t) from t to r: z_r = z − (t − r)·v_φ(z, t). No grad.
+    ``interval``: guidance only where the evaluated time lies in it (``common.guided_output``)."""
     t, r = batch_time(t, z), batch_time(r, z)
-    return z - expand_time(t - r, z) * velocity(teacher, z, t, y, guidance_scale).to(z.dtype)
+    return z - expand_time(t - r, z) * velocity(teacher, z, t, y, guidance_scale, interval).to(z.dtype)
 
 
 def heun_step(teacher: nn.Module, z: Tensor, t: Tensor | float, r: Tensor | float, y: Tensor | None = None,
-              guidance_scale: float = 1.0) -> Tensor:
+              guidance_scale: float = 1.0, interval: tuple[float, float] | None = None) -> Tensor:
     """One Heun step from t to r: z̃ = z − (t − r)·v(z, t), z_r = z − (t − r)·(v(z, t) + v(z̃, r))/2. No grad."""
     t, r = batch_time(t, z), batch_time(r, z)
     dt = expand_time(t - r, z)
-    v_t = velocity(teacher, z, t, y, guidance_scale).to(z.dtype)
+    v_t = velocity(teacher, z, t, y, guidance_scale, interval).to(z.dtype)
     z_euler = z - dt * v_t
-    v_r = velocity(teacher, z_euler, r, y, guidance_scale).to(z.dtype)
+    v_r = velocity(teacher, z_euler, r, y, guidance_scale, interval).to(z.dtype)
     return z - dt * 0.5 * (v_t + v_r)

@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from onestep.backbones.attention import JVP_KERNELS, jvp_attention
 from onestep.objectives.base import LossOutput, Objective, register_objective
 from onestep.objectives.common import (adaptive_weight, batch_time, cfg_velocity, check_adaptive, check_choice,
-                                       check_range, check_velocity_estimate, drop_labels, eager_module,
-                                       expand_time, interpolate, num_classes_of, sum_squares, target_velocity,
-                                       velocity)
+                                       check_guidance_interval, check_range, check_velocity_estimate, drop_labels,
+                                       eager_module, expand_time, interpolate, num_classes_of, sum_squares,
+                                       target_velocity, velocity)
 from onestep.objectives.time_sampling import check_ratio, sample_t_r
 
 __all__ = ["MeanFlow", "meanflow_target", "meanflow_jvp", "adaptive_weight", "cfg_velocity", "jvp_context"]
@@ -124,6 +124,8 @@ class MeanFlow(Objective):
         teacher: optional frozen net (backbone contract) whose velocity v_φ(z_t, t) replaces
             v = e − x (distillation); its labels follow the same null-id convention.
         teacher_guidance: CFG scale applied to the teacher's velocity (1 = none).
+        teacher_guidance_interval: [lo, hi]: guide the teacher only at times lo <= t <= hi (REPA's
+            sampler guides t <= 0.7: [0, 0.7]); null (default) guides at every t.
         velocity_estimate: v itself: "conditional" (e − x, the paper) or "batch_posterior" (the
             training batch's stable-target-field estimate of E[v | z_t], ``flow_matching`` module
             docstring): the same target in expectation up to the batch's finite size, far lower
@@ -142,6 +144,7 @@ class MeanFlow(Objective):
                  jvp_kernel: Literal["fused", "explicit", "sdpa_math"] = "fused",
                  jvp_tangent: Literal["sample", "model"] = "sample",
                  teacher: Callable[..., Tensor] | None = None, teacher_guidance: float = 1.0,
+                 teacher_guidance_interval: list[float] | None = None,
                  velocity_estimate: Literal["conditional", "batch_posterior"] = "conditional"):
         check_ratio(ratio_r_neq_t)
         check_choice("pairing", pairing, ("sort", "clip"))
@@ -172,6 +175,7 @@ class MeanFlow(Objective):
         self.jvp_tangent = jvp_tangent
         self.teacher = teacher
         self.teacher_guidance = float(teacher_guidance)
+        self.teacher_guidance_interval = check_guidance_interval("teacher_guidance_interval", teacher_guidance_interval)
         check_velocity_estimate(velocity_estimate)
         if teacher is not None and velocity_estimate != "conditional":
             raise ValueError(f"velocity_estimate={velocity_estimate!r} cannot be combined with a teacher: the "
@@ -323,7 +327,8 @@ class MeanFlow(Objective):
         [cfg_t_start, cfg_t_end]) get ω·base + κ·u_θ(z, t, 0 | c) + (1 − ω − κ)·u_θ(z, t, 0 | ∅).
         """
         # Replace v by the teacher velocity when distilling.
-        base = v if self.teacher is None else velocity(self.teacher, z, t, y, self.teacher_guidance).to(v.dtype)
+        base = v if self.teacher is None else velocity(self.teacher, z, t, y, self.teacher_guidance,
+                                                                 self.teacher_guidance_interval).to(v.dtype)
         num_classes = num_classes_of(net)
         if (self.cfg_omega == 1.0 and self.cfg_kappa == 0.0) or num_classes == 0 or y is None:
             return (base, None, None) if return_outputs else (base, None)

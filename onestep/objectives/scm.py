@@ -53,8 +53,8 @@ import torch
 from torch import Tensor, nn
 
 from onestep.objectives.base import LossOutput, Objective, register_objective
-from onestep.objectives.common import (batch_time, check_choice, check_range, drop_labels, eager_module, expand_time,
-                                       num_classes_of, velocity)
+from onestep.objectives.common import (batch_time, check_choice, check_guidance_interval, check_range, drop_labels,
+                                       eager_module, expand_time, num_classes_of, velocity)
 from onestep.objectives.consistency import replayable_rng
 from onestep.objectives.meanflow import jvp_context
 from onestep.registry import ConfigError
@@ -276,6 +276,8 @@ class SCM(Objective):
         teacher: frozen flow-matching net v_φ(z_t, t) = net(z_t, t, h=0, y) (sCD; the recipe gives a run
             directory). Sampling and evaluation run without it.
         teacher_guidance: CFG scale of the teacher's velocity (1 = none), via ``flow_matching.velocity``.
+        teacher_guidance_interval: [lo, hi]: guide the teacher only at times lo <= t <= hi (onestep's t,
+            t = 1 noise); null (default) guides at every t.
         sigma_d: TrigFlow's data scale σ_d (0.5; rCM uses 1).
         interval: h given to the backbone: "zero" (default: a flow-matching checkpoint is the exact
             PF-ODE model, F = dx/dϑ/σ_d, and f its denoiser) or "t" (MeanFlow's r = 0 map).
@@ -329,7 +331,8 @@ class SCM(Objective):
     stochastic_sampling = True  # multi-step sampling re-noises between steps
 
     def __init__(self, mode: Literal["sct", "scd"] = "sct", teacher: Callable[..., Tensor] | None = None,
-                 teacher_guidance: float = 1.0, sigma_d: float = SIGMA_DATA,
+                 teacher_guidance: float = 1.0, teacher_guidance_interval: list[float] | None = None,
+                 sigma_d: float = SIGMA_DATA,
                  interval: Literal["zero", "t"] = "zero", P_mean: float = -1.0, P_std: float = 1.6,
                  train_sigma_min: float = 0.002, train_sigma_max: float = 80.0,
                  tangent_warmup_steps: int = 10_000, tangent_c: float = 0.1,
@@ -363,6 +366,7 @@ class SCM(Objective):
         theta_max = sigma_to_trig(float(sigma_max), float(sigma_d))
         check_range("theta_mid", theta_mid, 0.0, theta_max, low_open=True, high_open=True)
         self.mode, self.teacher, self.teacher_guidance = mode, teacher, float(teacher_guidance)
+        self.teacher_guidance_interval = check_guidance_interval("teacher_guidance_interval", teacher_guidance_interval)
         self.sigma_d, self.interval = float(sigma_d), interval
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.train_sigma_min, self.train_sigma_max = float(train_sigma_min), float(train_sigma_max)
@@ -418,7 +422,7 @@ class SCM(Objective):
         t = trig_to_t(theta, self.sigma_d)
         z_t = expand_time(trig_scale(theta, self.sigma_d), x_theta) * x_theta
         y_teacher = y if num_classes_of(self.teacher) > 0 else None
-        v = velocity(self.teacher, z_t, t, y_teacher, self.teacher_guidance)
+        v = velocity(self.teacher, z_t, t, y_teacher, self.teacher_guidance, self.teacher_guidance_interval)
         return self.sigma_d * velocity_to_trigflow(v, x_theta, theta, self.sigma_d)
 
     # -- loss --------------------------------------------------------------------------------

@@ -22,14 +22,14 @@ from onestep.build import (backbone_kwargs, build_backbone, build_dataset, build
 from onestep.config import Config, to_plain
 from onestep.data.base import BatchStream
 from onestep.eval.evaluate import decodes_to_images, evaluate_model
+from onestep.formats import init_weights, recipe_teacher
 from onestep.loggers import open_loggers
 from onestep.registry import ConfigError
 from onestep.sampling import balanced_labels, sample
 from onestep.train.step import NonFiniteError, TrainStep, make_optimizer
 from onestep.utils import distributed
-from onestep.utils.checkpoint import read_checkpoint_file
 from onestep.utils.device import pick_device
-from onestep.utils.rundir import RunDir, load_checkpoint, resolve_checkpoint
+from onestep.utils.rundir import RunDir, load_checkpoint
 from onestep.utils.seeding import seeded_noise, step_seed
 from onestep.utils.version import versions
 from onestep.viz import save_samples_png
@@ -90,7 +90,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.dataset = build_dataset(cfg)
         self.net = build_backbone(cfg, self.dataset).to(self.device)
-        self.objective = build_objective(cfg, self.dataset, self.device)
+        self.objective = build_objective(cfg, self.dataset, recipe_teacher(cfg, self.dataset, self.device))
         if t.precision == "fp16" and getattr(self.objective, "uses_jvp", False):
             raise ConfigError(f"train.precision=fp16 is refused for '{cfg.objective['name']}' (its JVP target "
                               f"overflows in fp16); use bf16 or fp32")
@@ -143,8 +143,8 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
     def _load_init(self, path: str) -> None:
-        state = read_checkpoint_file(resolve_checkpoint(path))
-        weights = state["ema"] if state.get("ema") is not None else state["model"]
+        """``train.init_from``: any checkpoint spec (``onestep.formats.init_weights``)."""
+        weights = init_weights(path, self.net)
         try:
             self.net.load_state_dict(weights)
         except RuntimeError as exc:
