@@ -600,9 +600,12 @@ def test_jvp_only_on_r_neq_t_equals_full_jvp():
     r = torch.where(torch.arange(8) % 3 == 0, t * 0.3, t)  # 3 of 8 with r != t
     y = torch.randint(0, 11, (8,))
     results = []
-    configs = [(False, "explicit"), (True, "fused"), (False, "fused"), (True, "explicit"), (True, "sdpa_math")]
-    for subset, kernel in configs:
-        obj = OBJECTIVES.build("meanflow", jvp_only_r_neq_t=subset, jvp_kernel=kernel, cfg_omega=1.0, cfg_kappa=0.5)
+    configs = [(False, "explicit", "joint"), (True, "fused", "joint"), (False, "fused", "joint"),
+               (True, "explicit", "joint"), (True, "sdpa_math", "joint"), (True, "fused", "separate"),
+               (False, "explicit", "separate")]
+    for subset, kernel, jvp_pass in configs:
+        obj = OBJECTIVES.build("meanflow", jvp_only_r_neq_t=subset, jvp_kernel=kernel, cfg_omega=1.0, cfg_kappa=0.5,
+                               jvp_pass=jvp_pass)
         net.zero_grad()
         out = obj.loss_given(net, x, y, e=e, t=t, r=r, feature_blocks=(0, 1))
         (out.loss.sum() + out.features[0].square().mean()).backward()
@@ -636,3 +639,19 @@ def test_bf16_plain_forward_stays_bf16_while_the_jvp_is_fp32():
     assert sorted(seen) == [(4, torch.float32), (12, torch.bfloat16)]  # JVP on 4 samples in fp32, 12 plain in bf16
     out.loss.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_separate_jvp_pass_falls_back_with_dropout():
+    from onestep.objectives.meanflow import has_active_dropout
+
+    net = BACKBONES.build("test_dit", input_shape=(4, 8, 8), dropout=0.1)
+    assert has_active_dropout(net.train()) and not has_active_dropout(net.eval())
+    assert not has_active_dropout(BACKBONES.build("test_dit", input_shape=(4, 8, 8)).train())
+    calls = []
+    obj = OBJECTIVES.build("meanflow", jvp_pass="separate")
+    real = obj.u_and_dudt_separate
+    obj.u_and_dudt_separate = lambda *a, **k: calls.append(1) or real(*a, **k)
+    obj.loss(net.train(), torch.randn(8, 4, 8, 8), None, step=0)
+    assert not calls  # dropout active: the joint pass
+    obj.loss(net.eval(), torch.randn(8, 4, 8, 8), None, step=0)
+    assert calls == [1]

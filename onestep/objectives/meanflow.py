@@ -56,6 +56,16 @@ def jvp_context(kernel: str = "fused") -> contextlib.AbstractContextManager:
     return jvp_attention(kernel, tangent_grad=False)
 
 
+def has_active_dropout(net: nn.Module) -> bool:
+    """Whether a forward of ``net`` in its current mode draws a random dropout mask."""
+    def active(m: nn.Module) -> bool:
+        attn_drop = getattr(m, "attn_drop", 0.0)  # attention dropout kept as a probability
+        return (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or \
+            (isinstance(attn_drop, float) and attn_drop > 0)
+
+    return net.training and any(active(m) for m in net.modules())
+
+
 def meanflow_target(v: Tensor, dudt: Tensor, t: Tensor, r: Tensor) -> Tensor:
     """Stop-gradient target sg(v − clip(t − r, 0, 1)·du/dt), in float32 (or wider); v, dudt (B, ...)."""
     dtype = torch.promote_types(torch.promote_types(v.dtype, dudt.dtype), torch.float32)
@@ -111,6 +121,13 @@ class MeanFlow(Objective):
         cfg_t_start, cfg_t_end: guidance only for t in this closed interval.
         target_fp32: run the JVP (and so u_θ), ṽ and the target in float32 with autocast off;
             False runs the JVP under the ambient autocast (the target is still formed in float32).
+        jvp_pass: how u (with gradients) and du/dt are computed for the r ≠ t samples: "joint" — u
+            is the primal of the JVP itself (one pass, but the tangent's ops are recorded for autograd
+            as well); "separate" — the JVP runs without any graph (du/dt only, float32) and u of every
+            sample comes from one batched plain forward (the r ≠ t samples' primal is computed twice;
+            the gradient-carrying pass is an ordinary forward, compile- and autocast-friendly). Same
+            loss and gradients (tested in float64). A net with active dropout always uses "joint"
+            (the two passes would draw different masks).
         jvp_only_r_neq_t: take the JVP only for samples with r ≠ t (a plain forward for the rest,
             whose correction is zero); False runs one JVP over the whole batch. Same loss either way.
         jvp_kernel: attention inside the JVP: "fused" (SDPA primal + its own forward-mode rule,
@@ -141,6 +158,7 @@ class MeanFlow(Objective):
                  adaptive_p: float = 1.0, adaptive_c: float = 0.01, class_dropout: float = 0.1,
                  cfg_omega: float = 1.0, cfg_kappa: float = 0.0, cfg_t_start: float = 0.0,
                  cfg_t_end: float = 1.0, target_fp32: bool = True, jvp_only_r_neq_t: bool = True,
+                 jvp_pass: Literal["joint", "separate"] = "joint",
                  jvp_kernel: Literal["fused", "explicit", "sdpa_math"] = "fused",
                  jvp_tangent: Literal["sample", "model"] = "sample",
                  teacher: Callable[..., Tensor] | None = None, teacher_guidance: float = 1.0,
@@ -170,6 +188,8 @@ class MeanFlow(Objective):
         self.cfg_t_start, self.cfg_t_end = float(cfg_t_start), float(cfg_t_end)
         self.target_fp32 = bool(target_fp32)
         self.jvp_only_r_neq_t = bool(jvp_only_r_neq_t)
+        check_choice("jvp_pass", jvp_pass, ("joint", "separate"))
+        self.jvp_pass = jvp_pass
         self.jvp_kernel = jvp_kernel
         check_choice("jvp_tangent", jvp_tangent, ("sample", "model"))
         self.jvp_tangent = jvp_tangent
@@ -254,6 +274,8 @@ class MeanFlow(Objective):
         """
         moving = t != r
         n_moving = int(moving.sum())
+        if self.jvp_pass == "separate" and n_moving and not has_active_dropout(net):
+            return self.u_and_dudt_separate(net, z, t, r, v, y, feature_blocks, plain_precision)
         if not self.jvp_only_r_neq_t or n_moving in (0, t.shape[0]):
             return meanflow_jvp(net, z, t, t - r, v, y, feature_blocks, self.jvp_kernel)
         idx_j, idx_p = moving.nonzero().squeeze(1), (~moving).nonzero().squeeze(1)
@@ -278,6 +300,24 @@ class MeanFlow(Objective):
         dudt = torch.cat([dudt_j, torch.zeros_like(u_p, dtype=dudt_j.dtype)])[inverse]
         features = [torch.cat([a, b.to(a.dtype)])[inverse] for a, b in zip(feats_j, feats_p)]
         return u, dudt, features
+
+    def u_and_dudt_separate(self, net: nn.Module, z: Tensor, t: Tensor, r: Tensor, v: Tensor, y: Tensor | None,
+                            feature_blocks: tuple[int, ...] = (), plain_precision=None
+                            ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``jvp_pass="separate"``: du/dt from a graph-free JVP on the r ≠ t samples (all samples when
+        ``jvp_only_r_neq_t`` is off), then u and the features of every sample from one batched plain
+        forward with h = t − r, under ``plain_precision``."""
+        index = (t != r).nonzero().squeeze(1) if self.jvp_only_r_neq_t else torch.arange(t.shape[0], device=t.device)
+        h = t - r
+        with torch.no_grad():
+            _, dudt_j, _ = meanflow_jvp(net, z[index], t[index], h[index], v[index],
+                                        None if y is None else y[index], (), self.jvp_kernel)
+        dudt = torch.zeros_like(z, dtype=dudt_j.dtype).index_copy(0, index, dudt_j)
+        with plain_precision if plain_precision is not None else contextlib.nullcontext():
+            if feature_blocks:
+                u, features = net.forward_features(z, t, h, y, blocks=tuple(feature_blocks))
+                return u, dudt, list(features)
+            return net(z, t, h, y), dudt, []
 
     @torch.no_grad()
     def model_tangent(self, net: nn.Module, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None,
