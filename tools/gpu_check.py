@@ -80,11 +80,12 @@ TARGET_TIME_RATIO, TARGET_MEM_RATIO = 1.2, 1.3
 BENCH_OBJECTIVES = (  # (objective spec for tools/bench.py, label); flow matching first
     ("flow_matching", "flow matching"),
     ("meanflow", "MeanFlow default (JVP on r≠t, fused attention rule, JVP in fp32)"),
+    ("meanflow:jvp_pass=separate", "MeanFlow, graph-free JVP + one batched forward"),
     ("meanflow:target_fp32=false", "MeanFlow default, JVP under bf16 autocast"),
     ("meanflow:jvp_kernel=explicit", "MeanFlow JVP on r≠t only (explicit attention)"),
     ("meanflow:jvp_only_r_neq_t=false,jvp_kernel=explicit", "MeanFlow plain JVP (baseline)"),
 )
-DEFAULT_MEANFLOW = ("meanflow", "meanflow:target_fp32=false")  # the rows checked against the targets
+DEFAULT_MEANFLOW = ("meanflow", "meanflow:jvp_pass=separate", "meanflow:target_fp32=false")  # checked vs targets
 GENERIC_OBJECTIVES = ("meanflow", "improved_meanflow", "scm")  # compared through objective.loss(...)
 
 SIZES = {
