@@ -106,6 +106,10 @@ def _dry_run(cfg, run_dir: Path) -> int:
     print(dump_yaml(resolved), end="")
     n = check.parameters
     print(f"# backbone {cfg.backbone['name']}: {n:,} parameters ({n / 1e6:.1f}M)")
+    if check.inference_parameters is not None and check.inference_parameters != n:
+        k = check.inference_parameters
+        print(f"# inference model: {k:,} parameters ({k / 1e6:.1f}M); training adds the v-head: "
+              f"{n:,} ({n / 1e6:.1f}M)")
     print(f"# dry run: nothing trained; the run would be written to {run_dir}")
     return 0
 
@@ -135,8 +139,10 @@ def cmd_sample(args) -> int:
     # Latent runs with a VAE: decode every batch on the device into uint8 images right away.
     decode = decodes_to_images(run.dataset) and not args.latents
     transform = (lambda x: to_uint8_rgb(run.dataset.decode(x))) if decode else None
+    cond = _guidance(run, [args.guidance] if args.guidance is not None else None, args.guidance_interval)[0]
     x, y = generate(run.objective, run.net, run.dataset, num_samples=args.n, nfe=args.nfe, seed=args.seed,
-                    batch_size=args.batch_size, device=device, class_id=args.class_id, transform=transform)
+                    batch_size=args.batch_size, device=device, class_id=args.class_id, transform=transform,
+                    cond=cond)
     kind = "image" if decode else run.dataset.kind
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
@@ -148,8 +154,42 @@ def cmd_sample(args) -> int:
             arrays["arr_1"] = y.numpy().astype(np.int64)
         np.savez(out, **arrays)
     what = "VAE-decoded images" if decode else "latents (model coordinates)" if kind == "latent" else "samples"
-    print(f"wrote {len(x)} {what} ({args.nfe} NFE, step {run.step}) to {out}")
+    guided = "" if cond is None else f", guidance {cond['omega']:g} on [{cond['t_min']:g}, {cond['t_max']:g}]"
+    print(f"wrote {len(x)} {what} ({args.nfe} NFE{guided}, step {run.step}) to {out}")
     return 0
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    """'1,2.5' -> [1.0, 2.5] (None stays None); a ConfigError naming ``option`` otherwise."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated numbers, got '{text}'") from None
+
+
+def _guidance(run, omegas: list[float] | None, interval: str | None) -> list[dict | None]:
+    """The cond of each guidance value (--guidance, else the recipe's eval.guidance; [None] for none),
+    checked against the model: guidance needs a guidance-conditioned model."""
+    from onestep.sampling import check_guidance, guidance_cond
+
+    ev = run.cfg.eval
+    window = _floats(interval, "--guidance-interval")
+    if window is not None and len(window) != 2:
+        raise ConfigError(f"--guidance-interval takes two numbers T_MIN,T_MAX, got '{interval}'")
+    if omegas is None:
+        if window is not None:
+            raise ConfigError("--guidance-interval needs --guidance (the guidance scale)")
+        omegas = ev.guidance if isinstance(ev.guidance, list) else [ev.guidance]
+        window = ev.guidance_interval
+    try:
+        conds = [guidance_cond(w, window) for w in omegas]
+        if any(c is not None for c in conds):
+            check_guidance(run.objective, run.net)
+    except ValueError as exc:
+        raise ConfigError(f"--guidance: {exc}") from None
+    return conds
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -170,12 +210,15 @@ def cmd_eval(args) -> int:
     run = load_run(args.run, use_ema=not args.no_ema, device=device)
     ev = run.cfg.eval
     nfes = args.nfe or ev.nfe
+    conds = _guidance(run, _floats(args.guidance, "--guidance"), args.guidance_interval)
+    interval = next(([c["t_min"], c["t_max"]] for c in conds if c is not None), None)
     rows = evaluate_model(run.objective, run.net, run.dataset, nfes=nfes, metrics=metrics or ev.metrics,
                           num_samples=args.num_samples or ev.num_samples,
                           seed=ev.seed if args.seed is None else args.seed, batch_size=args.batch_size or ev.batch_size,
                           device=device, step=run.step, weights="model" if args.no_ema else "ema",
                           reference=args.reference or ev.reference,
-                          feature_extractor=args.feature_extractor or ev.feature_extractor)
+                          feature_extractor=args.feature_extractor or ev.feature_extractor,
+                          guidance=[None if c is None else c["omega"] for c in conds], guidance_interval=interval)
     distributed.shutdown()
     run_dir = run_of_checkpoint(run.path)
     if not dist_info.is_main:
@@ -185,15 +228,24 @@ def cmd_eval(args) -> int:
     from rich.table import Table
 
     table = Table(title=f"{run_dir.name if run_dir else run.path} — step {run.step}")
-    for col in ("nfe", "metric", "value", "samples", "samples/s"):
+    guided = any(r.get("guidance") is not None for r in rows)
+    for col in ("nfe", "metric", "value", "samples", "samples/s") + (("guidance",) if guided else ()):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r["nfe"]), r["metric"], f"{r['value']:.5g}", str(r["num_samples"]), f"{r['samples_per_s']:.0f}")
+        table.add_row(str(r["nfe"]), r["metric"], f"{r['value']:.5g}", str(r["num_samples"]), f"{r['samples_per_s']:.0f}",
+                      *((_guidance_label(r),) if guided else ()))
     console = _console()
     console.print(table)
     for impl in sorted({f"{r['metric']}: {r['implementation']}; reference: {r['reference']}" for r in rows}):
         console.print(f"  {impl}")
     return 0
+
+
+def _guidance_label(row: dict) -> str:
+    if row.get("guidance") is None:
+        return "-"
+    lo, hi = row.get("guidance_interval") or (0.0, 1.0)
+    return f"{row['guidance']:g} on [{lo:g}, {hi:g}]"
 
 
 # --------------------------------------------------------------------------------------------- compare
@@ -309,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="FILE.png (grid / density) or FILE.npz (arr_0, arr_1)")
     s.add_argument("--latents", action="store_true",
                    help="latent runs with data.vae: write the raw latents (float32 arr_0) instead of decoded images")
+    s.add_argument("--guidance", type=float, metavar="W",
+                   help="guidance scale given to a guidance-conditioned model (improved_meanflow; default: eval.guidance)")
+    s.add_argument("--guidance-interval", metavar="T_MIN,T_MAX", help="times the guidance applies to (default 0,1)")
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="score n-NFE samples; rows go to RUN/metrics.jsonl")
@@ -325,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: eval.reference, else the training images)")
     e.add_argument("--feature-extractor", help="torch-fidelity feature extractor for fid/isc/kid/prc "
                                                "(default: eval.feature_extractor, else each metric's own)")
+    e.add_argument("--guidance", metavar="W[,W...]",
+                   help="guidance scale(s) of a guidance-conditioned model (improved_meanflow); several: a sweep, "
+                        "rows per value (default: eval.guidance)")
+    e.add_argument("--guidance-interval", metavar="T_MIN,T_MAX", help="times the guidance applies to (default 0,1)")
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("compare", help="one table over runs (and published numbers)")
