@@ -108,8 +108,8 @@ def _dry_run(cfg, run_dir: Path) -> int:
     print(f"# backbone {cfg.backbone['name']}: {n:,} parameters ({n / 1e6:.1f}M)")
     if check.inference_parameters is not None and check.inference_parameters != n:
         k = check.inference_parameters
-        print(f"# inference model: {k:,} parameters ({k / 1e6:.1f}M); training adds the v-head: "
-              f"{n:,} ({n / 1e6:.1f}M)")
+        print(f"# inference model (without the training-only v-head): {k:,} parameters ({k / 1e6:.1f}M); "
+              f"training: {n / 1e6:.1f}M")
     print(f"# dry run: nothing trained; the run would be written to {run_dir}")
     return 0
 
