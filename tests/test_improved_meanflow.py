@@ -552,3 +552,14 @@ def test_dry_run_prints_inference_and_training_parameters(capsys):
     out = capsys.readouterr().out
     assert "# backbone imf_dit_b_2: 145,596,960 parameters" in out
     assert "# inference model (without the training-only v-head): 88,935,184 parameters (88.9M)" in out
+
+
+def test_imf_recipes_use_the_published_latent_statistics():
+    from onestep.config import load_config
+    from onestep.data.latents import IMF_LATENT_MEAN, IMF_LATENT_STD
+
+    for size in ("b2", "m2", "l2", "xl2"):
+        cfg = load_config(f"imf_{size}")
+        assert cfg.data["latent_mean"] == IMF_LATENT_MEAN and cfg.data["latent_std"] == IMF_LATENT_STD
+        assert "scale" not in cfg.data and cfg.objective["name"] == "improved_meanflow"
+        assert cfg.train.optimizer == "adamw" and cfg.train.betas == (0.9, 0.95) and cfg.train.batch_size == 1024
