@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from onestep.config import Config
 from onestep.data.base import Dataset
 from onestep.eval.generate import generate as _generate
-from onestep.formats import open_model, with_guidance
+from onestep.formats import open_model
+from onestep.sampling import with_guidance
 from onestep.registry import ConfigError
 from onestep.utils.device import pick_device
 
@@ -41,7 +42,8 @@ class Model:
     unconditional); ``decode``: latents -> images in [-1, 1] when a VAE is known (``data.vae`` or
     ``vae=``), else None; ``spec``: what was loaded; ``step``: the training step (None for public
     checkpoints); ``format``: ``onestep``, ``dit``, ``sit`` or ``repa_sit``; ``data``: the dataset or
-    its stand-in; ``cfg``: the run's config (None for public checkpoints); ``device``.
+    its stand-in; ``cfg``: the run's config (None for public checkpoints); ``device``;
+    ``guidance``, ``guidance_interval``: the default guidance of ``generate`` (None: the model's own).
     """
 
     net: nn.Module
@@ -55,31 +57,41 @@ class Model:
     data: Dataset
     cfg: Config | None
     device: torch.device
+    guidance: float | None = None
+    guidance_interval: tuple[float, float] | None = None
 
 
 def load_model(spec_or_run: Any, *, device: str | torch.device = "cpu", ema: bool = True,
-               guidance: float | None = None, vae: str | None = None) -> Model:
+               guidance: float | None = None, guidance_interval: tuple[float, float] | None = None,
+               vae: str | None = None) -> Model:
     """Load any checkpoint: an onestep run directory, checkpoint file or export directory (a plain
     path), or ``FORMAT:PATH`` of a public one (``dit:``, ``sit:``, ``repa_sit:``; ``#heads=N`` for
     non-standard widths). ``ema``: the EMA weights of onestep runs (default) or the raw ones.
-    ``guidance``: the default classifier-free guidance scale of models that guide at sampling time
-    (flow-matching runs, public checkpoints). ``vae``: decode latents with this VAE."""
+    ``guidance``: the default guidance scale: the network input ω of guidance-conditioned models
+    (improved_meanflow, on ``guidance_interval``), or the classifier-free guidance scale of models
+    that guide at sampling time (flow-matching runs, public checkpoints). ``vae``: decode latents
+    with this VAE."""
     device = pick_device(str(device)) if isinstance(device, str) else torch.device(device)
-    run = open_model(spec_or_run, device=device, ema=ema, guidance=guidance, vae=vae)
+    run = open_model(spec_or_run, device=device, ema=ema, vae=vae)
+    try:
+        with_guidance(run.objective, run.net, guidance, guidance_interval)  # checked now, applied per call
+    except ValueError as exc:
+        raise ConfigError(f"load_model: guidance: {exc}") from None
     data = run.dataset
     decode = data.decode if getattr(data, "decodes_to_images", False) else None
     return Model(net=run.net, objective=run.objective, data_shape=tuple(data.shape), num_classes=int(data.num_classes),
                  decode=decode, spec=str(spec_or_run), step=run.step, format=run.format, data=data, cfg=run.cfg,
-                 device=device)
+                 device=device, guidance=guidance, guidance_interval=guidance_interval)
 
 
 def generate(model: Model, n: int, nfe: int = 1, y: int | Sequence[int] | Tensor | None = None, seed: int = 0,
-             batch_size: int = 512, guidance: float | None = None) -> tuple[Tensor, Tensor | None]:
+             batch_size: int = 512, guidance: float | None = None,
+             guidance_interval: tuple[float, float] | None = None) -> tuple[Tensor, Tensor | None]:
     """``n`` samples of ``model`` in ``nfe`` network evaluations -> (samples (n, *data_shape) float32
     on the CPU in the model's coordinates, labels (n,) or None).
 
     ``y``: None (class i % C for sample i), one class id for all, or n class ids. ``guidance``
-    overrides the model's sampling-time guidance scale for this call."""
+    (and ``guidance_interval``) override the model's guidance for this call (``load_model``)."""
     if n < 1 or nfe < 1 or batch_size < 1:
         raise ConfigError(f"generate: n, nfe and batch_size must be >= 1, got {n}, {nfe}, {batch_size}")
     classes = model.num_classes
@@ -97,6 +109,11 @@ def generate(model: Model, n: int, nfe: int = 1, y: int | Sequence[int] | Tensor
             given = labels
         if given.numel() and not (0 <= int(given.min()) and int(given.max()) < classes):
             raise ConfigError(f"generate: class ids must be in 0..{classes - 1}")
-    objective = with_guidance(model.objective, guidance)
+    if guidance is None:
+        guidance, guidance_interval = model.guidance, model.guidance_interval
+    try:
+        objective, cond = with_guidance(model.objective, model.net, guidance, guidance_interval)
+    except ValueError as exc:
+        raise ConfigError(f"generate: guidance: {exc}") from None
     return _generate(objective, model.net, model.data, num_samples=n, nfe=nfe, seed=seed, batch_size=batch_size,
-                     device=model.device, class_id=class_id, labels=labels)
+                     device=model.device, class_id=class_id, labels=labels, cond=cond)

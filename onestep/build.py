@@ -111,6 +111,9 @@ class BuildCheck:
     dataset: Dataset | None
     data_note: str | None
     parameters: int
+    #: Parameters of the inference model when the backbone has training-only parts (an auxiliary
+    #: v-head: ``inference_parameters()``), else None.
+    inference_parameters: int | None = None
 
 
 def check_buildable(cfg: Config, *, need_data: bool = False) -> BuildCheck:
@@ -131,9 +134,14 @@ def check_buildable(cfg: Config, *, need_data: bool = False) -> BuildCheck:
             raise ConfigError(f"backbone '{cfg.backbone['name']}': {exc} (the data did not load, so the recipe "
                               f"must give backbone.input_shape and backbone.num_classes)") from None
         build_regularizers(cfg, net)
-    build_objective(cfg, dataset)
+    objective = build_objective(cfg, dataset)
+    try:
+        objective.check_backbone(net)
+    except ValueError as exc:
+        raise ConfigError(f"objective '{cfg.objective['name']}' with backbone '{cfg.backbone['name']}': {exc}") from None
     for registry, specs in ((METRICS, cfg.eval.metrics or []), (LOGGERS, cfg.train.loggers)):
         for spec in specs:  # factories only check their options (nothing is opened or downloaded)
             name, options = (spec, {}) if isinstance(spec, str) else (spec["name"], _kwargs(spec))
             registry.build(name, **options)
-    return BuildCheck(dataset, note, count_parameters(net))
+    inference = net.inference_parameters() if hasattr(net, "inference_parameters") else None
+    return BuildCheck(dataset, note, count_parameters(net), inference)

@@ -111,6 +111,10 @@ def _dry_run(cfg, run_dir: Path) -> int:
     print(dump_yaml(resolved), end="")
     n = check.parameters
     print(f"# backbone {cfg.backbone['name']}: {n:,} parameters ({n / 1e6:.1f}M)")
+    if check.inference_parameters is not None and check.inference_parameters != n:
+        k = check.inference_parameters
+        print(f"# inference model (without the training-only v-head): {k:,} parameters ({k / 1e6:.1f}M); "
+              f"training: {n / 1e6:.1f}M")
     print(f"# dry run: nothing trained; the run would be written to {run_dir}")
     return 0
 
@@ -137,6 +141,7 @@ def cmd_sample(args) -> int:
     from onestep.eval.fidelity import to_uint8_rgb
     from onestep.eval.generate import generate
     from onestep.formats import open_model
+    from onestep.sampling import with_guidance
     from onestep.utils.device import pick_device
     from onestep.viz import save_samples_png, to_uint8_images
 
@@ -144,7 +149,7 @@ def cmd_sample(args) -> int:
     if out.suffix not in (".png", ".npz"):
         raise ConfigError(f"--out must end in .png or .npz, got '{out.name}'")
     device = pick_device(args.device)
-    run = open_model(args.run, device=device, ema=not args.no_ema, guidance=args.guidance, vae=args.vae)
+    run = open_model(args.run, device=device, ema=not args.no_ema, vae=args.vae)
     if args.class_id is not None and not 0 <= args.class_id < run.dataset.num_classes:
         raise ConfigError(f"--class {args.class_id}: this run has {run.dataset.num_classes} classes "
                           f"(allowed 0..{run.dataset.num_classes - 1})" if run.dataset.num_classes else
@@ -154,8 +159,15 @@ def cmd_sample(args) -> int:
     # Latent runs with a VAE: decode every batch on the device into uint8 images right away.
     decode = decodes_to_images(run.dataset) and not args.latents
     transform = (lambda x: to_uint8_rgb(run.dataset.decode(x))) if decode else None
-    x, y = generate(run.objective, run.net, run.dataset, num_samples=args.n, nfe=args.nfe, seed=args.seed,
-                    batch_size=args.batch_size, device=device, class_id=args.class_id, transform=transform)
+    omegas, interval = _guidance(run, [args.guidance] if args.guidance is not None else None, args.guidance_interval)
+    omega = omegas[0]
+    try:
+        objective, cond = with_guidance(run.objective, run.net, omega, interval if omega is not None else None)
+    except ValueError as exc:
+        raise ConfigError(f"--guidance: {exc}") from None
+    x, y = generate(objective, run.net, run.dataset, num_samples=args.n, nfe=args.nfe, seed=args.seed,
+                    batch_size=args.batch_size, device=device, class_id=args.class_id, transform=transform,
+                    cond=cond)
     kind = "image" if decode else run.dataset.kind
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
@@ -167,8 +179,37 @@ def cmd_sample(args) -> int:
             arrays["arr_1"] = y.numpy().astype(np.int64)
         np.savez(out, **arrays)
     what = "VAE-decoded images" if decode else "latents (model coordinates)" if kind == "latent" else "samples"
-    print(f"wrote {len(x)} {what} ({args.nfe} NFE, {_model_step(run)}) to {out}")
+    guided = "" if omega is None else f", guidance {omega:g}" + (
+        "" if cond is None else f" on [{cond['t_min']:g}, {cond['t_max']:g}]")
+    print(f"wrote {len(x)} {what} ({args.nfe} NFE{guided}, {_model_step(run)}) to {out}")
     return 0
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    """'1,2.5' -> [1.0, 2.5] (None stays None); a ConfigError naming ``option`` otherwise."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated numbers, got '{text}'") from None
+
+
+def _guidance(run, omegas: list[float] | None, interval: str | None) -> tuple[list[float | None], list | None]:
+    """(guidance values, interval): --guidance / --guidance-interval, else the run's eval.guidance /
+    eval.guidance_interval ([None]: the model as it is). ``sampling.with_guidance`` decides what a value
+    means for the model (a network input ω, or a classifier-free guidance scale) and refuses others."""
+    window = _floats(interval, "--guidance-interval")
+    if window is not None and len(window) != 2:
+        raise ConfigError(f"--guidance-interval takes two numbers T_MIN,T_MAX, got '{interval}'")
+    if omegas is None:
+        if window is not None:
+            raise ConfigError("--guidance-interval needs --guidance (the guidance scale)")
+        ev = run.cfg.eval if run.cfg is not None else None
+        if ev is None or ev.guidance is None:
+            return [None], None
+        return (list(ev.guidance) if isinstance(ev.guidance, list) else [ev.guidance]), ev.guidance_interval
+    return omegas, window
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -187,15 +228,17 @@ def cmd_eval(args) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     for m in metrics or []:
         METRICS.get(m)
-    run = open_model(args.run, device=device, ema=not args.no_ema, guidance=args.guidance, vae=args.vae)
+    run = open_model(args.run, device=device, ema=not args.no_ema, vae=args.vae)
     ev = run.cfg.eval if run.cfg is not None else EvalConfig()
     nfes = args.nfe or ev.nfe
+    omegas, interval = _guidance(run, _floats(args.guidance, "--guidance"), args.guidance_interval)
     rows = evaluate_model(run.objective, run.net, run.dataset, nfes=nfes, metrics=metrics or ev.metrics,
                           num_samples=args.num_samples or ev.num_samples,
                           seed=ev.seed if args.seed is None else args.seed, batch_size=args.batch_size or ev.batch_size,
                           device=device, step=run.step, weights="model" if args.no_ema else "ema",
                           reference=args.reference or ev.reference,
-                          feature_extractor=args.feature_extractor or ev.feature_extractor)
+                          feature_extractor=args.feature_extractor or ev.feature_extractor,
+                          guidance=omegas, guidance_interval=interval)
     distributed.shutdown()
     run_dir = run_of_checkpoint(run.path)
     if not dist_info.is_main:
@@ -205,15 +248,26 @@ def cmd_eval(args) -> int:
     from rich.table import Table
 
     table = Table(title=f"{run_dir.name if run_dir else run.path} — {_model_step(run)}")
-    for col in ("nfe", "metric", "value", "samples", "samples/s"):
+    guided = any(r.get("guidance") is not None for r in rows)
+    for col in ("nfe", "metric", "value", "samples", "samples/s") + (("guidance",) if guided else ()):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r["nfe"]), r["metric"], f"{r['value']:.5g}", str(r["num_samples"]), f"{r['samples_per_s']:.0f}")
+        table.add_row(str(r["nfe"]), r["metric"], f"{r['value']:.5g}", str(r["num_samples"]), f"{r['samples_per_s']:.0f}",
+                      *((_guidance_label(r),) if guided else ()))
     console = _console()
     console.print(table)
     for impl in sorted({f"{r['metric']}: {r['implementation']}; reference: {r['reference']}" for r in rows}):
         console.print(f"  {impl}")
     return 0
+
+
+def _guidance_label(row: dict) -> str:
+    if row.get("guidance") is None:
+        return "-"
+    if row.get("guidance_interval") is None:
+        return f"{row['guidance']:g}"
+    lo, hi = row["guidance_interval"]
+    return f"{row['guidance']:g} on [{lo:g}, {hi:g}]"
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -383,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="FILE.png (grid / density) or FILE.npz (arr_0, arr_1)")
     s.add_argument("--latents", action="store_true",
                    help="latent runs with data.vae: write the raw latents (float32 arr_0) instead of decoded images")
-    _model_options(s)
+    _model_options(s, sweep=False)
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="score n-NFE samples; rows go to RUN/metrics.jsonl")
@@ -401,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: eval.reference, else the training images)")
     e.add_argument("--feature-extractor", help="torch-fidelity feature extractor for fid/isc/kid/prc "
                                                "(default: eval.feature_extractor, else each metric's own)")
-    _model_options(e)
+    _model_options(e, sweep=True)
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write a run's model as DIR/{model.safetensors, config.yaml, README.md}")
@@ -435,10 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale on all channels, for models that guide when sampling "
-                        "(public checkpoints, flow-matching runs)")
+def _model_options(p: argparse.ArgumentParser, sweep: bool) -> None:
+    what = ("guidance scale: the input ω of a guidance-conditioned model (improved_meanflow), or classifier-free "
+            "guidance on all channels for models that guide when sampling (flow-matching runs, public "
+            "checkpoints); default eval.guidance")
+    if sweep:
+        p.add_argument("--guidance", metavar="W[,W...]", help=what + "; several values: a sweep, rows per value")
+    else:
+        p.add_argument("--guidance", type=float, metavar="W", help=what)
+    p.add_argument("--guidance-interval", metavar="T_MIN,T_MAX",
+                   help="times the guidance applies to (guidance-conditioned models; default 0,1)")
     p.add_argument("--vae", default=None, help="decode latents with this VAE (Hugging Face id or local directory; "
                                                "default data.vae of the run)")
 

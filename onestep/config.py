@@ -72,6 +72,11 @@ class EvalConfig:
     # of latent data decoded by data.vae -- and a feature extractor replacing their default.
     reference: str | None = None
     feature_extractor: str | None = None
+    # Guidance-conditioned models (improved_meanflow): the guidance scale ω >= 1 given to the network
+    # (a list: a sweep, one set of rows per value) and the interval [t_min, t_max] it applies on
+    # (default [0, 1]). None: no guidance input (ω = 1).
+    guidance: float | list[float] | None = None
+    guidance_interval: list[float] | None = None
 
 
 @dataclass
@@ -268,6 +273,16 @@ def _check_values(train: TrainConfig, evalc: EvalConfig) -> None:
             raise ConfigError(f"train.betas must be in [0, 1), got {list(train.betas)}")
     if any(n < 1 for n in evalc.nfe):
         raise ConfigError(f"eval.nfe entries must be >= 1, got {evalc.nfe}")
+    omegas = evalc.guidance if isinstance(evalc.guidance, list) else [evalc.guidance]
+    if any(w is not None and not 1.0 <= w < float("inf") for w in omegas) or omegas == []:
+        raise ConfigError(f"eval.guidance must be a guidance scale >= 1 or a non-empty list of them, "
+                          f"got {evalc.guidance}")
+    interval = evalc.guidance_interval
+    if interval is not None and (len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0):
+        raise ConfigError(f"eval.guidance_interval must be [t_min, t_max] with 0 <= t_min <= t_max <= 1, "
+                          f"got {interval}")
+    if interval is not None and evalc.guidance is None:
+        raise ConfigError("eval.guidance_interval needs eval.guidance (the guidance scale)")
     for i, spec in enumerate(evalc.metrics or []):
         _check_spec(METRICS, spec, f"eval.metrics.{i}")
     for i, spec in enumerate(train.loggers):

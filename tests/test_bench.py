@@ -37,6 +37,18 @@ def test_bench_timing_only_rows_and_objective_settings():
     assert all(r["peak_mem_mb"] is None and r["ms_per_step"] > 0 for r in rows)
 
 
+def test_bench_improved_meanflow_with_backbone_kwargs():
+    out = subprocess.run([sys.executable, str(TOOL), "--backbones", "test_mlp", "--input-shape", "2", "--batch", "16",
+                          "--objectives", "flow_matching,improved_meanflow", "--num-classes", "3",
+                          "--backbone-kwargs", '{"test_mlp": {"guidance_conditions": true}}',
+                          "--steps", "1", "--warmup", "1", "--json", "--threads", "1", "--no-cpu-memory"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["objective"] for r in rows] == ["flow_matching", "improved_meanflow"]
+    assert rows[1]["ms_per_step"] > 0 and rows[1]["ratio_to_flow_matching"] > 0
+
+
 CHECK_PEAK = """
 import importlib.util, json, sys, torch
 spec = importlib.util.spec_from_file_location("bench_tool", sys.argv[1])

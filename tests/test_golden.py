@@ -47,6 +47,9 @@ CASES = {
     "ect": (TOY, MLP, "{name: ect, stage_steps: 2}", "[]", 32, False),
     "cd": (TOY, MLP, "{name: consistency_distillation, teacher: TEACHER, target: ema}", "[]", 32, True),
     "meanflow_distill": (TOY, MLP, "{name: meanflow, teacher: TEACHER}", "[]", 32, True),
+    "improved_meanflow": (DIGITS, "{name: test_imf_dit}", "{name: improved_meanflow}", "[]", 16, False),
+    "improved_meanflow_boundary": (TOY, "{name: test_mlp, guidance_conditions: true}",
+                                   "{name: improved_meanflow, tangent: boundary}", "[]", 32, False),
 }
 
 
@@ -85,6 +88,10 @@ GOLDEN = {
         "model": (-4.565736221149564, 930.4696439722902), "ema": (-5.73932592024903, 929.5018102370104)},
     'ict': {"losses": [1.434778, 1.484692, 1.397332, 1.196768, 1.926446],
         "model": (-3.9878614992194343, 930.5334827317565), "ema": (-5.444541627502986, 929.4360587045758)},
+    'improved_meanflow': {"losses": [1.999815, 1.999817, 1.999807, 1.999783, 1.9998],
+        "model": (525.6630342824701, 5475.016299987552), "ema": (526.6710528735214, 5462.368403586088)},
+    'improved_meanflow_boundary': {"losses": [0.997252, 0.997828, 0.993796, 0.997333, 0.997962],
+        "model": (-4.562654875466251, 1149.7115193977806), "ema": (-5.665276226252018, 1140.695375489838)},
     'meanflow': {"losses": [0.997238, 0.997743, 0.994581, 0.997411, 0.997877],
         "model": (-4.429590179788647, 929.390477099194), "ema": (-5.617699687667368, 928.9264061676803)},
     'meanflow_cfg': {"losses": [0.999907, 0.999909, 0.999903, 0.999891, 0.999898],

@@ -292,6 +292,34 @@ def test_latents_dataset_flips_scale_and_decoding(encoded, vae_dir, tmp_path):
     assert DATASETS.build("latents", root=str(mixed), num_classes=3, flip=False).size == 10
 
 
+def test_latents_per_channel_normalization_round_trip_and_decoding(encoded, vae_dir):
+    """latent_mean / latent_std: x = (z − μ)/σ per channel on the unscaled stored latents, inverted
+    exactly before the VAE (decoded samples = the VAE decode of the un-normalized latents)."""
+    raw = torch.from_numpy(np.concatenate([np.load(encoded / f"shard_0000{i}.npz")["latents"]
+                                           for i in range(3)])).float()
+    mean, std = [0.5, -0.25, 0.125, 0.75], [1.5, 2.0, 0.8, 1.25]
+    ds = DATASETS.build("latents", root=str(encoded), num_classes=3, vae=str(vae_dir), latent_mean=mean,
+                        latent_std=std)
+    m, s = torch.tensor(mean).reshape(1, 4, 1, 1), torch.tensor(std).reshape(1, 4, 1, 1)
+    x, _ = ds.get(torch.arange(10))
+    torch.testing.assert_close(x, (raw - m) / s)
+    torch.testing.assert_close(ds.denormalize(ds.normalize(raw)), raw, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ds.denormalize(x), raw, rtol=1e-6, atol=1e-6)
+    images = ds.decode(x[:3])
+    want = load_vae(str(vae_dir)).decode(raw[:3])
+    assert torch.allclose(images, want, atol=1e-5)
+    assert "per-channel mean" in ds.describe_decoder()
+    # The single scale stays the default and round-trips too.
+    plain = DATASETS.build("latents", root=str(encoded), num_classes=3)
+    torch.testing.assert_close(plain.denormalize(plain.normalize(raw)), raw)
+    for kwargs, pattern in [({"scale": 0.2, "latent_mean": mean, "latent_std": std}, "either scale or latent_mean"),
+                            ({"latent_mean": mean}, "go together"),
+                            ({"latent_mean": mean[:3], "latent_std": std[:3]}, "one value per channel"),
+                            ({"latent_mean": mean, "latent_std": [1.0, 0.0, 1.0, 1.0]}, "must be > 0")]:
+        with pytest.raises(ConfigError, match=pattern):
+            DATASETS.build("latents", root=str(encoded), num_classes=3, **kwargs)
+
+
 def test_latents_mmap_equals_in_memory_and_compressed(encoded, tmp_path):
     """Memory-mapped rows equal the arrays np.load reads, in any order and across shard borders,
     with flips and limits; compressed shards (not mappable) are read into memory instead."""

@@ -5,6 +5,10 @@ process, with each objective's ratio to flow matching on the same backbone, batc
     python tools/bench.py --backbones dit_s_2 --objectives flow_matching,meanflow --batch 32 \
         --input-shape 4,32,32 --steps 20 [--json] [--device cuda] [--precision bf16]
 
+``--backbone-kwargs`` passes factory options per backbone, e.g. guidance conditions for
+improved_meanflow: ``--backbone-kwargs '{"dit_s_2": {"guidance_conditions": true}}'`` (the same net
+for every objective of the row group; imf_dit_* always has them).
+
 A step is the training loop's own step (``onestep.train.step.TrainStep``: loss, regularizer,
 backward, gradient all-reduce, clipping, Adam, EMA), minus data loading and logging. Peak memory of the timed steps above what was allocated before them (model,
 gradients, optimizer state, inputs): CUDA -> torch.cuda.max_memory_allocated; CPU (Linux) -> the
@@ -106,9 +110,10 @@ class PeakMemory:
 def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...], steps: int, warmup: int,
               device: torch.device, precision: str, num_classes: int, objective_kwargs: dict, *,
               regularizer: str | None = None, compile: bool = False, cpu_peak: bool = False,
-              compile_backend: str = "inductor") -> dict:
+              compile_backend: str = "inductor", backbone_kwargs: dict | None = None) -> dict:
     torch.manual_seed(0)
-    net = BACKBONES.build(backbone, input_shape=shape, num_classes=num_classes).to(device)
+    net = BACKBONES.build(backbone, input_shape=shape, num_classes=num_classes,
+                          **(backbone_kwargs or {}).get(backbone, {})).to(device)
     name, _, spec = objective.partition(":")  # "meanflow:jvp_only_r_neq_t=false,ratio_r_neq_t=0.5"
     kwargs = dict(objective_kwargs.get(name, {}))
     for item in filter(None, spec.split(",")):
@@ -229,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--objective-kwargs", default="{}",
                    help='JSON per objective, e.g. \'{"meanflow": {"ratio_r_neq_t": 0.25}}\'')
+    p.add_argument("--backbone-kwargs", default="{}",
+                   help='JSON per backbone, e.g. \'{"dit_s_2": {"guidance_conditions": true}}\'')
     p.add_argument("--regularizer", default=None,
                    help="also time each objective with this regularizer (weight 0.5) on the encoder blocks")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off",
@@ -268,7 +275,7 @@ def main(argv=None) -> int:
                         group.append(dict(backbone=backbone, objective=objective, batch=batch, shape=shape,
                                           device=device, precision=args.precision, num_classes=args.num_classes,
                                           objective_kwargs=json.loads(args.objective_kwargs), regularizer=reg,
-                                          compile=compiled))
+                                          compile=compiled, backbone_kwargs=json.loads(args.backbone_kwargs)))
             groups.append(group)
     run = (lambda c, **kw: bench_or_oom(c, **kw)) if args.skip_oom else (lambda c, **kw: bench_one(**c, **kw))
     extra = dict(compile_backend=args.compile_backend)

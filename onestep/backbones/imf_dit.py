@@ -32,7 +32,8 @@ Heads: ``depth − aux_head_depth`` trunk blocks, then the u-head (``aux_head_de
 layer) gives the average velocity u. With ``aux_head=True`` a second head (``v_head``: its own
 ``aux_head_depth`` blocks + final layer) on the same trunk output gives an instantaneous velocity v,
 used only in training. ``forward`` returns u; ``forward_aux`` returns (u, v, features) from one
-trunk pass. All v-head weights live under ``v_head.``; ``inference_state_dict`` drops them so an
+trunk pass; ``forward_v`` returns v alone (trunk + v-head, no u-head). All v-head weights live
+under ``v_head.``; ``inference_state_dict`` drops them so an
 ``aux_head=False`` model loads a training checkpoint with strict loading.
 
 Features (``forward_features`` / ``forward_aux(blocks=...)``): block indices 0 .. depth−1 run over
@@ -351,7 +352,7 @@ class IMFDiT(BlockFeatures, nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
         return rope_angles(self.seq_len, self.head_dim, self.rope_theta, device=x.device, dtype=dtype)
 
-    def _forward_all(self, x, t, h, y, blocks: list[int], cond, with_v: bool):
+    def _forward_all(self, x, t, h, y, blocks: list[int], cond, with_v: bool, with_u: bool = True):
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"IMFDiT built for per-sample shape {self.input_shape}, got input of shape {tuple(x.shape)}")
         batch_times(t, x.shape[0], x.device)  # t is not an input of this network; only its shape is checked
@@ -366,12 +367,14 @@ class IMFDiT(BlockFeatures, nn.Module):
         for index, block in enumerate(self.blocks):
             if index == self.trunk_depth:
                 trunk_out = seq
+                if not with_u:
+                    break
             seq = block(seq, cos, sin)
             if index in wanted:
                 captured[index] = seq[:, prefix:]
         if self.trunk_depth == self.num_blocks:
             trunk_out = seq
-        u = self.unpatchify(self.final_layer(seq[:, prefix:]))
+        u = self.unpatchify(self.final_layer(seq[:, prefix:])) if with_u else None
         v = None
         if with_v:
             v_seq = trunk_out
@@ -393,6 +396,18 @@ class IMFDiT(BlockFeatures, nn.Module):
             raise ValueError("IMFDiT was built without the auxiliary v-head (aux_head=False); forward_aux needs it")
         return self._forward_all(x, t, h, y, resolve_blocks(blocks, self.num_blocks), self._resolve_cond(cond, x),
                                  with_v=True)
+
+    def forward_v(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
+                  y: torch.Tensor | None = None, *, cond: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """The v-head's instantaneous velocity alone: the trunk and the v-head, skipping the u-head
+        (the same v as ``forward_aux``; what the training targets query, at h = 0)."""
+        if self.v_head is None:
+            raise ValueError("IMFDiT was built without the auxiliary v-head (aux_head=False); forward_v needs it")
+        return self._forward_all(x, t, h, y, [], self._resolve_cond(cond, x), with_v=True, with_u=False)[1]
+
+    def inference_parameters(self) -> int:
+        """Parameters of the inference model (without the v-head, which only training uses)."""
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith(V_HEAD_PREFIX))
 
     def inference_state_dict(self) -> dict[str, Any]:
         """This model's state dict without the v-head (for an ``aux_head=False`` model)."""

@@ -12,12 +12,21 @@ On-disk format (what ``tools/encode_latents.py`` writes): ``ROOT/*.npz`` shards,
 Other files in ROOT (``classes.json``, ``encode_latents.json``) are ignored. Latents are
 memory-mapped from the shards (``mmap: true``, the default; the shards are uncompressed zips, so
 each array is one contiguous run of bytes) or read into memory (``mmap: false``, or shards written
-with ``np.savez_compressed``), in their stored dtype either way, and ``get`` returns float32
-multiplied by ``scale`` (SD-VAE: 0.18215), so the model sees roughly unit variance.
+with ``np.savez_compressed``), in their stored dtype either way, and ``get`` returns float32 in the
+model's coordinates, roughly unit variance, by one of two normalizations of the stored latents z:
+
+- one scale (default; DiT, SiT, REPA, MeanFlow): x = scale·z, SD-VAE ``scale`` = 0.18215;
+- per channel (``latent_mean``, ``latent_std``, one value per channel; Improved MeanFlow):
+  x_c = (z_c − μ_c)/σ_c. iMF's published values for the sd-vae-ft-mse posterior mean on ImageNet 256
+  (official code ``utils/vae_util.py``) are μ = [0.86488, −0.27788, 0.21617, 0.37384],
+  σ = [4.85504, 5.31922, 3.93725, 3.98700]; they apply to the *unscaled* latents, which is what the
+  shards hold.
+
+Decoding inverts it exactly (z = x/scale, or z_c = σ_c·x_c + μ_c) before the VAE.
 
 With ``vae`` (a Hugging Face id such as ``stabilityai/sd-vae-ft-mse`` or a local
 ``save_pretrained`` directory) the set can turn samples back into images:
-``decode(x_scaled) -> images (N, 3, H·f, W·f)`` in [-1, 1]; ``decodes_to_images`` tells the
+``decode(x) -> images (N, 3, H·f, W·f)`` in [-1, 1] (x in the model's coordinates); ``decodes_to_images`` tells the
 sampler and the evaluator. The VAE is loaded on first use only, so training never needs it.
 """
 from __future__ import annotations
@@ -177,14 +186,28 @@ def read_latent_shards(root: str | Path, limit: int | None = None, flip: bool = 
     return ShardRows(xs), y
 
 
+IMF_LATENT_MEAN = [0.86488, -0.27788, 0.21617, 0.37384]
+IMF_LATENT_STD = [4.85504, 5.31922, 3.93725, 3.98700]
+
+
 class LatentDataset(Dataset):
     """Latents kept unscaled in their stored dtype — memory-mapped from the shards by default, so
-    the ranks of a node share one copy in the page cache — and ``get`` returns ``scale``·x float32."""
+    the ranks of a node share one copy in the page cache — and ``get`` returns float32 normalized
+    latents: ``scale``·z, or (z − mean)/std per channel when ``mean`` and ``std`` are given."""
 
-    def __init__(self, rows: ShardRows, y: Tensor | None, *, num_classes: int, scale: float,
-                 name: str = "latents", vae: str | None = None, vae_batch_size: int = 32):
+    def __init__(self, rows: ShardRows, y: Tensor | None, *, num_classes: int, scale: float = SD_VAE_SCALE,
+                 name: str = "latents", vae: str | None = None, vae_batch_size: int = 32,
+                 mean: list[float] | None = None, std: list[float] | None = None):
         if y is not None and len(y) != len(rows):
             raise ValueError(f"{len(rows)} latents but {len(y)} labels")
+        if (mean is None) != (std is None):
+            raise ValueError("latent_mean and latent_std go together (one value per channel each)")
+        channels = rows.row_shape[0]
+        if mean is not None and (len(mean) != channels or len(std) != channels):
+            raise ValueError(f"latent_mean and latent_std need one value per channel ({channels}), got "
+                             f"{len(mean)} and {len(std)}")
+        if std is not None and not all(s > 0 for s in std):
+            raise ValueError(f"latent_std values must be > 0, got {list(std)}")
         self.rows = rows
         self.y = None if y is None else y.long()
         self.shape = rows.row_shape
@@ -192,6 +215,8 @@ class LatentDataset(Dataset):
         self.kind = "latent"
         self.name = name
         self.scale = float(scale)
+        self.mean = None if mean is None else [float(m) for m in mean]
+        self.std = None if std is None else [float(v) for v in std]
         self.vae_name = vae
         self.vae_batch_size = vae_batch_size
         self._vae = None
@@ -208,7 +233,22 @@ class LatentDataset(Dataset):
     def get(self, indices: Tensor) -> tuple[Tensor, Tensor | None]:
         index = torch.as_tensor(indices).reshape(-1).cpu()
         x = torch.from_numpy(self.rows.take(index.numpy()))
-        return x.float() * self.scale, (None if self.y is None else self.y[index])
+        return self.normalize(x.float()), (None if self.y is None else self.y[index])
+
+    def _channel(self, values: list[float], x: Tensor) -> Tensor:
+        return torch.tensor(values, dtype=x.dtype, device=x.device).reshape(1, -1, *([1] * (x.ndim - 2)))
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """Stored (unscaled) latents (N, C, H, W) -> the model's coordinates: scale·z or (z − μ)/σ."""
+        if self.mean is None:
+            return z * self.scale
+        return (z - self._channel(self.mean, z)) / self._channel(self.std, z)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """The inverse of ``normalize``: the model's coordinates -> unscaled latents for the VAE."""
+        if self.mean is None:
+            return x / self.scale
+        return x * self._channel(self.std, x) + self._channel(self.mean, x)
 
     # -- images ------------------------------------------------------------------------------
     @property
@@ -231,9 +271,9 @@ class LatentDataset(Dataset):
         return self._vae.to(device) if device is not None else self._vae
 
     def decode(self, x: Tensor) -> Tensor:
-        """Samples in the model's coordinates (N, C, H, W), i.e. scaled latents -> images
+        """Samples in the model's coordinates (N, C, H, W), i.e. normalized latents -> images
         (N, 3, H·f, W·f) float32 in [-1, 1] on x's device (decoded there in chunks)."""
-        return self.vae(x.device).decode(x.float() / self.scale)
+        return self.vae(x.device).decode(self.denormalize(x.float()))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -242,14 +282,21 @@ class LatentDataset(Dataset):
         return (3, self.shape[1] * f, self.shape[2] * f)
 
     def describe_decoder(self) -> str:
+        if self.mean is not None:
+            return (f"latents decoded by VAE {self.vae_name} (per-channel mean {self.mean}, "
+                    f"std {self.std})")
         return f"latents decoded by VAE {self.vae_name} (scale {self.scale:g})"
 
 
 @DATASETS.register("latents")
-def latents(root: str, num_classes: int = 1000, scale: float = SD_VAE_SCALE, limit: int | None = None,
+def latents(root: str, num_classes: int = 1000, scale: float | None = None, limit: int | None = None,
             conditional: bool = True, flip: bool = True, vae: str | None = None,
-            vae_batch_size: int = 32, mmap: bool = True) -> LatentDataset:
+            vae_batch_size: int = 32, mmap: bool = True, latent_mean: list[float] | None = None,
+            latent_std: list[float] | None = None) -> LatentDataset:
     """Precomputed VAE latents from ROOT/*.npz shards (latents, labels[, latents_flip]), scaled by ``scale``.
+
+    ``scale`` (default 0.18215, SD-VAE): x = scale·z. ``latent_mean``, ``latent_std`` (one value per
+    channel, instead of ``scale``): x = (z − mean)/std per channel, as Improved MeanFlow normalizes.
 
     ``flip``: use the shards' flipped-image latents as extra examples. ``limit``: read at most this
     many images. ``mmap``: memory-map the (uncompressed) shards instead of reading them into each
@@ -258,8 +305,20 @@ def latents(root: str, num_classes: int = 1000, scale: float = SD_VAE_SCALE, lim
     into images (sampling, FID); loaded lazily, decoding in chunks of ``vae_batch_size``."""
     if vae_batch_size < 1:
         raise ConfigError(f"dataset 'latents': key 'vae_batch_size' must be >= 1, got {vae_batch_size}")
+    if scale is not None and latent_mean is not None:
+        raise ConfigError("dataset 'latents': give either scale or latent_mean/latent_std, not both")
+    if (latent_mean is None) != (latent_std is None):
+        raise ConfigError("dataset 'latents': latent_mean and latent_std go together (one value per channel each)")
+    if latent_std is not None and not all(v > 0 for v in latent_std):
+        raise ConfigError(f"dataset 'latents': latent_std values must be > 0, got {latent_std}")
+    if scale is not None and not scale > 0:
+        raise ConfigError(f"dataset 'latents': scale must be > 0, got {scale}")
     x, y = read_latent_shards(root, limit, flip=flip, mmap=mmap)
     if conditional and y.numel() and int(y.max()) >= num_classes:
         raise ConfigError(f"data.num_classes={num_classes} but the shards under {root} hold label {int(y.max())}")
-    return LatentDataset(x, y if conditional else None, num_classes=num_classes if conditional else 0,
-                         scale=scale, name="latents", vae=vae, vae_batch_size=vae_batch_size)
+    try:
+        return LatentDataset(x, y if conditional else None, num_classes=num_classes if conditional else 0,
+                             scale=SD_VAE_SCALE if scale is None else scale, name="latents", vae=vae,
+                             vae_batch_size=vae_batch_size, mean=latent_mean, std=latent_std)
+    except ValueError as exc:
+        raise ConfigError(f"dataset 'latents': {exc} (the shards under {root} have {x.row_shape[0]} channels)") from None

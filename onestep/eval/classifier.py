@@ -124,7 +124,8 @@ def train_classifier(seed: int = CLASSIFIER_SEED) -> tuple[DigitsCNN, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny net: one thread is fastest, and the result is thread-count independent
     try:
-        return _train(seed)
+        with torch.enable_grad():  # also when first needed inside a no-grad scorer (digits_acc alone)
+            return _train(seed)
     finally:
         torch.set_num_threads(threads)
 

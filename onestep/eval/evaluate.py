@@ -7,6 +7,11 @@ against ``dataset.reference``; streaming metrics (torch-fidelity: fid, isc, kid,
 batch by batch, VAE-decoded first for latent data with ``data.vae``, and a reference: ``reference=``
 (a folder, an .npz of statistics or images, a dataset name; required for decoded latents) or else
 the whole training set, whose statistics are cached by dataset + resolution + extractor.
+
+Guidance-conditioned models (improved_meanflow) take the guidance scale ω and interval [t_min, t_max]
+as network inputs: ``guidance`` (one ω or a list: a sweep, one set of rows per value) and
+``guidance_interval``; every row records ``guidance`` (ω, or None when none was given: the model's
+own ω = 1 on [0, 1]) and ``guidance_interval`` ([t_min, t_max] or None).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from onestep.eval import fidelity
 from onestep.eval.base import Metric
 from onestep.eval.generate import generate, model_generator_fn
 from onestep.registry import METRICS, ConfigError
+from onestep.sampling import with_guidance
 from onestep.utils.distributed import broadcast_object, current
 
 DEFAULT_METRICS = {"vector": ["sliced_wasserstein", "energy_distance"],
@@ -74,11 +80,20 @@ def _check_kind(metric: Metric, name: str, dataset, kind: str) -> None:
 def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list | None, num_samples: int,
                    seed: int, batch_size: int, device, step: int, weights: str,
                    reference_seed: int = 12345, reference: Any = None,
-                   feature_extractor: str | None = None) -> list[dict[str, Any]]:
-    """Rows {step, nfe, metric, value, num_samples, implementation, reference, ...} for every nfe and
-    metric spec (a name or {name, **options}). ``reference``: what streaming metrics compare against
-    instead of the training set (needed for decoded latents). ``feature_extractor`` replaces the
-    default extractor of the metrics that take one (e.g. the download-free ``onestep-random-conv``)."""
+                   feature_extractor: str | None = None, guidance: float | list[float] | None = None,
+                   guidance_interval: list[float] | tuple[float, float] | None = None) -> list[dict[str, Any]]:
+    """Rows {step, nfe, metric, value, num_samples, implementation, reference, guidance, ...} for every
+    guidance value, nfe and metric spec (a name or {name, **options}). ``reference``: what streaming
+    metrics compare against instead of the training set (needed for decoded latents).
+    ``feature_extractor`` replaces the default extractor of the metrics that take one (e.g. the
+    download-free ``onestep-random-conv``). ``guidance``: ω (or a list of ω, a sweep): the network
+    input of guidance-conditioned models, applied on ``guidance_interval`` (default [0, 1]), or the
+    classifier-free guidance scale of models that guide when sampling (``sampling.with_guidance``)."""
+    omegas = list(guidance) if isinstance(guidance, (list, tuple)) else [guidance]
+    try:
+        settings = [with_guidance(objective, net, w, guidance_interval if w is not None else None) for w in omegas]
+    except ValueError as exc:
+        raise ConfigError(f"guidance: {exc}") from None
     specs = list(metrics) if metrics else default_metrics(dataset)
     built = [(metric_name(s), build_metric(s, feature_extractor)) for s in specs]
     decoded_kind = "image" if decodes_to_images(dataset) else dataset.kind
@@ -93,20 +108,20 @@ def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list | 
                     f"{dataset.name}: {data_reference.shape[0]} of {dataset.size} data samples")
     net.eval()
     rows = []
-    for nfe in nfes:
+    for omega, (objective, cond), nfe in [(w, g, n) for w, g in zip(omegas, settings) for n in nfes]:
         grid = [round(v, 6) for v in objective.time_grid(nfe).tolist()]
         samples = labels = None
         gen_s = 0.0
         if in_memory:
             t0 = time.perf_counter()
             samples, labels = generate(objective, net, dataset, num_samples=num_samples, nfe=nfe, seed=seed,
-                                       batch_size=batch_size, device=device)
+                                       batch_size=batch_size, device=device, cond=cond)
             gen_s = time.perf_counter() - t0
         for name, metric in built:
             t0 = time.perf_counter()
             if metric.streaming:
                 value, desc, impl = _streamed(metric, name, objective, net, dataset, nfe=nfe, seed=seed,
-                                              num_samples=num_samples, device=device, reference=reference)
+                                              num_samples=num_samples, device=device, reference=reference, cond=cond)
             else:
                 value = float(metric(samples, data_reference if metric.needs_reference else None,
                                      labels if metric.needs_labels else None))
@@ -119,18 +134,20 @@ def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list | 
                 "reference": desc, "higher_is_better": metric.higher_is_better,
                 "grid": grid, "weights": weights, "seed": seed,
                 "samples_per_s": round(num_samples / max(elapsed, 1e-9), 1),
+                "guidance": None if omega is None else float(omega),
+                "guidance_interval": None if cond is None else [cond["t_min"], cond["t_max"]],
             })
     return rows
 
 
 def _streamed(metric: Metric, name: str, objective, net, dataset, *, nfe: int, seed: int, num_samples: int, device,
-              reference: Any = None) -> tuple[float, str, str]:
+              reference: Any = None, cond: dict | None = None) -> tuple[float, str, str]:
     """Samples generated batch by batch straight into the metric (VAE-decoded first for latent data);
     the reference is ``reference`` or else the whole training set. Returns (value, reference,
     implementation)."""
     decoded = decodes_to_images(dataset)
     fn = model_generator_fn(objective, net, dataset, nfe=nfe, seed=seed, device=device,
-                            transform=dataset.decode if decoded else None)
+                            transform=dataset.decode if decoded else None, cond=cond)
     implementation = metric.implementation
     if decoded:
         implementation += f"; {dataset.describe_decoder()}"

@@ -1,8 +1,9 @@
 """Evaluation samples: sample i always uses noise seeded by ``sample_seed(seed, i)`` (and any
 multi-step re-noising seeded per sample) and, for class-conditional data, class i % C (or one
 ``class_id`` for all, or ``labels[i]``), so the same seed gives the same samples at any batch size
-and on any number of ranks. ``onestep sample``,
-``onestep eval`` and torch-fidelity's generator all go through ``sample_indices``.
+and on any number of ranks. ``onestep sample``, ``onestep eval``, ``onestep.generate`` and
+torch-fidelity's generator all go through ``sample_indices``. ``cond`` (guidance scale and interval
+as network inputs, ``sampling.guidance_cond``) goes to every sampling step.
 """
 from __future__ import annotations
 
@@ -30,23 +31,23 @@ def labels_of(indices: list[int], num_classes: int, class_id: int | None = None,
 
 @torch.no_grad()
 def sample_indices(objective, net, dataset, indices: list[int], *, nfe: int, seed: int, device,
-                   class_id: int | None = None, labels: Tensor | None = None) -> Tensor:
+                   class_id: int | None = None, labels: Tensor | None = None, cond: dict | None = None) -> Tensor:
     """Samples number ``indices`` (float, on ``device``): noise and any re-noising seeded per sample,
     class i % C (or ``class_id``, or ``labels[i]``) for conditional data. Sample i does not depend on
     its batch."""
     seeds = [sample_seed(seed, i) for i in indices]
     noise = seeded_noise(seeds, tuple(dataset.shape), device)
     y = labels_of(indices, dataset.num_classes, class_id, labels)
-    return sample(objective, net, noise, None if y is None else y.to(device), nfe=nfe, seeds=seeds).float()
+    return sample(objective, net, noise, None if y is None else y.to(device), nfe=nfe, seeds=seeds, cond=cond).float()
 
 
 def per_rank_sampler(objective, net, dataset, *, nfe: int, seed: int, device, class_id: int | None = None,
-                     transform: Callable[[Tensor], Tensor] | None = None, labels: Tensor | None = None
-                     ) -> Callable[[list[int]], Tensor]:
+                     transform: Callable[[Tensor], Tensor] | None = None, labels: Tensor | None = None,
+                     cond: dict | None = None) -> Callable[[list[int]], Tensor]:
     """``fn(indices) -> samples`` (then ``transform``) for ``distributed.gather_batch``."""
     def one_rank(idx: list[int]) -> Tensor:
         x = sample_indices(objective, net, dataset, idx, nfe=nfe, seed=seed, device=device, class_id=class_id,
-                           labels=labels)
+                           labels=labels, cond=cond)
         return x if transform is None else transform(x)
 
     return one_rank
@@ -54,8 +55,8 @@ def per_rank_sampler(objective, net, dataset, *, nfe: int, seed: int, device, cl
 
 @torch.no_grad()
 def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, batch_size: int,
-             device, class_id: int | None = None, transform=None, labels: Tensor | None = None
-             ) -> tuple[Tensor, Tensor | None]:
+             device, class_id: int | None = None, transform=None, labels: Tensor | None = None,
+             cond: dict | None = None) -> tuple[Tensor, Tensor | None]:
     """num_samples samples in batches; returns (samples on CPU, labels or None). ``transform``
     maps each batch on the device before it moves to the CPU (e.g. VAE decoding to uint8).
     ``labels`` (num_samples,): the class of each sample (instead of i % C or ``class_id``).
@@ -66,7 +67,7 @@ def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, 
         if labels.numel() != num_samples:
             raise ValueError(f"got {labels.numel()} labels for {num_samples} samples")
     one_rank = per_rank_sampler(objective, net, dataset, nfe=nfe, seed=seed, device=device, class_id=class_id,
-                                transform=transform, labels=labels)
+                                transform=transform, labels=labels, cond=cond)
     outs, ys = [], []
     for start in range(0, num_samples, batch_size):
         idx = list(range(start, min(start + batch_size, num_samples)))
@@ -78,15 +79,15 @@ def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, 
 
 
 def model_generator_fn(objective, net, dataset, *, nfe: int, seed: int, device=None,
-                       class_id: int | None = None, transform: Callable[[Tensor], Tensor] | None = None
-                       ) -> Callable[[Tensor], Tensor]:
+                       class_id: int | None = None, transform: Callable[[Tensor], Tensor] | None = None,
+                       cond: dict | None = None) -> Callable[[Tensor], Tensor]:
     """A ``generator_fn(indices) -> samples (B, C, H, W) in [-1, 1]`` for torch-fidelity that
     reproduces ``generate``: sample i as ``sample_indices`` makes it, then ``transform`` (e.g. VAE
     decoding). Under torchrun every rank must call it with the same indices: the ranks split each
     batch and all-gather it (``distributed.gather_batch``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     one_rank = per_rank_sampler(objective, net, dataset, nfe=nfe, seed=seed, device=device, class_id=class_id,
-                                transform=transform)
+                                transform=transform, cond=cond)
 
     def generator_fn(indices: Tensor) -> Tensor:
         return gather_batch(one_rank, [int(i) for i in indices])

@@ -30,7 +30,7 @@ from .data import ModelData, ModelLatents
 from .export import export_model, model_card
 from .official import DiTFormat, RepaSiTFormat, SiTFormat
 from .onestep import LoadedRun, OnestepFormat, is_export, load_run, read_onestep
-from .resolve import init_weights, open_model, recipe_teacher, resolve_teacher, spec_note, with_guidance
+from .resolve import init_weights, open_model, recipe_teacher, resolve_teacher, spec_note
 from .spec import CheckpointSpec, parse_spec
 from .teachers import SiTTeacher
 from .vp import VPEpsilonTeacher
@@ -39,5 +39,5 @@ __all__ = [
     "CheckpointFormat", "CheckpointSpec", "parse_spec", "as_spec", "get_format", "load_teacher", "init_state",
     "describe", "DiTFormat", "SiTFormat", "RepaSiTFormat", "OnestepFormat", "VPEpsilonTeacher", "SiTTeacher",
     "LoadedRun", "load_run", "read_onestep", "is_export", "export_model", "model_card", "ModelData", "ModelLatents",
-    "open_model", "resolve_teacher", "recipe_teacher", "init_weights", "spec_note", "with_guidance",
+    "open_model", "resolve_teacher", "recipe_teacher", "init_weights", "spec_note",
 ]

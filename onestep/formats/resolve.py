@@ -15,7 +15,6 @@ Every place accepts ``FORMAT:PATH[#heads=N]`` or a plain path (the ``onestep`` f
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from .data import ModelLatents, set_vae
 from .onestep import LoadedRun, load_run
 
 __all__ = ["PUBLIC_LATENT_SCALE", "resolve_teacher", "recipe_teacher", "init_weights", "open_model",
-           "with_guidance", "spec_note"]
+           "spec_note"]
 
 PUBLIC_LATENT_SCALE = SD_VAE_SCALE  # DiT, SiT and REPA all train on 0.18215 × SD-VAE latents
 
@@ -77,22 +76,7 @@ def init_weights(spec: Any, backbone: nn.Module, *, use_ema: bool = True, where:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def with_guidance(objective, guidance: float | None):
-    """A copy of ``objective`` sampling with classifier-free guidance scale ``guidance`` (None: as it is)."""
-    if guidance is None:
-        return objective
-    if not hasattr(objective, "guidance_scale"):
-        raise ConfigError(f"--guidance: objective '{type(objective).__name__}' has no sampling-time guidance (MeanFlow "
-                          f"and consistency models take their guidance in training: cfg_omega / teacher_guidance)")
-    if not guidance >= 0:
-        raise ConfigError(f"--guidance must be >= 0, got {guidance}")
-    out = copy.copy(objective)
-    out.guidance_scale = float(guidance)
-    return out
-
-
-def open_model(spec: Any, *, device: Any = "cpu", ema: bool = True, guidance: float | None = None,
-               vae: str | None = None) -> LoadedRun:
+def open_model(spec: Any, *, device: Any = "cpu", ema: bool = True, vae: str | None = None) -> LoadedRun:
     """The model of any checkpoint spec, ready to sample (module docstring)."""
     parsed = as_spec(spec)
     fmt, path, heads = resolve_spec(parsed)
@@ -106,7 +90,6 @@ def open_model(spec: Any, *, device: Any = "cpu", ema: bool = True, guidance: fl
                             name=f"{fmt.name} latents", reason=f"a public {fmt.name} checkpoint carries no data")
         run = LoadedRun(None, net, OBJECTIVES.build("flow_matching"), data, None, Path(path), str(spec), fmt.name)
     run.spec, run.format = str(spec), fmt.name
-    run.objective = with_guidance(run.objective, guidance)
     set_vae(run.dataset, vae)
     return run
 

@@ -5,6 +5,7 @@ from onestep.objectives.consistency import ConsistencyDistillation, ConsistencyT
 from onestep.objectives.consistency_math import consistency_fn
 from onestep.objectives.ect import EasyConsistencyTuning
 from onestep.objectives.flow_matching import FlowMatching
+from onestep.objectives.improved_meanflow import ImprovedMeanFlow, imf_jvp
 from onestep.objectives.meanflow import MeanFlow, meanflow_jvp, meanflow_target
 from onestep.objectives.scm import SCM
 from onestep.objectives.time_sampling import logit_normal, sample_t_r, uniform
@@ -14,4 +15,5 @@ __all__ = [
     "FlowMatching", "MeanFlow", "adaptive_weight", "cfg_velocity", "velocity",
     "meanflow_jvp", "meanflow_target", "logit_normal", "sample_t_r", "uniform",
     "ConsistencyTraining", "ConsistencyDistillation", "EasyConsistencyTuning", "consistency_fn", "SCM",
+    "ImprovedMeanFlow", "imf_jvp",
 ]

@@ -42,6 +42,8 @@ class Objective:
     uses_jvp: bool = False
     #: Parameters owned by the objective (see the class docstring), or None.
     trainable: nn.Module | None = None
+    #: True if ``sample_step`` takes ``cond`` (guidance scale and interval as network inputs).
+    accepts_cond: bool = False
 
     def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
              feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
@@ -52,13 +54,18 @@ class Objective:
         """
         raise NotImplementedError
 
+    def check_backbone(self, net: nn.Module) -> None:
+        """Raise a one-line ValueError if ``net`` cannot be trained by this objective (checked when a
+        recipe is validated; ``net`` may live on the meta device). Default: any backbone."""
+
     def target_decay(self, step: int) -> float | None:
         """μ of the EMA target after optimizer step ``step`` (None: the objective uses no target)."""
         return None
 
     @torch.no_grad()
     def sample_step(self, net: nn.Module, x: Tensor, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
-        """Move samples from time t to time r < t (t, r scalars or (B,))."""
+        """Move samples from time t to time r < t (t, r scalars or (B,)). Objectives with
+        ``accepts_cond`` also take ``cond`` ({"omega", "t_min", "t_max"}, passed to the network)."""
         raise NotImplementedError
 
     def time_grid(self, nfe: int) -> Tensor:

@@ -2,6 +2,10 @@
 
 Numbers from different metric implementations or references never share a column: such a metric
 gets one column per variant, labelled [a], [b], ..., and a footnote says what each variant is.
+
+Guidance-conditioned models evaluated at several guidance scales (``onestep eval RUN --guidance
+1,2,4,8``: rows with ``guidance``) show, per column, the best value over the sweep and the ω that
+gave it, as "value (ω=W)" (the interval too when it is not [0, 1]).
 """
 from __future__ import annotations
 
@@ -54,6 +58,26 @@ class RunSummary:
     name: str
     info: dict[str, Any]
     values: dict[tuple, float] = field(default_factory=dict)
+    # key -> "ω=W" for values picked from guided rows (the best over a guidance sweep).
+    guidance: dict[tuple, str] = field(default_factory=dict)
+
+
+def guidance_label(omega: float | None, interval: list[float] | None) -> str:
+    """"ω=4", or "ω=4 on [0.4, 0.65]" for an interval other than [0, 1]; "no ω" for unguided rows."""
+    if omega is None:
+        return "no ω"
+    lo, hi = interval or (0.0, 1.0)
+    return f"ω={omega:g}" + ("" if (lo, hi) == (0.0, 1.0) else f" on [{lo:g}, {hi:g}]")
+
+
+def best_over_guidance(points: dict[tuple, tuple[float, bool]]) -> tuple[float, tuple]:
+    """(value, (ω, interval)) of the best point of a sweep {(ω, interval): (value, higher_is_better)}."""
+    def score(item):
+        value, higher = item[1]
+        return value if higher else -value
+
+    guidance, (value, _) = max(points.items(), key=score)
+    return value, guidance
 
 
 def summarize_run(run_dir: str | Path) -> RunSummary:
@@ -74,13 +98,24 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
         "train_img_s": round(sum(rates) / len(rates), 1) if rates else None,
     }
     summary = RunSummary(run.name, info)
-    # Latest step wins; within a step, the last row written wins.
-    latest_step = {}
+    # Latest step wins; within a step, the last row written per guidance setting wins, and over a
+    # guidance sweep the best value (noting its ω).
+    latest_step: dict[tuple, int] = {}
+    points: dict[tuple, dict[tuple, tuple[float, bool]]] = {}
     for row in metrics:
         key = (row["metric"], row["nfe"], row.get("implementation", "?"), row.get("reference", "?"))
-        if row.get("step", 0) >= latest_step.get(key, -1):
-            latest_step[key] = row.get("step", 0)
-            summary.values[key] = row["value"]
+        step = row.get("step", 0)
+        if step > latest_step.get(key, -1):
+            latest_step[key], points[key] = step, {}
+        if step == latest_step[key]:
+            interval = row.get("guidance_interval")
+            guidance = (row.get("guidance"), None if interval is None else tuple(interval))
+            points[key][guidance] = (row["value"], bool(row.get("higher_is_better", False)))
+    for key, sweep in points.items():
+        value, (omega, interval) = best_over_guidance(sweep)
+        summary.values[key] = value
+        if omega is not None or len(sweep) > 1:
+            summary.guidance[key] = guidance_label(omega, interval)
     return summary
 
 
@@ -111,6 +146,9 @@ def build_table(runs: list[RunSummary], published: list[dict[str, Any]] | None =
     impl_notes = sorted({f"{k[0]}@{k[1]}: {k[2]}; reference: {k[3]}" for ks in variants.values() if len(ks) == 1
                          for k in ks})
     footnotes.extend(impl_notes)
+    if any(r.guidance for r in runs):
+        footnotes.append("value (ω=W): a guidance-conditioned model's best value over the guidance scales it was "
+                         "evaluated at (onestep eval --guidance), and the ω that gave it.")
     sources = [f"{r.name}: {r.info['source']}" for r in runs if r.info.get("source")]
     if sources:
         footnotes.append("Published rows: " + "; ".join(sources))
@@ -125,7 +163,7 @@ def build_table(runs: list[RunSummary], published: list[dict[str, Any]] | None =
                "" if r.info.get("train_img_s") is None else f"{r.info['train_img_s']:.0f}"]
         for _, k in columns:
             v = r.values.get(k)
-            row.append("" if v is None else _fmt(v))
+            row.append("" if v is None else _fmt(v) + (f" ({r.guidance[k]})" if k in r.guidance else ""))
         rows.append(row)
     return header, rows, footnotes
 

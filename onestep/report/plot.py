@@ -1,4 +1,6 @@
-"""Training curves (loss terms, lr, grad norm) and metric-vs-step plots as PNG (matplotlib extra)."""
+"""Training curves (loss terms, lr, grad norm), metric-vs-step plots and, for guidance sweeps of
+guidance-conditioned models (``onestep eval --guidance 1,2,4,8``), metric-vs-ω plots as PNG
+(matplotlib extra)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,12 +36,38 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
                                       for name, rows in metrics.items()}
                   for metric, nfe in series}
         written.append(_stacked_plot(plt, panels, out_dir / "metrics.png", marker="o"))
+    sweeps = guidance_sweeps(metrics)
+    if sweeps:
+        written.append(_stacked_plot(plt, sweeps, out_dir / "guidance.png", marker="o", xlabel="guidance scale ω"))
     return written
 
 
-def _stacked_plot(plt, panels: dict[str, dict[str, list[tuple]]], path: Path, marker: str | None = None) -> Path:
-    """One panel per y-label, stacked over a shared step axis; in each, a line per run (its
-    (step, value) points; runs without points are skipped but keep their colour)."""
+def guidance_sweeps(metrics: dict[str, list[dict]]) -> dict[str, dict[str, list[tuple]]]:
+    """{metric@nfe: {run (interval): [(ω, value), ...]}} from each run's latest step with guided rows,
+    for series with at least two guidance values (the last row per ω wins)."""
+    panels: dict[str, dict[str, list[tuple]]] = {}
+    for name, rows in metrics.items():
+        guided = [r for r in rows if r.get("guidance") is not None]
+        if not guided:
+            continue
+        step = max(r.get("step", 0) for r in guided)
+        series: dict[tuple, dict[float, float]] = {}
+        for r in guided:
+            if r.get("step", 0) == step:
+                interval = tuple(r.get("guidance_interval") or (0.0, 1.0))
+                series.setdefault((r["metric"], r["nfe"], interval), {})[float(r["guidance"])] = r["value"]
+        for (metric, nfe, interval), points in series.items():
+            if len(points) < 2:
+                continue
+            label = name if interval == (0.0, 1.0) else f"{name} [{interval[0]:g}, {interval[1]:g}]"
+            panels.setdefault(f"{metric}@{nfe}", {})[label] = sorted(points.items())
+    return dict(sorted(panels.items()))
+
+
+def _stacked_plot(plt, panels: dict[str, dict[str, list[tuple]]], path: Path, marker: str | None = None,
+                  xlabel: str = "step") -> Path:
+    """One panel per y-label, stacked over a shared x axis (step, or ω); in each, a line per run (its
+    (x, value) points; runs without points are skipped but keep their colour)."""
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
     for ax, (label, runs) in zip(axes[:, 0], panels.items()):
         for i, (name, pts) in enumerate(runs.items()):
@@ -47,7 +75,7 @@ def _stacked_plot(plt, panels: dict[str, dict[str, list[tuple]]], path: Path, ma
                 ax.plot(*zip(*pts), color=f"C{i}", marker=marker, label=name)
         ax.set_ylabel(label)
     axes[0, 0].legend(fontsize=7)
-    axes[-1, 0].set_xlabel("step")
+    axes[-1, 0].set_xlabel(xlabel)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -25,7 +25,7 @@ from onestep.eval.evaluate import decodes_to_images, evaluate_model
 from onestep.formats import init_weights, recipe_teacher
 from onestep.loggers import open_loggers
 from onestep.registry import ConfigError
-from onestep.sampling import balanced_labels, sample
+from onestep.sampling import balanced_labels, guidance_cond, sample
 from onestep.train.step import NonFiniteError, TrainStep, make_optimizer
 from onestep.utils import distributed
 from onestep.utils.device import pick_device
@@ -181,7 +181,11 @@ class Trainer:
         ``data.vae`` show the decoded images; if that VAE cannot be loaded, one warning is printed
         and the previews fall back to the raw latents (the run goes on)."""
         self.ema.model.eval()
-        x = sample(self.objective, self.ema.model, self.preview_noise, self.preview_labels, nfe=1)
+        # Guidance-conditioned models preview at the recipe's (first) eval.guidance, if any.
+        omegas = self.cfg.eval.guidance if isinstance(self.cfg.eval.guidance, list) else [self.cfg.eval.guidance]
+        cond = guidance_cond(omegas[0], self.cfg.eval.guidance_interval if omegas[0] is not None else None) \
+            if omegas else None
+        x = sample(self.objective, self.ema.model, self.preview_noise, self.preview_labels, nfe=1, cond=cond)
         ncol = self.dataset.num_classes if 0 < self.dataset.num_classes <= 16 else None
         kind = self.dataset.kind
         if decodes_to_images(self.dataset) and not self._preview_raw:
@@ -204,7 +208,8 @@ class Trainer:
         rows = evaluate_model(self.objective, self.ema.model, self.dataset, nfes=ev.nfe, metrics=ev.metrics,
                               num_samples=ev.num_samples, seed=ev.seed, batch_size=ev.batch_size,
                               device=self.device, step=self.step, weights="ema", reference=ev.reference,
-                              feature_extractor=ev.feature_extractor)
+                              feature_extractor=ev.feature_extractor, guidance=ev.guidance,
+                              guidance_interval=ev.guidance_interval)
         if self.dist.is_main:
             self.rundir.append_metrics(rows)
             self.loggers.log_metrics(rows)
