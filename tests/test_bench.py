@@ -49,6 +49,17 @@ def test_bench_improved_meanflow_with_backbone_kwargs():
     assert rows[1]["ms_per_step"] > 0 and rows[1]["ratio_to_flow_matching"] > 0
 
 
+def test_bench_distillation_row_with_a_copied_teacher():
+    """'teacher=copy' times a distillation objective (sCD) against a frozen copy of the backbone."""
+    out = subprocess.run([sys.executable, str(TOOL), "--backbones", "test_mlp", "--input-shape", "2", "--batch", "16",
+                          "--objectives", "flow_matching;scm;scm:mode=scd,teacher=copy", "--steps", "1", "--warmup", "1",
+                          "--json", "--threads", "1", "--no-cpu-memory"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["objective"] for r in rows] == ["flow_matching", "scm", "scm:mode=scd,teacher=copy"]
+    assert all(r["ms_per_step"] > 0 and r["ratio_to_flow_matching"] > 0 for r in rows)
+
+
 CHECK_PEAK = """
 import importlib.util, json, sys, torch
 spec = importlib.util.spec_from_file_location("bench_tool", sys.argv[1])

@@ -19,6 +19,7 @@ from onestep.objectives.consistency_math import karras_sigmas, sigma_to_t
 from onestep.objectives.common import expand_time, target_velocity
 from onestep.objectives.flow_matching import FlowMatching
 from onestep.objectives.meanflow import MeanFlow
+from onestep.objectives.scm import SCM
 from onestep.registry import OBJECTIVES
 from onestep.utils.rundir import load_checkpoint
 
@@ -78,11 +79,29 @@ class IndexedConsistencyTraining(ConsistencyTraining):
                               logs={})
 
 
+class IndexedSCM(SCM):
+    """sCT with its noise and TrigFlow time taken from the sample: ln(σ_d tan ϑ) = P_mean + P_std·Φ⁻¹(u).
+    A 2-step tangent warm-up, so the 3 steps cover r = 0, 1/2, 1. The weight head is learned, so the
+    runs must also agree on the objective's own parameters (all-reduced with the net's)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"tangent_warmup_steps": 2, **kwargs})
+
+    def loss(self, net, x, y, *, step, feature_blocks=(), target_net=None):
+        e, u, _ = _per_sample_randomness(x)
+        normal = torch.distributions.Normal(torch.tensor(self.P_mean, dtype=torch.float64),
+                                            torch.tensor(self.P_std, dtype=torch.float64))
+        theta = torch.atan(torch.exp(normal.icdf(u.double().clamp(0.01, 0.99))) / self.sigma_d)
+        return self.loss_given(net, x, y, e=e, theta=theta, step=step, feature_blocks=feature_blocks,
+                               target_net=target_net)
+
+
 if "_test_indexed_meanflow" not in OBJECTIVES.names():
     OBJECTIVES.register("_test_indexed_meanflow")(IndexedMeanFlow)
     OBJECTIVES.register("_test_indexed_meanflow_bp")(IndexedMeanFlowBatchPosterior)
     OBJECTIVES.register("_test_indexed_flow_matching")(IndexedFlowMatching)
     OBJECTIVES.register("_test_indexed_consistency")(IndexedConsistencyTraining)
+    OBJECTIVES.register("_test_indexed_scm")(IndexedSCM)
 
 
 def _raw(objective: str, steps: int = 3) -> dict:
@@ -120,7 +139,8 @@ def _worker(rank: int, world: int, port: int, objective: str, run_dir: str) -> N
 
 
 @pytest.mark.parametrize("objective", ["_test_indexed_flow_matching", "_test_indexed_meanflow",
-                                       "_test_indexed_meanflow_bp", "_test_indexed_consistency"])
+                                       "_test_indexed_meanflow_bp", "_test_indexed_consistency",
+                                       "_test_indexed_scm"])
 def test_two_ranks_equal_one_process(objective, tmp_path):
     from onestep.train.loop import Trainer
 
@@ -132,7 +152,12 @@ def test_two_ranks_equal_one_process(objective, tmp_path):
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)
         torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-4, atol=1e-5, msg=k)
-    # The runs really trained: parameters moved away from the freshly built (same seed) model.
+    # The objective's own parameters (sCM's weight head) are all-reduced and EMA'd like the net's.
+    assert ("objective_params" in a) == ("objective_params" in b) == (objective == "_test_indexed_scm")
+    for section in ("objective_params", "objective_params_ema"):
+        for k in a.get(section, {}):
+            torch.testing.assert_close(b[section][k], a[section][k], rtol=1e-4, atol=1e-6, msg=f"{section}.{k}")
+            assert a[section][k].abs().sum() > 1e-6                             # the head really moved    # The runs really trained: parameters moved away from the freshly built (same seed) model.
     fresh = Trainer(from_dict(_raw(objective, steps=1)), tmp_path / "fresh", progress=False)
     diff = sum((a["model"][k].float() - v.float()).abs().sum().item() for k, v in fresh.net.state_dict().items())
     assert diff > 1e-3

@@ -50,6 +50,9 @@ CASES = {
     "improved_meanflow": (DIGITS, "{name: test_imf_dit}", "{name: improved_meanflow}", "[]", 16, False),
     "improved_meanflow_boundary": (TOY, "{name: test_mlp, guidance_conditions: true}",
                                    "{name: improved_meanflow, tangent: boundary}", "[]", 32, False),
+    "scm_sct": (TOY, MLP, "{name: scm, mode: sct, tangent_warmup_steps: 3}", "[]", 32, False),
+    "scm_sct_cfg": (DIGITS, DIT, "{name: scm, mode: sct, tangent_warmup_steps: 3, interval: t}", "[]", 16, False),
+    "scm_scd": (TOY, MLP, "{name: scm, mode: scd, teacher: TEACHER, tangent_warmup_steps: 3}", "[]", 32, True),
 }
 
 
@@ -74,7 +77,10 @@ def run_case(name, tmp_path):
     assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress"]) == 0
     rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    return ([r["loss"] for r in rows], _fingerprint(state["model"]), _fingerprint(state["ema"]))
+    # The objective's own parameters (sCM's learned weight head) and their EMA, where there are any.
+    head = ((_fingerprint(state["objective_params"]), _fingerprint(state["objective_params_ema"]))
+            if "objective_params" in state else None)
+    return [r["loss"] for r in rows], _fingerprint(state["model"]), _fingerprint(state["ema"]), head
 
 
 GOLDEN = {
@@ -104,13 +110,26 @@ GOLDEN = {
         "model": (-5.268618119473103, 929.2129219908384), "ema": (-6.007913011124572, 929.310979079349)},
     'meanflow_posterior': {"losses": [0.978426, 0.99631, 0.993198, 0.984616, 0.995307],
         "model": (-4.60498384044331, 929.6384388638398), "ema": (-5.797611367672289, 929.0788675685744)},
+    'scm_scd': {"losses": [0.106941, 0.063105, 0.029901, 0.033506, 0.042285],
+        "model": (-5.177948917342292, 928.646098967547), "ema": (-5.832282233209753, 928.9581197860803),
+        "head": (0.019696475443197414, 0.09147505878354423), "head_ema": (0.008848393335938454, 0.04627246444579214)},
+    'scm_sct': {"losses": [0.556519, 0.672702, 0.735957, 0.765332, 0.81133],
+        "model": (-3.6673853647953365, 930.2028302892286), "ema": (-5.231350807545823, 929.3098836733188),
+        "head": (-0.007563487510196865, 0.0956545373192057), "head_ema": (-0.005583763544564135, 0.04933637361682486)},
+    'scm_sct_cfg': {"losses": [0.838278, 0.869696, 0.904617, 0.915773, 0.938928],
+        "model": (5.374849697687861, 2946.750727326504), "ema": (7.161773992996876, 2911.121568521539),
+        "head": (0.001201263687107712, 0.07751135533908382), "head_ema": (0.0009302641892645624, 0.03911127790797764)},
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_run(name, tmp_path, one_thread):
-    losses, model, ema = run_case(name, tmp_path)
+    losses, model, ema, head = run_case(name, tmp_path)
     want = GOLDEN[name]
     assert losses == pytest.approx(want["losses"], rel=1e-4, abs=1e-6)
     assert model == pytest.approx(want["model"], rel=1e-5)
     assert ema == pytest.approx(want["ema"], rel=1e-5)
+    assert (head is None) == ("head" not in want)
+    if head is not None:
+        assert head[0] == pytest.approx(want["head"], rel=1e-5, abs=1e-9)
+        assert head[1] == pytest.approx(want["head_ema"], rel=1e-5, abs=1e-9)

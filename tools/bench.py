@@ -4,6 +4,8 @@ process, with each objective's ratio to flow matching on the same backbone, batc
 
     python tools/bench.py --backbones dit_s_2 --objectives flow_matching,meanflow --batch 32 \
         --input-shape 4,32,32 --steps 20 [--json] [--device cuda] [--precision bf16]
+    python tools/bench.py --backbones mlp_toy --input-shape 2 --batch 1024 \
+        --objectives "flow_matching;scm;scm:mode=scd,teacher=copy"   # a distillation row: teacher=copy
 
 ``--backbone-kwargs`` passes factory options per backbone, e.g. guidance conditions for
 improved_meanflow: ``--backbone-kwargs '{"dit_s_2": {"guidance_conditions": true}}'`` (the same net
@@ -30,6 +32,7 @@ CPU check of the compiled path).
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import ctypes.util
 import gc
@@ -119,6 +122,8 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         kwargs[key] = yaml.safe_load(value)
+    if kwargs.get("teacher") == "copy":  # distillation timing: a frozen copy of the backbone as the teacher
+        kwargs["teacher"] = copy.deepcopy(net).eval().requires_grad_(False)
     obj = OBJECTIVES.build(name, **kwargs)
     if obj.trainable is not None:
         obj.trainable.to(device)
@@ -224,7 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--backbones", default="dit_s_2")
     p.add_argument("--objectives", default="flow_matching,meanflow",
                    help="comma-separated; kwargs after a colon, e.g. 'meanflow:jvp_only_r_neq_t=false' "
-                        "(use ';' between objectives when kwargs contain commas)")
+                        "(use ';' between objectives when kwargs contain commas); 'teacher=copy' gives a "
+                        "distillation objective a frozen copy of the backbone as its teacher (timing only)")
     p.add_argument("--batch", default="32", help="comma-separated batch sizes")
     p.add_argument("--input-shape", default="4,32,32")
     p.add_argument("--num-classes", type=int, default=0)
