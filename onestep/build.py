@@ -16,6 +16,7 @@ from onestep.config import REGULARIZER_LOOP_KEYS, Config, from_dict
 from onestep.data.base import Dataset
 from onestep.registry import (BACKBONES, DATASETS, LOGGERS, METRICS, OBJECTIVES, REGULARIZERS, ConfigError,
                               DataNotFound)
+from onestep.sampling import check_guidance
 from onestep.utils.rundir import load_checkpoint, resolve_checkpoint
 
 
@@ -144,6 +145,20 @@ def load_run(path: Any, *, use_ema: bool = True, device: Any = "cpu") -> LoadedR
                      int(state["step"]), ckpt)
 
 
+def check_pairing(cfg: Config, objective, net: nn.Module) -> None:
+    """One ConfigError line if the objective cannot train this backbone (``Objective.check_backbone``) or
+    ``eval.guidance`` is set for a model that takes no guidance conditions."""
+    try:
+        objective.check_backbone(net)
+    except ValueError as exc:
+        raise ConfigError(f"objective '{cfg.objective['name']}' with backbone '{cfg.backbone['name']}': {exc}") from None
+    if cfg.eval.guidance is not None:
+        try:
+            check_guidance(objective, net)
+        except ValueError as exc:
+            raise ConfigError(f"eval.guidance: {exc}") from None
+
+
 @dataclass
 class BuildCheck:
     """What ``check_buildable`` found: the dataset (None when its files are missing, with the reason)
@@ -175,11 +190,7 @@ def check_buildable(cfg: Config, *, need_data: bool = False) -> BuildCheck:
             raise ConfigError(f"backbone '{cfg.backbone['name']}': {exc} (the data did not load, so the recipe "
                               f"must give backbone.input_shape and backbone.num_classes)") from None
         build_regularizers(cfg, net)
-    objective = build_objective(cfg, dataset, with_teacher=False)
-    try:
-        objective.check_backbone(net)
-    except ValueError as exc:
-        raise ConfigError(f"objective '{cfg.objective['name']}' with backbone '{cfg.backbone['name']}': {exc}") from None
+    check_pairing(cfg, build_objective(cfg, dataset, with_teacher=False), net)
     for registry, specs in ((METRICS, cfg.eval.metrics or []), (LOGGERS, cfg.train.loggers)):
         for spec in specs:  # factories only check their options (nothing is opened or downloaded)
             name, options = (spec, {}) if isinstance(spec, str) else (spec["name"], _kwargs(spec))
