@@ -19,6 +19,7 @@ from onestep.config import REGULARIZER_LOOP_KEYS, Config
 from onestep.data.base import Dataset
 from onestep.registry import (BACKBONES, DATASETS, LOGGERS, METRICS, OBJECTIVES, REGULARIZERS, ConfigError,
                               DataNotFound)
+from onestep.sampling import with_guidance
 
 
 def _kwargs(entry: dict[str, Any], exclude: tuple[str, ...] = ("name",)) -> dict[str, Any]:
@@ -103,6 +104,21 @@ def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def check_pairing(cfg: Config, objective, net: nn.Module) -> None:
+    """One ConfigError line if the objective cannot train this backbone (``Objective.check_backbone``) or
+    ``eval.guidance`` is set for a model that takes no guidance conditions."""
+    try:
+        objective.check_backbone(net)
+    except ValueError as exc:
+        raise ConfigError(f"objective '{cfg.objective['name']}' with backbone '{cfg.backbone['name']}': {exc}") from None
+    omegas = cfg.eval.guidance if isinstance(cfg.eval.guidance, list) else [cfg.eval.guidance]
+    try:
+        for omega in omegas:
+            with_guidance(objective, net, omega, cfg.eval.guidance_interval if omega is not None else None)
+    except ValueError as exc:
+        raise ConfigError(f"eval.guidance: {exc}") from None
+
+
 @dataclass
 class BuildCheck:
     """What ``check_buildable`` found: the dataset (None when its files are missing, with the reason)
@@ -134,11 +150,7 @@ def check_buildable(cfg: Config, *, need_data: bool = False) -> BuildCheck:
             raise ConfigError(f"backbone '{cfg.backbone['name']}': {exc} (the data did not load, so the recipe "
                               f"must give backbone.input_shape and backbone.num_classes)") from None
         build_regularizers(cfg, net)
-    objective = build_objective(cfg, dataset)
-    try:
-        objective.check_backbone(net)
-    except ValueError as exc:
-        raise ConfigError(f"objective '{cfg.objective['name']}' with backbone '{cfg.backbone['name']}': {exc}") from None
+    check_pairing(cfg, build_objective(cfg, dataset), net)
     for registry, specs in ((METRICS, cfg.eval.metrics or []), (LOGGERS, cfg.train.loggers)):
         for spec in specs:  # factories only check their options (nothing is opened or downloaded)
             name, options = (spec, {}) if isinstance(spec, str) else (spec["name"], _kwargs(spec))

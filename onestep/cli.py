@@ -190,9 +190,12 @@ def _floats(text: str | None, option: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{option} takes comma-separated numbers, got '{text}'") from None
+        values = []
+    if not values:
+        raise ConfigError(f"{option} takes comma-separated numbers, got '{text}'")
+    return values
 
 
 def _guidance(run, omegas: list[float] | None, interval: str | None) -> tuple[list[float | None], list | None]:

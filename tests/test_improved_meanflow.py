@@ -545,6 +545,13 @@ def test_cli_guidance_sample_eval_sweep_compare_plot(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(plain), "--guidance", "2"]) == 2
     assert "has no sampling-time guidance" in capsys.readouterr().err
+    assert main(["eval", str(run), "--guidance", "two"]) == 2
+    assert "--guidance takes comma-separated numbers" in capsys.readouterr().err
+    # eval.guidance on a model without guidance conditions is refused before training starts.
+    assert main(["validate", str(plain_recipe), "eval.guidance=2.0"]) == 2
+    assert "eval.guidance: objective MeanFlow has no sampling-time guidance" in capsys.readouterr().err
+    assert main(["train", str(plain_recipe), "eval.guidance=2.0", "--run-dir", str(tmp_path / "no")]) == 2
+    assert "eval.guidance: objective MeanFlow has no sampling-time guidance" in capsys.readouterr().err
     assert main(["sample", str(plain), "--guidance", "2", "--out", str(tmp_path / "p.npz")]) == 2
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from onestep.build import (backbone_kwargs, build_backbone, build_dataset, build_objective, build_regularizers,
-                           count_parameters)
+                           check_pairing, count_parameters)
 from onestep.config import Config, to_plain
 from onestep.data.base import BatchStream
 from onestep.eval.evaluate import decodes_to_images, evaluate_model
@@ -91,6 +91,7 @@ class Trainer:
         self.dataset = build_dataset(cfg)
         self.net = build_backbone(cfg, self.dataset).to(self.device)
         self.objective = build_objective(cfg, self.dataset, recipe_teacher(cfg, self.dataset, self.device))
+        check_pairing(cfg, self.objective, self.net)
         if t.precision == "fp16" and getattr(self.objective, "uses_jvp", False):
             raise ConfigError(f"train.precision=fp16 is refused for '{cfg.objective['name']}' (its JVP target "
                               f"overflows in fp16); use bf16 or fp32")
