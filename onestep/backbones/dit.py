@@ -187,28 +187,8 @@ DIT_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-@BACKBONES.register("dit", family="dit")
-def dit(
-    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
-    num_classes: int = 0,
-    patch_size: int = 2,
-    depth: int = 12,
-    hidden_size: int = 768,
-    num_heads: int = 12,
-    mlp_ratio: float = 4.0,
-    time_scale: float = 1.0,
-    dropout: float = 0.0,
-    frequency_size: int = 256,
-    guidance_conditions: bool = False,
-) -> DiT:
-    """DiT with every architecture knob exposed (defaults: B/2).
-
-    ``guidance_conditions``: also condition on the guidance scale and interval (``cond``)."""
-    return DiT(
-        input_shape, num_classes, patch_size=patch_size, depth=depth, hidden_size=hidden_size,
-        num_heads=num_heads, mlp_ratio=mlp_ratio, time_scale=time_scale, dropout=dropout,
-        frequency_size=frequency_size, guidance_conditions=guidance_conditions,
-    )
+# The generic factory is the class itself (every architecture knob; defaults: B/2).
+BACKBONES.register("dit", family="dit")(DiT)
 
 
 def _register_size(name: str, doc: str, default_shape: tuple[int, ...] = (4, 32, 32)) -> None:

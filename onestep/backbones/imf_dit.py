@@ -214,7 +214,7 @@ def inference_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class IMFDiT(BlockFeatures, nn.Module):
-    """iMF DiT (module docstring): u(x | h, y, ω, t_min, t_max), ignoring t, with an optional v-head.
+    """iMF in-context DiT: u(x | h, y, ω, t_min, t_max), ignoring t, with an optional v-head (every knob).
 
     ``forward(x, t, h=None, y=None, *, cond=None)``: (B, C, H, W) -> u (B, C, H, W); ``h=None`` means
     h = 0, ``y=None`` the null class, ``cond=None`` ω = 1 on [0, 1].
@@ -424,33 +424,8 @@ IMF_DIT_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-@BACKBONES.register("imf_dit", family="imf_dit")
-def imf_dit(
-    input_shape: tuple[int, ...] | list[int] = (4, 32, 32),
-    num_classes: int = 0,
-    patch_size: int = 2,
-    depth: int = 12,
-    hidden_size: int = 768,
-    num_heads: int = 12,
-    mlp_ratio: float = 8 / 3,
-    aux_head: bool = True,
-    aux_head_depth: int = 8,
-    num_class_tokens: int = 8,
-    num_omega_tokens: int = 4,
-    num_interval_tokens: int = 2,
-    num_time_tokens: int = 4,
-    frequency_size: int = 256,
-    rope_theta: float = 10000.0,
-    init_constant: float = 0.32,
-) -> IMFDiT:
-    """iMF in-context DiT with every knob exposed (defaults: B/2 with the v-head; ignores t)."""
-    return IMFDiT(
-        input_shape, num_classes, patch_size=patch_size, depth=depth, hidden_size=hidden_size,
-        num_heads=num_heads, mlp_ratio=mlp_ratio, aux_head=aux_head, aux_head_depth=aux_head_depth,
-        num_class_tokens=num_class_tokens, num_omega_tokens=num_omega_tokens,
-        num_interval_tokens=num_interval_tokens, num_time_tokens=num_time_tokens,
-        frequency_size=frequency_size, rope_theta=rope_theta, init_constant=init_constant,
-    )
+# The generic factory is the class itself (every knob; defaults: B/2 with the v-head).
+BACKBONES.register("imf_dit", family="imf_dit")(IMFDiT)
 
 
 def _register_size(name: str, doc: str, default_shape: tuple[int, ...]) -> None:
