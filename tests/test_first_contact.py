@@ -87,3 +87,26 @@ def test_train_help_shows_override_syntax(capsys):
     except SystemExit:
         pass
     assert "KEY=VALUE" in capsys.readouterr().out
+
+
+def test_thread_settings_are_recorded(tmp_path, monkeypatch):
+    """train.threads sets torch's CPU threads; config.yaml's meta records them and the OpenMP spin
+    policy the CLI sets unless the environment already chose one."""
+    import yaml
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "toy_meanflow", "train.steps=2", "train.threads=1", "--run-dir", str(tmp_path / "r"),
+                     "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    meta = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["meta"]
+    assert meta["threads"] == 1 and meta["openmp"]["GOMP_SPINCOUNT"] == "1000"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    assert main(["train", "toy_meanflow", "train.steps=2", "--run-dir", str(tmp_path / "r2"), "--no-progress"]) == 0
+    meta = yaml.safe_load((tmp_path / "r2" / "config.yaml").read_text())["meta"]
+    assert meta["openmp"] == {"OMP_WAIT_POLICY": "ACTIVE"} or "GOMP_SPINCOUNT" not in meta["openmp"]
+    assert main(["validate", "toy_meanflow", "train.threads=0"]) == 2

@@ -35,7 +35,9 @@ def test_tiny_run_every_part_ok(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert report is not None and list(report["parts"]) == PARTS
     for name, part in report["parts"].items():
-        assert part["status"] == "ok", (name, part.get("error"), part.get("reason"))
+        rows = (part.get("result") or {}).get("rows") or []
+        failed_rows = [r for r in rows if isinstance(r, dict) and r.get("error")]
+        assert part["status"] == "ok", (name, part.get("error"), part.get("reason"), failed_rows)
     assert report["finished"] and (out / "gpu_check.md").is_file()
     parts = {name: part["result"] for name, part in report["parts"].items()}
 
@@ -67,14 +69,14 @@ def test_tiny_run_every_part_ok(tmp_path):
         assert [r["objective"] for r in rows if r["objective"] == "flow_matching"] == ["flow_matching"]
         assert {r["objective"] for r in rows} == {
             "flow_matching", "meanflow", "meanflow:target_fp32=false", "meanflow:jvp_kernel=explicit",
-            "meanflow:jvp_only_r_neq_t=false,jvp_kernel=explicit"}
+            "meanflow:jvp_only_r_neq_t=false,jvp_kernel=explicit", "meanflow:jvp_pass=separate"}
         for r in rows:
             assert r["compile"] is compiled and r["ms_per_step"] > 0 and r["ratio_to_flow_matching"] > 0
             assert r["batch"] == 4 and r["precision"] == "bf16"
         fm = next(r for r in rows if r["objective"] == "flow_matching")
         assert fm["ratio_to_flow_matching"] == 1.0
         targets = parts[part]["targets"]["rows"]
-        assert {t["objective"] for t in targets} == {"meanflow", "meanflow:target_fp32=false"}
+        assert {t["objective"] for t in targets} == {"meanflow", "meanflow:target_fp32=false", "meanflow:jvp_pass=separate"}
         assert all(isinstance(t["time_target_met"], bool) for t in targets)
     assert all(r["mem_ratio_to_flow_matching"] > 0 for r in parts["bench"]["rows"])  # CPU memory pass (eager)
 

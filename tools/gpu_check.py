@@ -884,7 +884,7 @@ def dist_smoke(device_name: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from onestep.train import distributed
+    from onestep.utils import distributed
 
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device_name == "cuda"

@@ -7,6 +7,7 @@ EMA, EMA target) -> rows to the loggers. All randomness of a step comes from gen
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -58,6 +59,8 @@ def resolved_config(cfg: Config, dataset, net, argv: list[str] | None) -> dict[s
         "argv": list(argv or sys.argv),
         "parameters": count_parameters(net),
         "threads": torch.get_num_threads(),
+        "openmp": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+                   if k in os.environ},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return out
