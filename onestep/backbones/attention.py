@@ -20,8 +20,11 @@ Kernels inside it (``JVP_KERNELS``):
   output recomputes the fused SDPA (no attention matrix is stored). With ``tangent_grad=True``
   (default) the tangent is itself differentiable (exact, tested); MeanFlow detaches du/dt and
   passes False to save the memory of that graph.
+  The same kernel also gives linear and convolution layers their own forward-mode rule
+  (``onestep.backbones.jvp_layers``: torch's built-in rule multiplies by the weights' zero tangents).
 - ``"explicit"``: softmax(q·kᵀ/√d)·v written out with matmuls (forward AD and backward through
-  the elementary ops; the plain baseline that ``tools/bench.py`` measures).
+  the elementary ops, torch's own rules for every layer; the plain baseline that ``tools/bench.py``
+  measures).
 - ``"sdpa_math"``: SDPA restricted to its MATH backend (``torch.nn.attention.sdpa_kernel``),
   which also supports forward AD on torch 2.15.
 
@@ -38,6 +41,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from onestep.backbones.jvp_layers import jvp_layer_rules
 
 __all__ = ["jvp_attention", "attention", "Attention", "SDPAWithJVP", "JVP_KERNELS"]
 
@@ -68,6 +73,9 @@ def jvp_attention(kernel: str = "fused", *, tangent_grad: bool = True) -> Iterat
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel(SDPBackend.MATH):
+                yield
+        elif kernel == "fused":
+            with jvp_layer_rules(tangent_grad):
                 yield
         else:
             yield
@@ -124,17 +132,22 @@ def _attention_tangent(q, k, v, out, dq, dk, dv) -> torch.Tensor:
     pieces = []
     for start in range(0, batch * heads, chunk):
         sl = slice(start, start + chunk)
-        qc, kc, vc = q_[sl].to(work), k_[sl].to(work), v_[sl].to(work)
-        p = torch.softmax(scale * (qc @ kc.transpose(-1, -2)), dim=-1)
+        # The scale goes on the (n, d) operands, not on the (n, n) products; dS = [s·dq, s·q]·[k, dk]ᵀ
+        # is one matmul over the concatenated head dimension.
+        qc, kc, vc = q_[sl].to(work) * scale, k_[sl].to(work), v_[sl].to(work)
+        p = torch.softmax(qc @ kc.transpose(-1, -2), dim=-1)
         tangent = torch.zeros_like(vc) if dv_ is None else p @ dv_[sl].to(work)
-        ds = None
+        left, right = [], []
         if dq_ is not None:
-            ds = dq_[sl].to(work) @ kc.transpose(-1, -2)
+            left.append(dq_[sl].to(work) * scale)
+            right.append(kc)
         if dk_ is not None:
-            term = qc @ dk_[sl].to(work).transpose(-1, -2)
-            ds = term if ds is None else ds + term
-        if ds is not None:
-            pds = p * (scale * ds)
+            left.append(qc)
+            right.append(dk_[sl].to(work))
+        if left:
+            ds = torch.cat(left, -1) @ torch.cat(right, -1).transpose(-1, -2) if len(left) > 1 \
+                else left[0] @ right[0].transpose(-1, -2)
+            pds = p * ds
             tangent = tangent + pds @ vc - pds.sum(-1, keepdim=True) * o_[sl].to(work)
         pieces.append(tangent.to(out.dtype))
     return torch.cat(pieces).reshape(out.shape)
