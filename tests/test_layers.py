@@ -54,26 +54,35 @@ def unit(module: str) -> tuple[int, str]:
     return best
 
 
-def imports_of(module: str) -> set[str]:
-    path = MODULES[module]
+def named_imports(path: Path, module: str | None):
+    """(line, target module, names) of every onestep import in a file, function-level ones included;
+    relative imports are resolved against ``module`` (skipped where it is None: files outside the package)."""
     tree = ast.parse(path.read_text())
-    is_pkg = path.name == "__init__.py"
-    found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "onestep"}
+            for a in node.names:
+                if a.name.split(".")[0] == "onestep":
+                    yield node.lineno, a.name, []
         elif isinstance(node, ast.ImportFrom):
             if node.level:
+                if module is None:
+                    continue
+                is_pkg = path.name == "__init__.py"
                 base = module.split(".") if is_pkg else module.split(".")[:-1]
                 base = base[:len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if target.split(".")[0] != "onestep":
-                continue
-            # `from pkg import sub` imports the submodule pkg.sub when there is one.
-            subs = {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES}
-            found |= subs or {target}
+            if target.split(".")[0] == "onestep":
+                yield node.lineno, target, [a.name for a in node.names]
+
+
+def imports_of(module: str) -> set[str]:
+    found = set()
+    for _, target, names in named_imports(MODULES[module], module):
+        # `from pkg import sub` imports the submodule pkg.sub when there is one.
+        subs = {f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES}
+        found |= subs or {target}
     return {m for m in found if m != module}
 
 
@@ -147,28 +156,6 @@ def test_the_checker_catches_what_it_should():
         unit("onestep.nowhere")
 
 
-def _named_imports(path: Path, module: str | None):
-    """(line, target module, names) of every onestep import in a file, function-level ones included."""
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.split(".")[0] == "onestep":
-                    yield node.lineno, a.name, []
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                if module is None:
-                    continue
-                is_pkg = path.name == "__init__.py"
-                base = module.split(".") if is_pkg else module.split(".")[:-1]
-                base = base[:len(base) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            if target.split(".")[0] == "onestep":
-                yield node.lineno, target, [a.name for a in node.names]
-
-
 def test_every_onestep_import_resolves():
     """A function-level import of a moved or renamed module fails only when that path runs (the GPU
     check's distributed part once did, on CI only); here every one is checked statically."""
@@ -178,7 +165,7 @@ def test_every_onestep_import_resolves():
     files += [(p, None) for d in ("tools", "tests") for p in (ROOT.parent / d).rglob("*.py")]
     bad = []
     for path, module in files:
-        for line, target, names in _named_imports(path, module):
+        for line, target, names in named_imports(path, module):
             where = f"{path.relative_to(ROOT.parent)}:{line}"
             if target not in MODULES:
                 bad.append(f"{where}: no module {target}")
