@@ -35,6 +35,16 @@ def _tangent_context(ctx) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if ctx.tangent_grad else torch.no_grad()
 
 
+def _save(ctx, x, weight, bias, tangent_grad, output) -> None:
+    """What both rules keep: x and W for backward and the tangent; absent tangents stay None."""
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight)
+    ctx.save_for_forward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype  # None: no bias
+    ctx.tangent_grad = tangent_grad
+    ctx.out_dtype = output.dtype
+
+
 def _sum(*terms):
     """The sum of the terms that are present (None: absent); None when none is."""
     out = None
@@ -54,13 +64,7 @@ class LinearWithJVP(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, tangent_grad = inputs
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight)
-        ctx.save_for_forward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.tangent_grad = tangent_grad
-        ctx.out_dtype = output.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        _save(ctx, x, weight, bias, tangent_grad, output)
 
     @staticmethod
     def backward(ctx, grad):
@@ -72,7 +76,7 @@ class LinearWithJVP(torch.autograd.Function):
         gx = (grad @ weight.to(work)).to(x.dtype) if need_x else None
         g2 = grad.reshape(-1, grad.shape[-1])
         gw = (g2.t() @ x.reshape(-1, x.shape[-1]).to(work)).to(weight.dtype) if need_w else None
-        gb = g2.sum(0).to(ctx.bias_dtype) if ctx.has_bias and need_b else None
+        gb = g2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need_b else None
         return gx, gw, gb, None
 
     @staticmethod
@@ -97,14 +101,8 @@ class Conv2dWithJVP(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, stride, padding, dilation, groups, tangent_grad = inputs
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight)
-        ctx.save_for_forward(x, weight)
+        _save(ctx, x, weight, bias, tangent_grad, output)
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.tangent_grad = tangent_grad
-        ctx.out_dtype = output.dtype
 
     @staticmethod
     def backward(ctx, grad):
@@ -117,9 +115,9 @@ class Conv2dWithJVP(torch.autograd.Function):
         # convolution_backward wants explicit per-dimension lists (string padding is resolved here).
         pad = _resolved_padding(padding, weight, dilation)
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x.to(work), weight.to(work), [weight.shape[0]] if ctx.has_bias else None,
+            grad, x.to(work), weight.to(work), [weight.shape[0]] if ctx.bias_dtype is not None else None,
             _pair(stride), pad, _pair(dilation), False, [0, 0], groups,
-            [bool(need_x), bool(need_w), bool(ctx.has_bias and need_b)])
+            [bool(need_x), bool(need_w), bool(ctx.bias_dtype is not None and need_b)])
         return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(weight.dtype),
                 None if gb is None else gb.to(ctx.bias_dtype), None, None, None, None, None)
 
