@@ -508,8 +508,9 @@ def _model_options(p: argparse.ArgumentParser, sweep: bool) -> None:
 
 # OpenMP threads that wait for work spin for GOMP_SPINCOUNT iterations before sleeping (libgomp's
 # default: 300 000). Two runs on one machine then spin against each other: on the project's 2-core
-# box two toy trainings ran at 13 % of one run's speed each. 1000 keeps ~92 % of the solo speed and
-# ~55 % each for two at once (README, "Several runs on one machine"). Set before torch loads libgomp;
+# box two toy trainings ran at 13 % of one run's speed each. With 1000 a solo run ran at 9.3-10.5
+# steps/s (spinning: 10.7-12.9) and two at once at ~55 % each (README, "Several runs on one
+# machine"). Set before torch loads libgomp;
 # an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
 OPENMP_SPIN = "1000"
 
