@@ -233,6 +233,8 @@ def cmd_eval(args) -> int:
         METRICS.get(m)
     run = open_model(args.run, device=device, ema=not args.no_ema, vae=args.vae)
     ev = run.cfg.eval if run.cfg is not None else EvalConfig()
+    if (args.reference or "").startswith("real:"):
+        return _eval_real(args, run, ev, metrics)
     nfes = args.nfe or ev.nfe
     omegas, interval = _guidance(run, _floats(args.guidance, "--guidance"), args.guidance_interval)
     rows = evaluate_model(run.objective, run.net, run.dataset, nfes=nfes, metrics=metrics or ev.metrics,
@@ -262,6 +264,40 @@ def cmd_eval(args) -> int:
     for impl in sorted({f"{r['metric']}: {r['implementation']}; reference: {r['reference']}" for r in rows}):
         console.print(f"  {impl}")
     return 0
+
+
+def _eval_real(args, run, ev, metrics) -> int:
+    """``--reference real:SPLIT``: score real images of SPLIT through the same metrics (the floor a
+    model's samples are compared with); printed, not written to the run."""
+    from onestep.eval.evaluate import evaluate_real
+
+    split = args.reference.split(":", 1)[1]
+    if split not in ("train", "test"):
+        raise ConfigError(f"--reference {args.reference}: the real-image reference is real:train or real:test")
+    rows = evaluate_real(run.dataset, split=split, metrics=metrics or ev.metrics,
+                         num_samples=args.num_samples or ev.num_samples, seed=ev.seed if args.seed is None else args.seed)
+    from rich.table import Table
+
+    table = Table(title=f"real {run.dataset.name} images ({split} split) scored as samples")
+    for col in ("metric", "value", "samples"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["metric"], f"{r['value']:.5g}", str(r["num_samples"]))
+    console = _console()
+    console.print(table)
+    for impl in sorted({f"{r['metric']}: {r['implementation']}; reference: {r['reference']}" for r in rows}):
+        console.print(f"  {impl}")
+    return 0
+
+
+def cmd_suite(args) -> int:
+    from onestep import suite
+
+    args.overrides = [x for x in args.items if "=" in x]
+    args.suite = [x for x in args.items if "=" not in x]
+    if not args.suite:
+        raise ConfigError("suite needs a suite file or recipes (KEY=VALUE items are overrides)")
+    return suite.main(args, echo=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def _guidance_label(row: dict) -> str:
@@ -474,6 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the published rows (docs/reference.md) for the runs' dataset ('all': every row)")
     c.add_argument("--format", choices=["rich", "md", "csv"], default="rich")
     c.set_defaults(fn=cmd_compare)
+
+    su = sub.add_parser("suite", help="train and score a list of recipes into one results table (resumable)")
+    su.add_argument("items", nargs="+", metavar="SUITE.yaml|RECIPE|KEY=VALUE",
+                    help="a suite file (recipes/suites/*.yaml) or recipes; KEY=VALUE overrides apply to every run")
+    su.add_argument("--jobs", type=_positive_int, default=1, help="commands at once (each gets cores/N threads)")
+    su.add_argument("--root", help="folder of the run directories (default: the suite's root)")
+    su.add_argument("--only", help="comma-separated run names (and what they depend on)")
+    su.add_argument("--report-only", action="store_true", help="rewrite the tables and figures; train nothing")
+    su.set_defaults(fn=cmd_suite)
 
     pl = sub.add_parser("plot", help="PNG training curves and metric-vs-step plots (needs matplotlib)")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")

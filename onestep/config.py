@@ -118,15 +118,44 @@ def find_recipe(recipe: str | Path) -> Path:
     raise ConfigError(f"recipe '{recipe}' not found (a YAML path or a name from `onestep ls recipes`)")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a mapping, with its ``base:`` (another recipe, a path relative to this one)
+    merged underneath: mappings merge key by key, anything else (lists included) is replaced by the
+    overlay's value. A cycle of bases is refused."""
+    path = Path(path)
     try:
-        with open(path) as f:
-            raw = yamlio.safe_load(f.read())
+        raw = yamlio.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable recipe ({type(exc).__name__}: {exc})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping with sections {', '.join(SECTIONS)}")
-    return raw
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: 'base' must be the path of another recipe (relative to {path.parent}), got {base!r}")
+    base_path = (path.parent / base).resolve()
+    chain = _chain + (path.resolve(),)
+    if base_path in chain:
+        cycle = " -> ".join(p.name for p in chain + (base_path,))
+        raise ConfigError(f"{path}: recipe bases form a cycle ({cycle})")
+    return merge_recipes(load_yaml(base_path, chain), raw)
+
+
+def merge_recipes(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` on top of ``base``: nested mappings merge, other values replace; a component section
+    that names another component (``objective: {name: ...}``) replaces the base's section whole."""
+    out = dict(base)
+    for key, value in overlay.items():
+        old = out.get(key)
+        same_component = isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == \
+            old.get("name")
+        out[key] = merge_recipes(old, value) if same_component else value
+    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

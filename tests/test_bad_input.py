@@ -14,6 +14,7 @@ import torch
 from onestep.cli import main
 from onestep.registry import ConfigError
 from onestep.utils.rundir import RunDir, load_checkpoint
+from waiting import HANG_GUARD_S, wait_for
 
 TINY = """
 seed: 1
@@ -45,7 +46,7 @@ def _one_line_error(capsys, *needles):
 
 def test_second_writer_is_refused_with_the_holders_pid(recipe, tmp_path, capsys):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)  # alive until killed
     try:
         run.mkdir()
         (run / RunDir.LOCK).write_text(f"{holder.pid}\n")
@@ -61,24 +62,30 @@ def test_second_writer_is_refused_with_the_holders_pid(recipe, tmp_path, capsys)
 
 
 def test_two_concurrent_trainings_into_one_dir(recipe, tmp_path):
-    """Two real processes: exactly one trains, the other exits 2 naming the holder."""
+    """Two real processes: while the first trains (a step budget it cannot finish, so it is alive
+    whatever the machine's speed), the second is refused naming the first's PID; the first, stopped
+    with SIGTERM, leaves one run's rows."""
+    import signal
+
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "onestep", "train", str(recipe), "--run-dir", str(run), "--no-progress",
-           "train.steps=400"]
+           "train.steps=1000000000", "train.log_every=1", "train.checkpoint_every=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lock = run / RunDir.LOCK
-    for _ in range(600):
-        if lock.exists() or first.poll() is not None:
-            break
-        import time
-
-        time.sleep(0.05)
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
-    assert second.returncode == 2 and "is being written by another process (PID" in second.stderr
-    assert len(RunDir(run).read_stats()) == 400  # one run's rows, not two interleaved
+    try:
+        wait_for(lambda: RunDir(run).read_stats(), first, "the first run's first stats row")
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
+        assert first.poll() is None  # the holder was alive throughout
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=HANG_GUARD_S)
+    assert second.returncode == 2, second.stderr[-2000:]
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"is being written by another process (PID {first.pid})" in lines[0], lines
+    assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
+    steps = [row["step"] for row in RunDir(run).read_stats()]
+    assert steps == list(range(1, len(steps) + 1))  # one run's rows, not two interleaved
+    assert not (run / RunDir.LOCK).exists()
 
 
 def test_leftovers_of_an_earlier_run_are_not_overwritten(recipe, tmp_path, capsys):
@@ -240,19 +247,20 @@ def test_resume_after_sigkill_drops_replayed_stats_rows(recipe, tmp_path):
     """A killed run's stats.jsonl has rows past its last checkpoint; the resumed run replaces them, so
     steps only go up."""
     import signal
-    import time
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "onestep", "train", str(recipe), "--run-dir", str(run), "--no-progress",
-           "train.steps=100000", "train.checkpoint_every=25"]
+           "train.steps=1000000000", "train.checkpoint_every=25"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     stats = run / "stats.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        rows = RunDir(run).read_stats()
-        if rows and rows[-1]["step"] >= 40 and rows[-1]["step"] % 25:
+    # Freeze the process (SIGSTOP) and look: kill it only in a state with rows past its last checkpoint,
+    # otherwise let it run on and look again. No timing involved.
+    while True:
+        wait_for(lambda: (rows := RunDir(run).read_stats()) and rows[-1]["step"] >= 40, proc, "step 40")
+        proc.send_signal(signal.SIGSTOP)
+        if RunDir(run).read_stats()[-1]["step"] > load_checkpoint(run)["step"]:
             break
-        time.sleep(0.05)
+        proc.send_signal(signal.SIGCONT)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = load_checkpoint(run)["step"]

@@ -22,6 +22,7 @@ from onestep.objectives.meanflow import MeanFlow
 from onestep.objectives.scm import SCM
 from onestep.registry import OBJECTIVES
 from onestep.utils.rundir import load_checkpoint
+from waiting import HANG_GUARD_S
 
 
 def _per_sample_randomness(x: torch.Tensor):
@@ -182,7 +183,7 @@ def test_torchrun_cli_two_processes(tmp_path, tiny_recipe):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()), "-m", "onestep", "train",
            str(tiny_recipe), "--run-dir", str(run), "--no-progress", "train.steps=4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(run)
     assert proc.stdout.count(str(run)) == 1  # only rank 0 prints

@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from test_distributed import _free_port
+from waiting import HANG_GUARD_S
 
 
 def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -61,7 +62,7 @@ eval: {nfe: [1, 2], num_samples: 40, batch_size: 16}
 def _eval(cmd_prefix, run, env, cwd):
     cmd = [*cmd_prefix, "-m", "onestep", "eval", str(run), "--nfe", "1", "--nfe", "2", "--metrics",
            "fid,sliced_wasserstein", "--feature-extractor", "onestep-random-conv", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=cwd)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -72,7 +73,7 @@ def test_torchrun_eval_equals_one_process(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = subprocess.run([sys.executable, "-m", "onestep", "train", str(recipe), "--run-dir", str(run),
-                            "--no-progress", "train.device=cpu"], capture_output=True, text=True, timeout=300,
+                            "--no-progress", "train.device=cpu"], capture_output=True, text=True, timeout=HANG_GUARD_S,
                            env=env, cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     _eval([sys.executable], run, env, tmp_path)

@@ -22,6 +22,7 @@ from onestep.registry import BACKBONES, ConfigError
 from onestep.train.loop import Trainer
 from onestep.utils.seeding import sample_seed, seeded_noise
 from test_formats import C, CLASSES, HEADS, SIDE, make_state, ref_forward, save
+from waiting import HANG_GUARD_S
 
 F32 = torch.float32
 SHAPE = (C, SIDE, SIDE)
@@ -298,5 +299,5 @@ def test_guidance_interval_guides_only_inside():
 def test_import_onestep_stays_light():
     code = ("import sys, onestep; assert 'torch' not in sys.modules, 'torch imported'; "
             "assert callable(onestep.load_model) and callable(onestep.generate); print('ok')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -26,6 +26,7 @@ LAYERS = [
     ["onestep.loggers"],
     ["onestep.train"],
     ["onestep.report", "onestep.api"],
+    ["onestep.suite"],
     ["onestep.cli"],
     ["onestep.__main__"],
 ]

@@ -47,16 +47,23 @@ def write_idx(path, array: np.ndarray):
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def write_mnist(root, n_train=5, n_test=3):
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
+def write_mnist(root, n_train=5, n_test=3, folder="MNIST", gz=False):
+    """``ROOT/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` with random images and
+    labels 0..9 (torchvision's layout, shared by MNIST and Fashion-MNIST)."""
+    import gzip
+
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
     out = {}
     for split, n in (("train", n_train), ("t10k", n_test)):
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         labels = (np.arange(n) * 7 + 3) % 10
-        write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8))
+        for stem, array in ((f"{split}-images-idx3-ubyte", images), (f"{split}-labels-idx1-ubyte", labels)):
+            write_idx(raw / stem, array)
+            if gz:
+                (raw / f"{stem}.gz").write_bytes(gzip.compress((raw / stem).read_bytes()))
+                (raw / stem).unlink()
         out[split] = (images, labels)
     return out
 
@@ -111,7 +118,7 @@ def test_mnist_idx_files(tmp_path):
     assert ds.size == 5 and ds.shape == (1, 28, 28) and ds.num_classes == 10
     assert torch.allclose(ds.x[:, 0], torch.from_numpy(images).float() / 127.5 - 1)
     assert ds.y.tolist() == labels.tolist()
-    padded = DATASETS.build("mnist", root=str(tmp_path), train=False, image_size=32)
+    padded = DATASETS.build("mnist", root=str(tmp_path), split="test", image_size=32)
     test_images, _ = written["t10k"]
     assert padded.size == 3 and padded.shape == (1, 32, 32) and padded.y is None
     assert (padded.x[:, :, :2] == -1).all() and (padded.x[:, :, :, -2:] == -1).all()
@@ -123,6 +130,66 @@ def test_mnist_idx_files(tmp_path):
 def test_mnist_missing_files(tmp_path):
     with pytest.raises(ConfigError, match=r"MNIST.*raw.*data.download=true"):
         DATASETS.build("mnist", root=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST (the same IDX reader).
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_fashion_mnist_idx_files(tmp_path, gz):
+    written = write_mnist(tmp_path, n_train=7, n_test=4, folder="FashionMNIST", gz=gz)
+    ds = DATASETS.build("fashion_mnist", root=str(tmp_path))
+    images, labels = written["train"]
+    assert ds.size == 7 and ds.shape == (1, 28, 28) and ds.num_classes == 10 and ds.name == "fashion_mnist"
+    assert torch.equal(ds.x[:, 0], torch.from_numpy(images).float() / 127.5 - 1)
+    assert ds.y.tolist() == labels.tolist() and ds.class_names[9] == "Ankle boot"
+    test = DATASETS.build("fashion_mnist", root=str(tmp_path), split="test", image_size=32, conditional=False)
+    assert test.size == 4 and test.shape == (1, 32, 32) and test.y is None and test.name == "fashion_mnist_test"
+    assert torch.equal(test.x[:, 0, 2:30, 2:30], torch.from_numpy(written["t10k"][0]).float() / 127.5 - 1)
+    assert (test.x[:, :, :2] == -1).all() and (test.x[:, :, -2:] == -1).all()
+    assert torch.equal(ds.load_split("test").x, DATASETS.build("fashion_mnist", root=str(tmp_path), split="test").x)
+
+
+def test_fashion_mnist_bad_options_and_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"missing train-images-idx3-ubyte.*FashionMNIST/raw.*torchvision layout.*download"):
+        DATASETS.build("fashion_mnist", root=str(tmp_path))
+    write_mnist(tmp_path, folder="FashionMNIST")
+    with pytest.raises(ConfigError, match=r"'image_size' must be 28 .* or 32"):
+        DATASETS.build("fashion_mnist", root=str(tmp_path), image_size=16)
+    with pytest.raises(ConfigError, match=r"'split' must be one of 'train', 'test'"):
+        DATASETS.build("fashion_mnist", root=str(tmp_path), split="val")
+    raw = tmp_path / "FashionMNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    good = images.read_bytes()
+    images.write_bytes(good[:-5])
+    with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte: truncated: .* bytes, but its header \(5, 28, 28\)"):
+        DATASETS.build("fashion_mnist", root=str(tmp_path))
+    images.write_bytes(b"GIF89a" + good[6:])
+    with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte: not an IDX file"):
+        DATASETS.build("fashion_mnist", root=str(tmp_path))
+    images.write_bytes(good)
+    write_idx(raw / "train-labels-idx1-ubyte", np.arange(4))  # 4 labels for 5 images
+    with pytest.raises(ConfigError, match=r"train-labels-idx1-ubyte: expected 5 labels"):
+        DATASETS.build("fashion_mnist", root=str(tmp_path))
+    write_idx(raw / "train-labels-idx1-ubyte", np.array([0, 1, 2, 3, 12]))
+    with pytest.raises(ConfigError, match=r"labels must be in 0..9"):
+        DATASETS.build("fashion_mnist", root=str(tmp_path))
+    (raw / "train-labels-idx1-ubyte").unlink()
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ConfigError, match=r"train-labels-idx1-ubyte.gz: unreadable"):
+        DATASETS.build("fashion_mnist", root=str(tmp_path))
+
+
+def test_idx_reader_types(tmp_path):
+    import struct
+
+    from onestep.data.idx import read_idx
+
+    values = np.arange(6, dtype=">i4").reshape(2, 3)
+    path = tmp_path / "a.idx"
+    path.write_bytes(struct.pack(">BBBB", 0, 0, 0x0C, 2) + struct.pack(">2I", 2, 3) + values.tobytes())
+    out = read_idx(path)
+    assert out.dtype == np.int32 and out.tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -936,7 +936,7 @@ def part_distributed(w: Worker) -> None:
 
     # Process group smoke test (torchrun with one process never builds a process group in the trainer).
     out = w.sub(launcher + ["--master_port", str(free_port()), str(TOOL), "--_dist-smoke", w.device],
-                s["timeouts"]["smoke"], "dist_smoke", env)
+                s["timeouts"]["smoke"] * w.spec.get("timeout_scale", 1.0), "dist_smoke", env)
     info = (json_lines(out["stdout"]) or [{}])[-1]
     ok = out["rc"] == 0 and info.get("all_reduce_ok") and info.get("all_gather_ok") and info.get("broadcast_object_ok")
     rows.append({"run": "process group smoke", "nproc": nproc, "wall_s": out["wall_s"], "ok": bool(ok), **info,
@@ -951,7 +951,7 @@ def part_distributed(w: Worker) -> None:
         overrides = list(s[key]) + device_overrides
         cmd = launcher + ["--master_port", str(free_port()), "-m", "onestep", "train", recipe,
                           "--run-dir", str(run_dir), "--no-progress", *overrides]
-        out = w.sub(cmd, s["timeouts"][key], f"dist_{key}", env)
+        out = w.sub(cmd, s["timeouts"][key] * w.spec.get("timeout_scale", 1.0), f"dist_{key}", env)
         row = {"run": f"{Path(recipe).stem} via torchrun", "nproc": nproc, "overrides": overrides,
                "wall_s": out["wall_s"], "rc": out["rc"], "timed_out": out["timed_out"]}
         lines = out["stdout"].strip().splitlines()
@@ -1174,12 +1174,12 @@ class Runner:
             rec.update(status="skipped", reason=f"budget: {left:.0f} s left of {self.args.budget_s} s, "
                                                 f"this part needs at least {MIN_SECONDS[part]} s")
             return
-        timeout = min(self.args.timeouts.get(part, DEFAULT_TIMEOUTS[part]), left)
+        timeout = min(self.args.timeouts.get(part, DEFAULT_TIMEOUTS[part] * self.args.timeout_scale), left)
         result_file, children = self.work / f"{part}.result.json", self.work / f"{part}.children"
         env_info = (self.report["parts"].get("environment", {}).get("result") or {}).get("info")
         spec = {"part": part, "device": self.args.device, "tiny": self.args.tiny, "deadline": time.time() + timeout,
                 "work_dir": str(self.work), "result_file": str(result_file), "children_file": str(children),
-                "fail": self.args.fail.get(part), "nproc": self.args.nproc, "keep_runs": self.args.keep_runs,
+                "fail": self.args.fail.get(part), "nproc": self.args.nproc, "timeout_scale": self.args.timeout_scale, "keep_runs": self.args.keep_runs,
                 "context": {"environment": env_info}}
         spec_file = self.work / f"{part}.spec.json"
         spec_file.write_text(json.dumps(spec))
@@ -1224,6 +1224,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny sizes (seconds on a CPU): same code paths")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: " + ", ".join(PARTS))
     p.add_argument("--timeouts", default="", help="per-part timeouts in seconds, e.g. 'bench=120,bench_compile=300'")
+    p.add_argument("--timeout-scale", type=float, default=1.0,
+                   help="multiply every default timeout by this (e.g. 10 on a machine 10x slower than a GPU host)")
     p.add_argument("--nproc", type=int, default=None,
                    help="torchrun processes for the distributed part (default: the GPU count on cuda, 1 on cpu)")
     p.add_argument("--keep-runs", action="store_true", help="keep the distributed part's run directories")
@@ -1250,6 +1252,8 @@ def parse_args(argv=None):
     args.timeouts = timeouts
     if args.budget_s <= 0:
         p.error("--budget-s must be > 0")
+    if args.timeout_scale <= 0:
+        p.error("--timeout-scale must be > 0")
     if args.nproc is not None and args.nproc < 1:
         p.error("--nproc must be >= 1")
     args.fail = {}

@@ -3,6 +3,6 @@
 Importing this package registers every dataset factory in ``onestep.registry.DATASETS``.
 """
 from .base import BatchStream, Dataset, TensorDataset
-from . import images, toy  # noqa: F401  (registration side effects)
+from . import idx, images, toy  # noqa: F401  (registration side effects)
 
-__all__ = ["BatchStream", "Dataset", "TensorDataset", "images", "toy"]
+__all__ = ["BatchStream", "Dataset", "TensorDataset", "idx", "images", "toy"]

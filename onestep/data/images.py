@@ -4,10 +4,10 @@
 with the dependencies.
 
 Real sets read from a local ``root`` (a missing root is a one-line ``ConfigError`` saying how to get
-the data; ``download: true`` fetches CIFAR-10 / MNIST with torchvision where there is network):
+the data; ``download: true`` fetches CIFAR-10 with torchvision where there is network):
 
 - ``cifar10``: the python batches ``ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``.
-- ``mnist``: torchvision's layout ``ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``.
+- ``mnist``, ``fashion_mnist``: IDX files in torchvision's layout (``onestep.data.idx``).
 - ``imagefolder``: ``ROOT/CLASS/*.png|jpg|...``, center-cropped and resized with PIL.
 """
 from __future__ import annotations
@@ -76,9 +76,10 @@ def digits(
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
         x = x.clamp(-1.0, 1.0)
     name = "digits" if split == "all" else f"digits_{split}"
-    if conditional:
-        return TensorDataset(x, y, num_classes=10, kind="image", name=name)
-    return TensorDataset(x, None, num_classes=0, kind="image", name=name)
+    ds = _labelled(x, y, 10, conditional, name)
+    ds.family, ds.split, ds.class_names = "digits", split, tuple(str(k) for k in range(10))
+    ds.load_split = lambda other, conditional=conditional: digits(conditional, split=other, image_size=image_size)
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,8 +89,6 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILES = ("test_batch",)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte")
 
 
 def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -167,43 +166,6 @@ def cifar10(root: str = "data", train: bool = True, download: bool = False, cond
         )
     x, y, _ = read_cifar10(folder, train)
     return _labelled(uint8_to_unit(x), y, 10, conditional, "cifar10" if train else "cifar10_test")
-
-
-@DATASETS.register("mnist", tags=("image",))
-def mnist(root: str = "data", train: bool = True, download: bool = False, conditional: bool = False,
-          image_size: int = 28) -> TensorDataset:
-    """MNIST (60 000 train / 10 000 test 28x28 digits, 10 classes) as (N, 1, S, S) in [-1, 1].
-
-    Read with torchvision from ``ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``;
-    ``download=True`` fetches them first (needs network). ``image_size``: 28 native; 32 pads 2
-    background pixels on each side (LeNet style, for backbones that need 32x32); any other size
-    resizes bilinearly. ``conditional=False`` (default) drops the labels.
-    """
-    from pathlib import Path
-
-    if image_size < 1:
-        raise ConfigError(f"dataset 'mnist': key 'image_size' must be >= 1, got {image_size}")
-    raw = Path(root).expanduser() / "MNIST" / "raw"
-    missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
-    if missing and not download:
-        raise DataNotFound(
-            f"dataset 'mnist': missing {', '.join(missing)} under {raw}; put the four uncompressed MNIST idx "
-            f"files there (torchvision layout) or set data.download=true"
-        )
-    try:
-        import torchvision
-
-        data = torchvision.datasets.MNIST(str(Path(root).expanduser()), train=train, download=download)
-    except Exception as exc:
-        raise ConfigError(f"dataset 'mnist': cannot load from {root}: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200]}") from None
-    x = uint8_to_unit(data.data.unsqueeze(1))
-    y = data.targets.to(torch.int64)
-    if image_size == 32 and x.shape[-1] == 28:
-        x = F.pad(x, (2, 2, 2, 2), value=-1.0)
-    elif image_size != x.shape[-1]:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(-1.0, 1.0)
-    return _labelled(x, y, 10, conditional, "mnist" if train else "mnist_test")
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

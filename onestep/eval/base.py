@@ -7,6 +7,8 @@ declare what it needs, so the evaluator asks instead of guessing:
   dataset; streaming metrics get a reference spec (a folder, statistics, a dataset) or the training
   images.
 - ``needs_labels``: it receives the class each sample was generated for (None when unconditional).
+- ``reference_split``: the split of the data's family its reference comes from ("test" for the
+  reference-classifier metrics: the whole test split), or None for the dataset's own samples.
 - ``streaming``: it consumes a sample generator, ``from_generator(fn, num_samples, reference, ...)``,
   instead of a tensor of samples (torch-fidelity metrics: nothing is held in memory).
 
@@ -27,6 +29,7 @@ class Metric:
     kinds: tuple[str, ...] = KINDS
     needs_reference: bool = True
     needs_labels: bool = False
+    reference_split: str | None = None
     streaming: bool = False
 
     def __call__(self, samples: Tensor, reference: Tensor | None = None, labels: Tensor | None = None) -> float:

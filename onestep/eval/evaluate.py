@@ -23,6 +23,7 @@ import torch
 
 from onestep.eval import fidelity
 from onestep.eval.base import Metric
+from onestep.eval.classifiers import family_of
 from onestep.eval.generate import generate, model_generator_fn
 from onestep.registry import METRICS, ConfigError
 from onestep.sampling import with_guidance
@@ -39,10 +40,11 @@ def decodes_to_images(dataset) -> bool:
 
 
 def default_metrics(dataset) -> list[str]:
-    """Per data kind; the bundled digits get the toolkit's own classifier metrics (no download);
-    latents with a VAE get the image metrics (fid, isc) of their decoded samples."""
-    if dataset.name == "digits":
-        return ["digits_fd", "digits_is"] + (["digits_acc"] if dataset.num_classes else [])
+    """Per data kind; labeled image sets with a reference classifier (digits, fashion_mnist, mnist)
+    get the toolkit's own classifier metrics (no download); latents with a VAE get the image metrics
+    (fid, isc) of their decoded samples."""
+    if family_of(dataset):
+        return ["fd", "is"] + (["acc"] if dataset.num_classes else []) + ["precision", "recall"]
     if dataset.name == "checkerboard":
         return DEFAULT_METRICS["vector"] + ["checkerboard_outside"]
     if decodes_to_images(dataset):
@@ -59,14 +61,30 @@ def metric_options(spec: str | dict[str, Any]) -> dict[str, Any]:
     return {} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
 
 
-def build_metric(spec: str | dict[str, Any], feature_extractor: str | None = None) -> Metric:
-    """METRICS.build for a spec, with ``feature_extractor`` passed to metrics that take one (unless the
-    spec sets its own)."""
+def build_metric(spec: str | dict[str, Any], feature_extractor: str | None = None, dataset=None) -> Metric:
+    """METRICS.build for a spec, with ``feature_extractor`` passed to metrics that take one, and the
+    reference classifier of ``dataset``'s family to metrics that take a ``classifier`` (unless the spec
+    sets its own); such metrics also get ``dataset`` (where the classifier's training data lives)."""
     name, kwargs = metric_name(spec), metric_options(spec)
-    if feature_extractor and "feature_extractor" not in kwargs and \
-            "feature_extractor" in inspect.signature(METRICS.get(name)).parameters:
+    params = inspect.signature(METRICS.get(name)).parameters
+    if feature_extractor and "feature_extractor" not in kwargs and "feature_extractor" in params:
         kwargs["feature_extractor"] = feature_extractor
-    return METRICS.build(name, **kwargs)
+    family = family_of(dataset) if dataset is not None else None
+    if family and "classifier" not in kwargs and "classifier" in params:
+        kwargs["classifier"] = family
+    metric = METRICS.build(name, **kwargs)
+    if dataset is not None and hasattr(metric, "dataset"):
+        metric.dataset = dataset
+    return metric
+
+
+def split_reference(dataset, split: str) -> tuple[Any, str]:
+    """(images, description) of the whole ``split`` of ``dataset``'s family, for metrics whose
+    reference is a split (``Metric.reference_split``)."""
+    if not hasattr(dataset, "load_split"):
+        raise ConfigError(f"the data '{dataset.name}' has no '{split}' split to score against")
+    ref = dataset.load_split(split, conditional=True)
+    return ref.x, f"{dataset.family} {split} split: all {ref.size} images"
 
 
 def _check_kind(metric: Metric, name: str, dataset, kind: str) -> None:
@@ -95,17 +113,12 @@ def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list | 
     except ValueError as exc:
         raise ConfigError(f"guidance: {exc}") from None
     specs = list(metrics) if metrics else default_metrics(dataset)
-    built = [(metric_name(s), build_metric(s, feature_extractor)) for s in specs]
+    built = [(metric_name(s), build_metric(s, feature_extractor, dataset)) for s in specs]
     decoded_kind = "image" if decodes_to_images(dataset) else dataset.kind
     for name, metric in built:
         _check_kind(metric, name, dataset, decoded_kind if metric.streaming else dataset.kind)
     in_memory = [(n, m) for n, m in built if not m.streaming]
-    data_reference = ref_desc = None
-    if any(m.needs_reference for _, m in in_memory):
-        data_reference, _ = dataset.reference(num_samples, seed=reference_seed)
-        ref_desc = (f"{dataset.name}: {data_reference.shape[0]} fresh samples (seed {reference_seed})"
-                    if dataset.size is None else
-                    f"{dataset.name}: {data_reference.shape[0]} of {dataset.size} data samples")
+    references = _in_memory_references(dataset, in_memory, num_samples, reference_seed)
     net.eval()
     rows = []
     for omega, (objective, cond), nfe in [(w, g, n) for w, g in zip(omegas, settings) for n in nfes]:
@@ -123,9 +136,9 @@ def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list | 
                 value, desc, impl = _streamed(metric, name, objective, net, dataset, nfe=nfe, seed=seed,
                                               num_samples=num_samples, device=device, reference=reference, cond=cond)
             else:
-                value = float(metric(samples, data_reference if metric.needs_reference else None,
-                                     labels if metric.needs_labels else None))
-                desc = ref_desc if metric.needs_reference else "none (needs no reference)"
+                ref, desc = references.get(metric.reference_split, (None, None)) if metric.needs_reference else \
+                    (None, "none (needs no reference)")
+                value = float(metric(samples, ref, labels if metric.needs_labels else None))
                 impl = metric.implementation
             elapsed = time.perf_counter() - t0 + (0.0 if metric.streaming else gen_s)
             rows.append({
@@ -137,6 +150,52 @@ def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list | 
                 "guidance": None if omega is None else float(omega),
                 "guidance_interval": None if cond is None else [cond["t_min"], cond["t_max"]],
             })
+    return rows
+
+
+def _in_memory_references(dataset, metrics, num_samples: int, reference_seed: int) -> dict:
+    """{reference_split (None = the dataset's own samples): (reference, description)} for the
+    in-memory metrics that need one."""
+    out = {}
+    for _, metric in metrics:
+        split = metric.reference_split
+        if not metric.needs_reference or split in out:
+            continue
+        if split is not None:
+            out[split] = split_reference(dataset, split)
+            continue
+        ref, _ = dataset.reference(num_samples, seed=reference_seed)
+        out[None] = (ref, f"{dataset.name}: {ref.shape[0]} fresh samples (seed {reference_seed})"
+                     if dataset.size is None else f"{dataset.name}: {ref.shape[0]} of {dataset.size} data samples")
+    return out
+
+
+def evaluate_real(dataset, *, split: str, metrics: list | None, num_samples: int, seed: int,
+                  reference_seed: int = 12345) -> list[dict[str, Any]]:
+    """The floor: rows for ``num_samples`` real images of ``split`` (a seeded subset, with their true
+    labels) scored by the in-memory metrics exactly as a model's samples are (``--reference real:SPLIT``)."""
+    specs = list(metrics) if metrics else default_metrics(dataset)
+    built = [(metric_name(s), build_metric(s, None, dataset)) for s in specs]
+    for name, metric in built:
+        if metric.streaming:
+            raise ConfigError(f"--reference real:{split} scores real images with the in-memory metrics; "
+                              f"'{name}' is a streaming (torch-fidelity) metric")
+        _check_kind(metric, name, dataset, dataset.kind)
+    real = dataset.load_split(split, conditional=True) if hasattr(dataset, "load_split") else dataset
+    n = min(num_samples, real.size)
+    index = torch.randperm(real.size, generator=torch.Generator().manual_seed(seed))[:n]
+    samples, labels = real.get(index)
+    if not dataset.num_classes:
+        labels = None
+    references = _in_memory_references(dataset, built, num_samples, reference_seed)
+    rows = []
+    for name, metric in built:
+        ref, desc = references.get(metric.reference_split, (None, None)) if metric.needs_reference else \
+            (None, "none (needs no reference)")
+        value = float(metric(samples, ref, labels if metric.needs_labels else None))
+        rows.append({"step": None, "nfe": 0, "metric": name, "value": value, "num_samples": n,
+                     "implementation": metric.implementation, "reference": desc,
+                     "higher_is_better": metric.higher_is_better, "weights": f"real:{split}", "seed": seed})
     return rows
 
 

@@ -194,12 +194,41 @@ def energy_distance() -> EnergyDistance:
 
 
 class _KNNMetric(SampleMetric):
+    """k-NN manifold metrics in data space (flattened samples), or with ``classifier`` in that
+    reference classifier's feature space against its family's test split (``reference_split``; the
+    evaluator fills ``classifier`` and ``dataset`` in for data that has one)."""
+
     higher_is_better = True
 
-    def __init__(self, k: int = 5):
+    def __init__(self, k: int = 3, classifier: str | None = None):
         self.k = k
         self.min_samples = k + 1
-        self.implementation = f"onestep.{self.name}/v1 (k={k}, euclidean on flattened samples)"
+        self.classifier = classifier
+        self.dataset = None
+        if classifier is not None:
+            from onestep.eval.classifiers import SPECS
+
+            if classifier not in SPECS:
+                raise ConfigError(f"metric '{self.name}': key 'classifier' must be one of {', '.join(sorted(SPECS))}, "
+                                  f"got {classifier!r}")
+            self.kinds, self.reference_split = ("image",), "test"
+
+    def _classifier(self):
+        from onestep.eval.classifiers import load_classifier
+
+        return load_classifier(self.classifier, self.dataset)
+
+    @property
+    def implementation(self) -> str:
+        if self.classifier is None:
+            return f"onestep.{self.name}/v1 (k={self.k}, euclidean on flattened samples)"
+        return f"{self._classifier().implementation}, penultimate features, {self.name} k={self.k} euclidean"
+
+    def __call__(self, samples: Tensor, reference: Tensor | None = None, labels: Tensor | None = None) -> float:
+        if self.classifier is not None and reference is not None:
+            clf = self._classifier()
+            samples, reference = clf.features_and_probs(samples)[0], clf.features_and_probs(reference)[0]
+        return super().__call__(samples, reference, labels)
 
 
 class Precision(_KNNMetric):
@@ -225,9 +254,13 @@ class Recall(_KNNMetric):
 
 class Coverage(_KNNMetric):
     """Coverage (Naeem et al. 2020): the fraction of reference balls that contain a sample.
-    coverage = 1/M sum_j 1[exists i: |x_i - y_j| <= r_k(y_j)]."""
+    coverage = 1/M sum_j 1[exists i: |x_i - y_j| <= r_k(y_j)]. Default k = 5 (the paper's); precision
+    and recall default to k = 3 (Kynkäänniemi et al.'s)."""
 
     name = "coverage"
+
+    def __init__(self, k: int = 5, classifier: str | None = None):
+        super().__init__(k, classifier)
 
     def compute(self, x, y):
         return ball_hit_any(y, knn_radii(y, self.k), x).double().mean().item()
@@ -239,24 +272,24 @@ def _check_k(name: str, k: int) -> None:
 
 
 @METRICS.register("precision")
-def precision(k: int = 5) -> Precision:
-    """k-NN precision of samples against the reference (higher is better)."""
+def precision(k: int = 3, classifier: str | None = None) -> Precision:
+    """k-NN precision of samples against the reference (higher is better). ``classifier``: in that reference classifier's feature space."""
     _check_k("precision", k)
-    return Precision(k)
+    return Precision(k, classifier)
 
 
 @METRICS.register("recall")
-def recall(k: int = 5) -> Recall:
-    """k-NN recall of samples against the reference (higher is better)."""
+def recall(k: int = 3, classifier: str | None = None) -> Recall:
+    """k-NN recall of samples against the reference (higher is better). ``classifier``: in that reference classifier's feature space."""
     _check_k("recall", k)
-    return Recall(k)
+    return Recall(k, classifier)
 
 
 @METRICS.register("coverage")
-def coverage(k: int = 5) -> Coverage:
-    """Coverage of the reference k-NN balls by samples (higher is better)."""
+def coverage(k: int = 5, classifier: str | None = None) -> Coverage:
+    """Coverage of the reference k-NN balls by samples (higher is better). ``classifier``: in that reference classifier's feature space."""
     _check_k("coverage", k)
-    return Coverage(k)
+    return Coverage(k, classifier)
 
 
 # ---------------------------------------------------------------------------------------- RBF MMD

@@ -1,0 +1,107 @@
+"""onestep suite: dependencies, resumability, the results table and the figures, on tiny recipes over
+tiny Fashion-MNIST files (the real IDX layout) with the toolkit's Fashion classifier."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fashion_files import write_fashion
+from onestep.cli import main
+from onestep.utils.rundir import RunDir, load_checkpoint
+
+BASE = """
+seed: 0
+data: {name: fashion_mnist, root: ROOT, conditional: true}
+backbone: {name: dit, patch_size: 7, depth: 1, hidden_size: 32, num_heads: 2, time_scale: 1.0}
+objective: {name: flow_matching, class_dropout: 0.1}
+train: {steps: 6, batch_size: 16, lr: 0.001, log_every: 2, checkpoint_every: 2, num_preview: 10}
+eval: {nfe: [1], num_samples: 40, batch_size: 40}
+"""
+
+
+@pytest.fixture
+def tiny_suite(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from onestep.eval.classifiers import base
+
+    monkeypatch.setattr(base, "_LOADED", {})
+    write_fashion(tmp_path / "data")
+    (tmp_path / "fm.yaml").write_text(BASE.replace("ROOT", str(tmp_path / "data")))
+    (tmp_path / "mf.yaml").write_text("base: fm.yaml\nobjective: {name: meanflow, ratio_r_neq_t: 0.5}\n")
+    (tmp_path / "cd.yaml").write_text("base: fm.yaml\nobjective: {name: consistency_distillation, teacher: none, "
+                                      "num_scales: 4}\ntrain: {steps: 4}\n")
+    root = tmp_path / "runs"
+    (tmp_path / "suite.yaml").write_text(f"""
+root: {root}
+eval: {{num_samples: 40, seed: 0, metrics: [fd, is, acc, precision, recall]}}
+real: [train]
+runs:
+  - {{name: fm, recipe: {tmp_path}/fm.yaml, label: flow matching, evals: [{{nfe: [1]}}, {{nfe: [4], late: true}}],
+     grid: {{nfe: 4}}}}
+  - {{name: cd, recipe: {tmp_path}/cd.yaml, label: CD, overrides: ["objective.teacher={{root}}/fm"]}}
+  - {{name: mf, recipe: {tmp_path}/mf.yaml, label: MeanFlow, seeds: mf}}
+  - {{name: mf_s1, recipe: {tmp_path}/mf.yaml, label: MeanFlow, overrides: [seed=1], seeds: mf}}
+""")
+    return tmp_path, root
+
+
+def _table(root):
+    with open(root / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_suite_trains_scores_resumes_and_writes_the_table(tiny_suite, capfd):
+    tmp_path, root = tiny_suite
+    assert main(["suite", str(tmp_path / "suite.yaml"), "--jobs", "2"]) == 0
+    err = capfd.readouterr().err
+    rows = _table(root)
+    by = {(r["run"], r["nfe"]): r for r in rows}
+    assert set(by) >= {("fm", "1"), ("fm", "4"), ("cd", "1"), ("mf", "1"), ("mf_s1", "1")}
+    for r in rows[:-1]:
+        assert float(r["fd"]) > 0 and 1 <= float(r["is"]) <= 10 and 0 <= float(r["acc"]) <= 1
+        assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1 and r["status"] == "trained"
+        assert float(r["train_min"]) >= 0 and int(r["params"]) > 0
+    real = rows[-1]
+    assert real["method"] == "real images (real:train)" and float(real["acc"]) >= 0.9
+    # The teacher trained before its student started (the dependency), each once.
+    assert err.index("fm: train done") < err.index("cd: train started")
+    md = (root / "results.md").read_text()
+    assert "| flow matching | 4 |" in md and "real images (train split)" in md and "fashion_mnist-CNN v1" in md
+    assert "| mf | mf, mf_s1 |" in md  # the seeds group's mean ± std
+    for name in ("fm", "cd", "mf", "mf_s1"):
+        assert (root / "grids" / f"{name}.png").is_file()
+    from PIL import Image
+
+    grid = Image.open(root / "grid.png")
+    assert grid.size[1] > 3 * 28  # one row per method (fm, cd, mf; mf_s1 shares mf's row)
+
+    # A second run trains and evaluates nothing again.
+    assert main(["suite", str(tmp_path / "suite.yaml")]) == 0
+    again = capfd.readouterr().err
+    assert "started" not in again and _table(root) == rows
+
+    # A cut run (its last checkpoint before train.steps) is resumed, not restarted.
+    run = RunDir(root / "mf")
+    ckpt = load_checkpoint(run.path)
+    import torch
+
+    step2 = run.checkpoint_path(2)
+    torch.save(torch.load(step2, weights_only=True), run.last_checkpoint)
+    run.truncate_stats(2)
+    assert main(["suite", str(tmp_path / "suite.yaml"), "--only", "mf"]) == 0
+    err = capfd.readouterr().err
+    assert "mf: train started (onestep train --resume" in err and load_checkpoint(run.path)["step"] == ckpt["step"]
+
+
+def test_suite_refuses_bad_files(tmp_path, capsys):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("runs: [{recipe: toy_meanflow, colour: red}]\n")
+    assert main(["suite", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown key(s) colour" in err
+    bad.write_text("runs: [{name: a, recipe: toy_meanflow, after: [b]}]\n")
+    assert main(["suite", str(bad)]) == 2
+    assert "waits for unknown run(s) b" in capsys.readouterr().err
