@@ -51,7 +51,7 @@ CASES = {
     "improved_meanflow_boundary": (TOY, "{name: test_mlp, guidance_conditions: true}",
                                    "{name: improved_meanflow, tangent: boundary}", "[]", 32, False),
     "scm_sct": (TOY, MLP, "{name: scm, mode: sct, tangent_warmup_steps: 3}", "[]", 32, False),
-    "scm_sct_cfg": (DIGITS, DIT, "{name: scm, mode: sct, tangent_warmup_steps: 3, interval: t}", "[]", 16, False),
+    "scm_sct_cfg": (DIGITS, DIT, "{name: scm, mode: sct, tangent_warmup_steps: 3, interval: t, class_dropout: 0.1}", "[]", 16, False),
     "scm_scd": (TOY, MLP, "{name: scm, mode: scd, teacher: TEACHER, tangent_warmup_steps: 3}", "[]", 32, True),
 }
 

@@ -314,7 +314,10 @@ class SCM(Objective):
             (the online F_θ keeps the ambient autocast; the loss terms are formed in float64); False
             runs the teacher and the JVP under the ambient autocast.
         jvp_kernel: attention kernel inside the JVP (``onestep.backbones.attention.JVP_KERNELS``).
-        class_dropout: probability of the null label during training (conditional nets only).
+        class_dropout: probability of the null label during training (conditional nets only). Default 0:
+            labels kept, as in the sCM reference code and rCM (a null class is only needed for
+            classifier-free guidance of the student; with a guided sCD teacher the null-label rows
+            learn the unguided teacher).
         sigma_max: the sampler's start ϑ_max = arctan(σ_max/σ_d) (80).
         theta_mid: ϑ of the 2-step sampler's intermediate time (1.1, the paper's).
 
@@ -339,7 +342,7 @@ class SCM(Objective):
                  tangent_norm: Literal["l2", "rms"] = "l2", loss_reduction: Literal["auto", "sum", "mean"] = "auto",
                  prior_weighting: bool = False, adaptive_weighting: bool = True, weight_features: int = 16,
                  target_fp32: bool = True, jvp_kernel: Literal["fused", "explicit", "sdpa_math"] = "fused",
-                 class_dropout: float = 0.1, sigma_max: float = 80.0, theta_mid: float = THETA_MID):
+                 class_dropout: float = 0.0, sigma_max: float = 80.0, theta_mid: float = THETA_MID):
         from onestep.backbones.attention import JVP_KERNELS
 
         check_choice("mode", mode, ("sct", "scd"))
