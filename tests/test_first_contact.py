@@ -110,3 +110,34 @@ def test_thread_settings_are_recorded(tmp_path, monkeypatch):
     meta = yaml.safe_load((tmp_path / "r2" / "config.yaml").read_text())["meta"]
     assert meta["openmp"] == {"OMP_WAIT_POLICY": "ACTIVE"} or "GOMP_SPINCOUNT" not in meta["openmp"]
     assert main(["validate", "toy_meanflow", "train.threads=0"]) == 2
+
+
+def _cells(rows):
+    return {cell for row in rows for cell in row if cell not in ("", "-")}  # "-": nothing to show (dropped)
+
+
+def test_compare_at_80_and_120_columns_keeps_every_name_and_value_whole():
+    """One to three runs: metrics are rows, runs are columns, one table; more runs: run names whole,
+    long metric names abbreviated with a legend; never an empty column."""
+    from rich.console import Console
+
+    impl = "onestep.sliced_wasserstein/v1 (256 projections, seed 0)"
+    for count in (1, 2, 3, 5):
+        runs = [_summary(f"quickstart_{i}" if i else "quickstart", {
+            (m, n, impl, "ref"): 0.0755 + 0.01 * i + 0.001 * n
+            for m in ("sliced_wasserstein", "energy_distance", "checkerboard_outside") for n in (1, 2)})
+            for i in range(count)]
+        header, rows, notes = build_table(runs)
+        for width in (80, 120):
+            text = render(header, rows, notes, fmt="rich", console=Console(width=width, highlight=False))
+            lines = text.splitlines()
+            assert max(len(line) for line in lines) <= width, (count, width)
+            table_lines = [line for line in lines if line.startswith(("┃", "│"))]
+            for cell in _cells(rows):  # every run name and every value, whole, on one line of a table
+                assert any(cell in line for line in table_lines), (count, width, cell)
+            for line in table_lines:  # no empty column: no cell of only spaces in the header row
+                if line.startswith("┃"):
+                    assert all(part.strip() for part in line.strip("┃").split("┃")[1:]), line
+            if count <= 3:
+                assert sum(line.startswith("┏") for line in lines) == 1  # one table
+                assert any(line.startswith("┃") and all(r[0] in line for r in rows) for line in lines)

@@ -143,8 +143,12 @@ def build_table(runs: list[RunSummary], published: list[dict[str, Any]] | None =
     if any(len(ks) > 1 for ks in variants.values()):
         footnotes.insert(0, "Columns marked [a], [b], ... hold the same metric computed with a different "
                             "implementation or reference; their numbers are not comparable across columns.")
-    impl_notes = sorted({f"{k[0]}@{k[1]}: {k[2]}; reference: {k[3]}" for ks in variants.values() if len(ks) == 1
-                         for k in ks})
+    by_impl: dict[tuple, list] = {}
+    for ks in variants.values():
+        if len(ks) == 1:
+            by_impl.setdefault((ks[0][0], ks[0][2], ks[0][3]), []).append(ks[0][1])
+    impl_notes = sorted(f"{metric}@{','.join(str(n) for n in sorted(nfes))}: {impl}; reference: {ref}"
+                        for (metric, impl, ref), nfes in by_impl.items())
     footnotes.extend(impl_notes)
     if any(r.guidance for r in runs):
         footnotes.append("value (ω=W): a guidance-conditioned model's best value over the guidance scales it was "
@@ -188,27 +192,85 @@ def render(header, rows, footnotes, fmt: str = "rich", console=None) -> str:
         return "\n".join(lines) + "\n"
     from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
     console = console or Console(highlight=False)
-    width = max(console.width, 60)
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) + 3 for i, h in enumerate(header)]
+    width = max(console.width, 40)
+    header, rows = _drop_empty_columns(header, rows)
+    header, legend = _abbreviated(header, rows, width)
     with console.capture() as cap:
-        # Pages of columns that fit the terminal, each repeating the run name (column 0), instead of
-        # one table wider than the screen.
-        for page in _column_pages(widths, width, first=INFO_COLUMNS):
-            table = Table(show_lines=False)
-            for i in page:
-                table.add_column(escape(header[i]), no_wrap=i != 4, overflow="fold")
-            for r in rows:
-                table.add_row(*[escape(r[i]) for i in page])
+        for table in (_by_metric(header, rows, width) if len(rows) <= 3 else _by_run(header, rows, width)):
             console.print(table)
-        for n in footnotes:
+        for n in legend + footnotes:
             console.print(f"  {escape(n)}", highlight=False, soft_wrap=False)
     return cap.get()
 
 
 INFO_COLUMNS = 8  # run, data, objective, backbone, regularizers, steps, params, train img/s
+_SHORT = {"sliced_wasserstein": "SW", "energy_distance": "ED", "checkerboard_outside": "outside", "precision": "prec",
+          "recall": "rec", "coverage": "cov", "train img/s": "img/s", "regularizers": "regs", "objective": "obj",
+          "backbone": "net"}
+
+
+def _drop_empty_columns(header, rows):
+    keep = [i for i in range(len(header)) if i == 0 or any(r[i] not in ("", "-") for r in rows)]
+    return [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
+
+
+def _abbreviated(header, rows, width):
+    """Shorter column labels (with a legend line) when the table would not fit ``width`` otherwise."""
+    if len(rows) <= 3:
+        need = max(len(h) for h in header[1:]) + sum(max(len(r[0]), *(len(c) for c in r[1:])) + 3 for r in rows) + 4
+    else:
+        need = sum(max(len(h), *(len(r[i]) for r in rows)) + 3 for i, h in enumerate(header))
+    if need <= width:
+        return header, []
+    out, used = [], {}
+    for h in header:
+        short = h
+        for long, abbr in _SHORT.items():
+            if long in short and len(short) > 8:
+                short = short.replace(long, abbr)
+                used[abbr] = long
+        out.append(short)
+    legend = ["Abbreviations: " + ", ".join(f"{a} = {b}" for a, b in used.items())] if used else []
+    return out, legend
+
+
+def _table(columns, title=None):
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(show_lines=False, title=title, padding=(0, 1))
+    for label, w, justify in columns:
+        table.add_column(escape(label), no_wrap=True, min_width=w, justify=justify, overflow="ellipsis")
+    return table
+
+
+def _by_metric(header, rows, width):
+    """One to three runs: one row per field (info, then metrics), one column per run, run names whole."""
+    from rich.markup import escape
+
+    label_w = max(len(h) for h in header[1:])
+    run_ws = [max(len(r[0]), *(len(c) for c in r[1:])) for r in rows]
+    table = _table([("", label_w, "left")] + [(r[0], w, "right") for r, w in zip(rows, run_ws)])
+    for i, label in enumerate(header[1:], start=1):
+        table.add_row(escape(label), *[escape(r[i]) for r in rows])
+    return [table]
+
+
+def _by_run(header, rows, width):
+    """More runs: one row per run (names whole, never wrapped), columns in pages that fit ``width``,
+    each page led by the run name."""
+    from rich.markup import escape
+
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    tables = []
+    for page in _column_pages([w + 3 for w in widths], width, first=sum(1 for h in header if "@" not in h)):
+        table = _table([(header[i], widths[i], "left" if i == 0 else "right") for i in page])
+        for r in rows:
+            table.add_row(*[escape(r[i]) for i in page])
+        tables.append(table)
+    return tables
 
 
 def _column_pages(widths: list[int], width: int, first: int) -> list[list[int]]:
