@@ -128,9 +128,9 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such recipe file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable recipe ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"{path}: not a readable recipe ({type(exc).__name__}: {exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not a valid recipe (invalid YAML: {str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping with sections {', '.join(SECTIONS)}")
     if "base" not in raw:

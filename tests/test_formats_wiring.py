@@ -205,7 +205,7 @@ def test_export_loads_back_bit_for_bit(toy_run, tmp_path, capsys, monkeypatch):
 
     out = tmp_path / "export"
     assert main(["export", str(toy_run), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml", "manifest.json", "model.safetensors"]
     assert is_export(out) and not is_export(toy_run)
     card = (out / "README.md").read_text()
     row = [json.loads(line) for line in (toy_run / "metrics.jsonl").read_text().splitlines()][0]

@@ -11,6 +11,8 @@ parameters) is not exported: an export samples, teaches and initialises, it does
 """
 from __future__ import annotations
 
+import json
+
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +26,7 @@ from ..utils import yamlio
 from ..utils.rundir import RunDir, run_of_checkpoint, write_text_atomic
 from ..utils.version import versions
 from .base import DEFAULT_FORMAT, as_spec
-from .onestep import EXPORT_CARD, EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS, read_onestep
+from .onestep import EXPORT_CARD, EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_MANIFEST, EXPORT_WEIGHTS, file_sha256, read_onestep
 
 __all__ = ["export_model", "model_card"]
 
@@ -81,6 +83,8 @@ def export_model(source: str | Path, out: str | Path, *, ema: bool = True, force
                       {"format": EXPORT_FORMAT, "step": str(step), "weights": ckpt.weights_name})
     write_text_atomic(out / EXPORT_CONFIG, yamlio.safe_dump(raw))
     write_text_atomic(out / EXPORT_CARD, model_card(raw, rows, name=out.name, run_name=run.name if run else None))
+    write_text_atomic(out / EXPORT_MANIFEST, json.dumps({name: file_sha256(out / name)
+                                                         for name in (EXPORT_WEIGHTS, EXPORT_CONFIG)}, indent=1) + "\n")
     return out
 
 
@@ -141,6 +145,7 @@ def model_card(raw: dict[str, Any], rows: list[dict[str, Any]], *, name: str, ru
         f"- `{EXPORT_WEIGHTS}`: the backbone's weights (safetensors: loading runs no pickle).",
         f"- `{EXPORT_CONFIG}`: the run's resolved recipe; `meta.export` records the step and weights exported.",
         f"- `{EXPORT_CARD}`: this card.",
+        f"- `{EXPORT_MANIFEST}`: the sha256 of the weights and the config, checked when the export is loaded.",
         "",
         "## Sampling",
         "",

@@ -20,6 +20,9 @@ objective (without its teacher), step.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,12 @@ from .base import CheckpointFormat, check_backbone_state
 from .data import stand_in_data
 from .teachers import freeze
 
-__all__ = ["EXPORT_WEIGHTS", "EXPORT_CONFIG", "EXPORT_CARD", "EXPORT_FORMAT", "LoadedRun", "OnestepCheckpoint",
+__all__ = ["EXPORT_WEIGHTS", "EXPORT_CONFIG", "EXPORT_MANIFEST", "EXPORT_CARD", "file_sha256", "EXPORT_FORMAT", "LoadedRun", "OnestepCheckpoint",
            "OnestepFormat", "is_export", "read_onestep", "config_of", "build_net", "load_run"]
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
+EXPORT_MANIFEST = "manifest.json"
 EXPORT_CARD = "README.md"
 EXPORT_FORMAT = "onestep-export/1"
 
@@ -82,10 +86,37 @@ def is_export(path: str | Path) -> bool:
     return path.is_dir() and (path / EXPORT_WEIGHTS).is_file() and (path / EXPORT_CONFIG).is_file()
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_manifest(path: Path) -> None:
+    """Exports record the sha256 of their weights and config (``manifest.json``): a truncated, garbled
+    or edited file is refused before it is read."""
+    manifest = path / EXPORT_MANIFEST
+    if not manifest.is_file():
+        return  # exports written before manifests existed
+    try:
+        sums = json.loads(manifest.read_text())
+        if not isinstance(sums, dict):
+            raise ValueError("not a mapping")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{manifest}: not a readable export manifest ({type(exc).__name__}: {exc})") from None
+    for name, digest in sums.items():
+        if name in (EXPORT_WEIGHTS, EXPORT_CONFIG) and file_sha256(path / name) != digest:
+            raise ConfigError(f"{path / name}: does not match its sha256 in {EXPORT_MANIFEST} (the file is corrupt "
+                              f"or was changed after export)")
+
+
 def _read_export(path: Path, use_ema: bool) -> OnestepCheckpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    _check_manifest(path)
     raw = RunDir(path).read_config()
     export = (raw.get("meta") or {}).get("export") or {}
     weights_name = str(export.get("weights", "ema"))

@@ -119,10 +119,12 @@ class RunDir:
             raw = yamlio.safe_load(self.config_path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{self.path} is not a run directory (no {self.CONFIG})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{self.config_path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{self.config_path} is not a mapping")
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{self.config_path}: not a run's config.yaml (invalid YAML: {first})") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
+            raise ConfigError(f"{self.config_path}: not a run's config.yaml (expected a mapping with data, backbone, "
+                              f"objective, train, eval)")
         return raw
 
     def write_config(self, config: dict[str, Any]) -> None:

@@ -49,5 +49,6 @@ def load_plain_pickle(path: str | Path, encoding: str = "latin1") -> Any:
     try:
         return PlainUnpickler(io.BytesIO(data), encoding=encoding).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise ConfigError(f"{path}: not a plain data pickle ({type(exc).__name__}: {exc}); refusing to load it") \
+        raise ConfigError(f"{path}: not a plain data pickle ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                          f"refusing to load it") \
             from None

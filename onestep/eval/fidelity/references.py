@@ -24,6 +24,7 @@ from onestep.eval.fidelity.images import ImageTensorDataset
 from onestep.eval.fidelity.weights import weights_tag, resolve_weights
 from onestep.registry import DATASETS, ConfigError
 from onestep.utils.cache import cache_dir
+from onestep.utils.npz import open_npz
 
 
 def reference_cache_name(dataset: str, resolution: int) -> str:
@@ -55,17 +56,14 @@ def is_npz(reference: Any) -> bool:
 
 def npz_arrays(path: str | Path) -> list[str]:
     """The array names in an .npz (read from its index, no data loaded); a one-line error if unreadable."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return list(f.files)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"reference {path}: cannot read it as .npz ({type(exc).__name__}: {exc})") from None
+    with open_npz(path, "reference") as f:
+        return list(f.files)
 
 
 def npz_images(path: str | Path) -> Tensor:
     """``arr_0`` of an .npz as uint8 (N, 3, H, W): ADM's sample / reference batch layout is uint8
     (N, H, W, C) (what ``onestep sample --out x.npz`` writes); (N, C, H, W) is accepted too."""
-    with np.load(path, allow_pickle=False) as f:
+    with open_npz(path, "reference") as f:
         if "arr_0" not in f.files:
             raise ConfigError(f"reference {path}: no images (arr_0) in it; it has {', '.join(f.files)}")
         arr = f["arr_0"]
@@ -125,7 +123,7 @@ def describe_reference(reference: Any, metric: str = "fid", resolution: int | No
     """A short description of a user-given reference, for metrics.jsonl rows (loads no images)."""
     if is_npz(reference):
         if uses_stats(reference, [metric]):
-            with np.load(reference, allow_pickle=False) as f:
+            with open_npz(reference, "reference") as f:
                 extra = [f"{k} {f[k]}" for k in ("num_images", "feature_extractor", "reference") if k in f.files]
                 if "arr_0" in f.files and not extra:
                     extra = ["mu/sigma of an ADM reference batch"]
@@ -138,7 +136,7 @@ def describe_reference(reference: Any, metric: str = "fid", resolution: int | No
 
 def load_stats_npz(path: str | Path) -> dict[str, Any]:
     """mu (D,), sigma (D, D) float64 and metadata from a ``tools/fid_stats.py`` file."""
-    with np.load(path, allow_pickle=False) as f:
+    with open_npz(path, "FID statistics") as f:
         out = {k: f[k] for k in f.files if not k.startswith("arr_")}  # ADM reference batches: skip the images
     if "mu" not in out or "sigma" not in out:
         raise ConfigError(f"FID statistics {path}: needs arrays 'mu' and 'sigma', has {', '.join(out)}")

@@ -94,6 +94,7 @@ def resolve_weights(feature_extractor: str, weights_path: str | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"feature extractor '{feature_extractor}': weights file {path} (from {source_name}) "
                               "does not exist; point it at a local copy of the weights or unset it")
+        check_weights_file(feature_extractor, path)
         return str(path)
     source = _download_source(feature_extractor)
     if source is None:
@@ -105,6 +106,7 @@ def resolve_weights(feature_extractor: str, weights_path: str | None = None) -> 
     if url:
         local = Path(torch.hub.get_dir()) / "checkpoints" / filename
         if local.is_file():
+            check_weights_file(feature_extractor, local)
             return None
     if _offline():
         raise ConfigError(f"feature extractor '{feature_extractor}': weights not found locally and "
@@ -122,6 +124,28 @@ def resolve_weights(feature_extractor: str, weights_path: str | None = None) -> 
             raise ConfigError(f"feature extractor '{feature_extractor}': downloading {url} failed "
                               f"({type(exc).__name__}: {exc}); {hint}") from None
     return None
+
+
+# A parameter every copy of the extractor's weights must hold, and its shape.
+_EXPECTED_KEY = {DEFAULT_EXTRACTOR: ("fc.weight", (1008, 2048))}
+
+
+def check_weights_file(feature_extractor: str, path: Path) -> None:
+    """Read a local weights file the safe way (``weights_only``) before torch-fidelity loads it (it does
+    not use ``weights_only``): a truncated, garbled or foreign file, or one that would run code, is one
+    line naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / ... for bad files
+        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise ConfigError(f"feature extractor '{feature_extractor}': {path} is not a readable weights file "
+                          f"(expected a torch state dict; {type(exc).__name__}: {detail})") from None
+    if feature_extractor in _EXPECTED_KEY:
+        key, shape = _EXPECTED_KEY[feature_extractor]
+        value = state.get(key) if isinstance(state, dict) else None
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            raise ConfigError(f"feature extractor '{feature_extractor}': {path} is not the Inception-v3 weights "
+                              f"torch-fidelity expects (no '{key}' of shape {shape} in it)")
 
 
 def weights_tag(weights: str) -> str:
