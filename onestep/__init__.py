@@ -3,6 +3,7 @@
 ``onestep.load_model`` and ``onestep.generate`` (``onestep.api``) are imported on first use, so
 ``import onestep`` stays light.
 """
+
 from onestep.utils.version import __version__
 
 __all__ = ["__version__", "load_model", "generate", "Model"]

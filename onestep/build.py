@@ -7,6 +7,7 @@ these builders (``onestep.formats.load_run``).
 large weights are allocated; the data unless its files are missing) so that every value a factory
 refuses is one ``ConfigError`` line before any work starts (``onestep validate``, ``train``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,7 @@ from torch import nn
 
 from onestep.config import REGULARIZER_LOOP_KEYS, Config
 from onestep.data.base import Dataset
-from onestep.registry import (BACKBONES, DATASETS, LOGGERS, METRICS, OBJECTIVES, REGULARIZERS, ConfigError,
-                              DataNotFound)
+from onestep.registry import BACKBONES, DATASETS, LOGGERS, METRICS, OBJECTIVES, REGULARIZERS, ConfigError, DataNotFound
 from onestep.sampling import with_guidance
 
 
@@ -110,7 +110,9 @@ def check_pairing(cfg: Config, objective, net: nn.Module) -> None:
     try:
         objective.check_backbone(net)
     except ValueError as exc:
-        raise ConfigError(f"objective '{cfg.objective['name']}' with backbone '{cfg.backbone['name']}': {exc}") from None
+        raise ConfigError(
+            f"objective '{cfg.objective['name']}' with backbone '{cfg.backbone['name']}': {exc}"
+        ) from None
     omegas = cfg.eval.guidance if isinstance(cfg.eval.guidance, list) else [cfg.eval.guidance]
     try:
         for omega in omegas:
@@ -147,8 +149,10 @@ def check_buildable(cfg: Config, *, need_data: bool = False) -> BuildCheck:
         try:
             net = build_backbone(cfg, dataset)
         except TypeError as exc:  # a backbone needing input_shape/num_classes the recipe does not give
-            raise ConfigError(f"backbone '{cfg.backbone['name']}': {exc} (the data did not load, so the recipe "
-                              f"must give backbone.input_shape and backbone.num_classes)") from None
+            raise ConfigError(
+                f"backbone '{cfg.backbone['name']}': {exc} (the data did not load, so the recipe "
+                f"must give backbone.input_shape and backbone.num_classes)"
+            ) from None
         build_regularizers(cfg, net)
     check_pairing(cfg, build_objective(cfg, dataset), net)
     for registry, specs in ((METRICS, cfg.eval.metrics or []), (LOGGERS, cfg.train.loggers)):

@@ -2,6 +2,7 @@
 
 Config -> kwargs conversion happens here and in ``onestep.build``; the library below never parses argv.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ def cmd_train(args) -> int:
             raise ConfigError("train needs a RECIPE (a YAML path or a name from `onestep ls recipes`)")
         cfg = load_config(recipe, overrides)
         name = find_recipe(recipe).stem
-        run_dir = Path(args.run_dir) if args.run_dir else \
-            Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        run_dir = (
+            Path(args.run_dir) if args.run_dir else Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        )
     if args.dry_run:
         return _dry_run(cfg, run_dir)
     run_dir = Path(distributed.broadcast_object(str(run_dir)))  # every rank writes to rank 0's choice
@@ -73,15 +75,18 @@ def cmd_train(args) -> int:
                 try:
                     held.enter_context(run.lock())
                     if not args.resume and run.leftovers():
-                        problem = (f"{run_dir} already holds a run ({', '.join(run.leftovers())}); continue it "
-                                   f"with --resume {run_dir} or pick another --run-dir")
+                        problem = (
+                            f"{run_dir} already holds a run ({', '.join(run.leftovers())}); continue it "
+                            f"with --resume {run_dir} or pick another --run-dir"
+                        )
                 except ConfigError as exc:
                     problem = str(exc)
             problem = distributed.broadcast_object(problem)
             if problem:
                 raise ConfigError(problem)
-            out = train(cfg, run_dir, resume=bool(args.resume), argv=sys.argv, console=console,
-                        progress=not args.no_progress)
+            out = train(
+                cfg, run_dir, resume=bool(args.resume), argv=sys.argv, console=console, progress=not args.no_progress
+            )
     except TrainingInterrupted as exc:
         if dist_info.is_main:
             print(f"onestep train: stopped by {exc}", file=sys.stderr)
@@ -90,8 +95,11 @@ def cmd_train(args) -> int:
     finally:
         distributed.shutdown()
     if dist_info.is_main:
-        print(f"next: onestep eval {out} --nfe 1 --nfe 2 && onestep compare {out}   "
-              f"(or onestep sample {out} --out samples.png)", file=sys.stderr)
+        print(
+            f"next: onestep eval {out} --nfe 1 --nfe 2 && onestep compare {out}   "
+            f"(or onestep sample {out} --out samples.png)",
+            file=sys.stderr,
+        )
         print(out)
     return 0
 
@@ -102,8 +110,10 @@ def _dry_run(cfg, run_dir: Path) -> int:
 
     check = check_buildable(cfg)
     if check.data_note:
-        _console(stderr=True).print(f"[yellow]note:[/] data not loaded ({check.data_note}); "
-                                    f"using backbone input_shape/num_classes from the recipe")
+        _console(stderr=True).print(
+            f"[yellow]note:[/] data not loaded ({check.data_note}); "
+            f"using backbone input_shape/num_classes from the recipe"
+        )
     for note in _checkpoint_notes(cfg):
         _console(stderr=True).print(f"[yellow]note:[/] {note}")
     resolved = cfg.to_dict()
@@ -113,8 +123,10 @@ def _dry_run(cfg, run_dir: Path) -> int:
     print(f"# backbone {cfg.backbone['name']}: {n:,} parameters ({n / 1e6:.1f}M)")
     if check.inference_parameters is not None and check.inference_parameters != n:
         k = check.inference_parameters
-        print(f"# inference model (without the training-only v-head): {k:,} parameters ({k / 1e6:.1f}M); "
-              f"training: {n / 1e6:.1f}M")
+        print(
+            f"# inference model (without the training-only v-head): {k:,} parameters ({k / 1e6:.1f}M); "
+            f"training: {n / 1e6:.1f}M"
+        )
     print(f"# dry run: nothing trained; the run would be written to {run_dir}")
     return 0
 
@@ -151,9 +163,12 @@ def cmd_sample(args) -> int:
     device = pick_device(args.device)
     run = open_model(args.run, device=device, ema=not args.no_ema, vae=args.vae)
     if args.class_id is not None and not 0 <= args.class_id < run.dataset.num_classes:
-        raise ConfigError(f"--class {args.class_id}: this run has {run.dataset.num_classes} classes "
-                          f"(allowed 0..{run.dataset.num_classes - 1})" if run.dataset.num_classes else
-                          "--class: this run is unconditional")
+        raise ConfigError(
+            f"--class {args.class_id}: this run has {run.dataset.num_classes} classes "
+            f"(allowed 0..{run.dataset.num_classes - 1})"
+            if run.dataset.num_classes
+            else "--class: this run is unconditional"
+        )
     if args.latents and run.dataset.kind != "latent":
         raise ConfigError(f"--latents: this run's data '{run.dataset.name}' is {run.dataset.kind} data, not latents")
     # Latent runs with a VAE: decode every batch on the device into uint8 images right away.
@@ -165,9 +180,19 @@ def cmd_sample(args) -> int:
         objective, cond = with_guidance(run.objective, run.net, omega, interval if omega is not None else None)
     except ValueError as exc:
         raise ConfigError(f"--guidance: {exc}") from None
-    x, y = generate(objective, run.net, run.dataset, num_samples=args.n, nfe=args.nfe, seed=args.seed,
-                    batch_size=args.batch_size, device=device, class_id=args.class_id, transform=transform,
-                    cond=cond)
+    x, y = generate(
+        objective,
+        run.net,
+        run.dataset,
+        num_samples=args.n,
+        nfe=args.nfe,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=device,
+        class_id=args.class_id,
+        transform=transform,
+        cond=cond,
+    )
     kind = "image" if decode else run.dataset.kind
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
@@ -179,8 +204,11 @@ def cmd_sample(args) -> int:
             arrays["arr_1"] = y.numpy().astype(np.int64)
         np.savez(out, **arrays)
     what = "VAE-decoded images" if decode else "latents (model coordinates)" if kind == "latent" else "samples"
-    guided = "" if omega is None else f", guidance {omega:g}" + (
-        "" if cond is None else f" on [{cond['t_min']:g}, {cond['t_max']:g}]")
+    guided = (
+        ""
+        if omega is None
+        else f", guidance {omega:g}" + ("" if cond is None else f" on [{cond['t_min']:g}, {cond['t_max']:g}]")
+    )
     print(f"wrote {len(x)} {what} ({args.nfe} NFE{guided}, {_model_step(run)}) to {out}")
     return 0
 
@@ -237,13 +265,23 @@ def cmd_eval(args) -> int:
         return _eval_real(args, run, ev, metrics)
     nfes = args.nfe or ev.nfe
     omegas, interval = _guidance(run, _floats(args.guidance, "--guidance"), args.guidance_interval)
-    rows = evaluate_model(run.objective, run.net, run.dataset, nfes=nfes, metrics=metrics or ev.metrics,
-                          num_samples=args.num_samples or ev.num_samples,
-                          seed=ev.seed if args.seed is None else args.seed, batch_size=args.batch_size or ev.batch_size,
-                          device=device, step=run.step, weights="model" if args.no_ema else "ema",
-                          reference=args.reference or ev.reference,
-                          feature_extractor=args.feature_extractor or ev.feature_extractor,
-                          guidance=omegas, guidance_interval=interval)
+    rows = evaluate_model(
+        run.objective,
+        run.net,
+        run.dataset,
+        nfes=nfes,
+        metrics=metrics or ev.metrics,
+        num_samples=args.num_samples or ev.num_samples,
+        seed=ev.seed if args.seed is None else args.seed,
+        batch_size=args.batch_size or ev.batch_size,
+        device=device,
+        step=run.step,
+        weights="model" if args.no_ema else "ema",
+        reference=args.reference or ev.reference,
+        feature_extractor=args.feature_extractor or ev.feature_extractor,
+        guidance=omegas,
+        guidance_interval=interval,
+    )
     distributed.shutdown()
     run_dir = run_of_checkpoint(run.path)
     if not dist_info.is_main:
@@ -257,8 +295,14 @@ def cmd_eval(args) -> int:
     for col in ("nfe", "metric", "value", "samples", "samples/s") + (("guidance",) if guided else ()):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r["nfe"]), r["metric"], f"{r['value']:.5g}", str(r["num_samples"]), f"{r['samples_per_s']:.0f}",
-                      *((_guidance_label(r),) if guided else ()))
+        table.add_row(
+            str(r["nfe"]),
+            r["metric"],
+            f"{r['value']:.5g}",
+            str(r["num_samples"]),
+            f"{r['samples_per_s']:.0f}",
+            *((_guidance_label(r),) if guided else ()),
+        )
     console = _console()
     console.print(table)
     for impl in sorted({f"{r['metric']}: {r['implementation']}; reference: {r['reference']}" for r in rows}):
@@ -274,8 +318,13 @@ def _eval_real(args, run, ev, metrics) -> int:
     split = args.reference.split(":", 1)[1]
     if split not in ("train", "test"):
         raise ConfigError(f"--reference {args.reference}: the real-image reference is real:train or real:test")
-    rows = evaluate_real(run.dataset, split=split, metrics=metrics or ev.metrics,
-                         num_samples=args.num_samples or ev.num_samples, seed=ev.seed if args.seed is None else args.seed)
+    rows = evaluate_real(
+        run.dataset,
+        split=split,
+        metrics=metrics or ev.metrics,
+        num_samples=args.num_samples or ev.num_samples,
+        seed=ev.seed if args.seed is None else args.seed,
+    )
     from rich.table import Table
 
     table = Table(title=f"real {run.dataset.name} images ({split} split) scored as samples")
@@ -330,9 +379,11 @@ def cmd_compare(args) -> int:
         wanted = {mapping[d] for d in datas if d in mapping}
         published = [p for p in PUBLISHED if args.published == "all" or p["data"] in wanted]
         if not published:
-            print(f"note: no published numbers for data {', '.join(sorted(datas))} (there are some for "
-                  f"{', '.join(sorted({p['data'] for p in PUBLISHED}))}; --published all shows them anyway)",
-                  file=sys.stderr)
+            print(
+                f"note: no published numbers for data {', '.join(sorted(datas))} (there are some for "
+                f"{', '.join(sorted({p['data'] for p in PUBLISHED}))}; --published all shows them anyway)",
+                file=sys.stderr,
+            )
     header, rows, notes = build_table(runs, published)
     print(render(header, rows, notes, fmt=args.format), end="")
     return 0
@@ -419,15 +470,18 @@ def cmd_validate(args) -> int:
     check = check_buildable(cfg)
     notes = ([f"data not loaded: {check.data_note}"] if check.data_note else []) + _checkpoint_notes(cfg)
     note = f" ({'; '.join(notes)})" if notes else ""
-    print(f"OK {recipe}: data={cfg.data['name']} backbone={cfg.backbone['name']} ({check.parameters / 1e6:.2f}M) "
-          f"objective={cfg.objective['name']} regularizers={[r['name'] for r in cfg.regularizers]} "
-          f"steps={cfg.train.steps}{note}")
+    print(
+        f"OK {recipe}: data={cfg.data['name']} backbone={cfg.backbone['name']} ({check.parameters / 1e6:.2f}M) "
+        f"objective={cfg.objective['name']} regularizers={[r['name'] for r in cfg.regularizers]} "
+        f"steps={cfg.train.steps}{note}"
+    )
     return 0
 
 
 # --------------------------------------------------------------------------------------------- main
 def _int_at_least(low: int):
     """An argparse type: a whole number >= ``low`` (refused at parsing with one line otherwise)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -451,16 +505,23 @@ The run directory is the last line on stdout; the next commands go to stderr."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onestep", description="One-step generators: train, sample, eval, compare.",
-                                epilog=EPILOG)
+    p = argparse.ArgumentParser(
+        prog="onestep", description="One-step generators: train, sample, eval, compare.", epilog=EPILOG
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train from a recipe (or resume a run)", epilog=TRAIN_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="train from a recipe (or resume a run)",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("items", nargs="*", metavar="RECIPE [KEY=VALUE ...]")
     t.add_argument("--run-dir", help="output directory (default runs/RECIPE-TIMESTAMP)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from checkpoints/last.pt")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count, train nothing")
+    t.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and parameter count, train nothing"
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
@@ -474,26 +535,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, default=512)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="FILE.png (grid / density) or FILE.npz (arr_0, arr_1)")
-    s.add_argument("--latents", action="store_true",
-                   help="latent runs with data.vae: write the raw latents (float32 arr_0) instead of decoded images")
+    s.add_argument(
+        "--latents",
+        action="store_true",
+        help="latent runs with data.vae: write the raw latents (float32 arr_0) instead of decoded images",
+    )
     _model_options(s, sweep=False)
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="score n-NFE samples; rows go to RUN/metrics.jsonl")
     e.add_argument("run", metavar="RUN_DIR|CKPT|EXPORT|FORMAT:PATH")
-    e.add_argument("--nfe", type=_positive_int, action="append",
-                   help="repeat for several (default: eval.nfe of the recipe)")
+    e.add_argument(
+        "--nfe", type=_positive_int, action="append", help="repeat for several (default: eval.nfe of the recipe)"
+    )
     e.add_argument("--metrics", help="comma-separated metric names (`onestep ls metrics`)")
     e.add_argument("--num-samples", type=_positive_int)
     e.add_argument("--seed", type=_non_negative_int)
     e.add_argument("--batch-size", type=_positive_int)
     e.add_argument("--no-ema", action="store_true")
     e.add_argument("--device", default="auto")
-    e.add_argument("--reference", help="fid/kid/prc reference: image FOLDER (ADM center crop), STATS.npz from "
-                                       "tools/fid_stats.py, ADM reference batch .npz, or a dataset name "
-                                       "(default: eval.reference, else the training images)")
-    e.add_argument("--feature-extractor", help="torch-fidelity feature extractor for fid/isc/kid/prc "
-                                               "(default: eval.feature_extractor, else each metric's own)")
+    e.add_argument(
+        "--reference",
+        help="fid/kid/prc reference: image FOLDER (ADM center crop), STATS.npz from "
+        "tools/fid_stats.py, ADM reference batch .npz, or a dataset name "
+        "(default: eval.reference, else the training images)",
+    )
+    e.add_argument(
+        "--feature-extractor",
+        help="torch-fidelity feature extractor for fid/isc/kid/prc "
+        "(default: eval.feature_extractor, else each metric's own)",
+    )
     _model_options(e, sweep=True)
     e.set_defaults(fn=cmd_eval)
 
@@ -506,14 +577,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="one table over runs (and published numbers)")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    c.add_argument("--published", nargs="?", const="auto", choices=["auto", "all"],
-                   help="add the published rows (docs/reference.md) for the runs' dataset ('all': every row)")
+    c.add_argument(
+        "--published",
+        nargs="?",
+        const="auto",
+        choices=["auto", "all"],
+        help="add the published rows (docs/reference.md) for the runs' dataset ('all': every row)",
+    )
     c.add_argument("--format", choices=["rich", "md", "csv"], default="rich")
     c.set_defaults(fn=cmd_compare)
 
     su = sub.add_parser("suite", help="train and score a list of recipes into one results table (resumable)")
-    su.add_argument("items", nargs="+", metavar="SUITE.yaml|RECIPE|KEY=VALUE",
-                    help="a suite file (recipes/suites/*.yaml) or recipes; KEY=VALUE overrides apply to every run")
+    su.add_argument(
+        "items",
+        nargs="+",
+        metavar="SUITE.yaml|RECIPE|KEY=VALUE",
+        help="a suite file (recipes/suites/*.yaml) or recipes; KEY=VALUE overrides apply to every run",
+    )
     su.add_argument("--jobs", type=_positive_int, default=1, help="commands at once (each gets cores/N threads)")
     su.add_argument("--root", help="folder of the run directories (default: the suite's root)")
     su.add_argument("--only", help="comma-separated run names (and what they depend on)")
@@ -538,25 +618,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_options(p: argparse.ArgumentParser, sweep: bool) -> None:
-    what = ("guidance scale: the input ω of a guidance-conditioned model (improved_meanflow), or classifier-free "
-            "guidance on all channels for models that guide when sampling (flow-matching runs, public "
-            "checkpoints); default eval.guidance")
+    what = (
+        "guidance scale: the input ω of a guidance-conditioned model (improved_meanflow), or classifier-free "
+        "guidance on all channels for models that guide when sampling (flow-matching runs, public "
+        "checkpoints); default eval.guidance"
+    )
     if sweep:
         p.add_argument("--guidance", metavar="W[,W...]", help=what + "; several values: a sweep, rows per value")
     else:
         p.add_argument("--guidance", type=float, metavar="W", help=what)
-    p.add_argument("--guidance-interval", metavar="T_MIN,T_MAX",
-                   help="times the guidance applies to (guidance-conditioned models; default 0,1)")
-    p.add_argument("--vae", default=None, help="decode latents with this VAE (Hugging Face id or local directory; "
-                                               "default data.vae of the run)")
+    p.add_argument(
+        "--guidance-interval",
+        metavar="T_MIN,T_MAX",
+        help="times the guidance applies to (guidance-conditioned models; default 0,1)",
+    )
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="decode latents with this VAE (Hugging Face id or local directory; default data.vae of the run)",
+    )
 
 
-# OpenMP threads that wait for work spin for GOMP_SPINCOUNT iterations before sleeping (libgomp's
-# default: 300 000). Two runs on one machine then spin against each other: on the project's 2-core
-# box two toy trainings ran at 13 % of one run's speed each. With 1000 a solo run ran at 9.3-10.5
-# steps/s (spinning: 10.7-12.9) and two at once at ~55 % each (README, "Several runs on one
-# machine"). Set before torch loads libgomp;
-# an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
+# Idle OpenMP threads spin 300 000 iterations (libgomp's default) before sleeping, so two runs on one
+# machine starve each other; 1000 keeps a solo run near full speed and two runs near half each
+# (measured: docs/cli.md, "Several runs on one machine"). Set before torch loads libgomp; an explicit
+# GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
 OPENMP_SPIN = "1000"
 
 
@@ -590,8 +676,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ONESTEP_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"onestep {args.command}: error: {type(exc).__name__}: {first} (ONESTEP_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(
+            f"onestep {args.command}: error: {type(exc).__name__}: {first} (ONESTEP_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 2
     except TrainingError as exc:
         print(f"onestep {args.command}: stopped: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ A recipe has the sections ``data``, ``backbone``, ``objective`` (each ``{name: R
 Component kwargs are validated by binding them to the registered factory's signature; ``train`` and
 ``eval`` are dataclasses whose field types are checked. Every error is a one-line ``ConfigError``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
     # CPU threads for torch in this run (None: torch's default, one per core). With several runs on
-    # one machine give each threads = cores / runs (README, "Several runs on one machine").
+    # one machine give each threads = cores / runs (docs/cli.md, "Several runs on one machine").
     threads: int | None = None
     log_every: int = 50
     sample_every: int = 0
@@ -137,7 +138,9 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         return raw
     base = raw.pop("base")
     if not isinstance(base, str) or not base:
-        raise ConfigError(f"{path}: 'base' must be the path of another recipe (relative to {path.parent}), got {base!r}")
+        raise ConfigError(
+            f"{path}: 'base' must be the path of another recipe (relative to {path.parent}), got {base!r}"
+        )
     base_path = (path.parent / base).resolve()
     chain = _chain + (path.resolve(),)
     if base_path in chain:
@@ -152,8 +155,9 @@ def merge_recipes(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, An
     out = dict(base)
     for key, value in overlay.items():
         old = out.get(key)
-        same_component = isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == \
-            old.get("name")
+        same_component = (
+            isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name")
+        )
         out[key] = merge_recipes(old, value) if same_component else value
     return out
 
@@ -265,8 +269,11 @@ def from_dict(raw: dict[str, Any]) -> Config:
         entry.setdefault("blocks", "encoder")
         check_type(entry["weight"], float, f"regularizers.{i}.weight")
         blocks = entry["blocks"]
-        if not (blocks == "encoder" or (isinstance(blocks, list) and all(isinstance(b, int) for b in blocks))
-                or isinstance(blocks, int)):
+        if not (
+            blocks == "encoder"
+            or (isinstance(blocks, list) and all(isinstance(b, int) for b in blocks))
+            or isinstance(blocks, int)
+        ):
             raise ConfigError(f"regularizers.{i}.blocks must be 'encoder' or a list of block indices, got {blocks!r}")
         if isinstance(blocks, int):
             entry["blocks"] = [blocks]
@@ -277,17 +284,28 @@ def from_dict(raw: dict[str, Any]) -> Config:
     seed = raw.get("seed", 0)
     check_type(seed, int, "seed")
     _check_values(train, evalc)
-    if evalc.every and data.get("vae") and evalc.reference is None and \
-            set(evalc.metrics or ["fid"]) & {"fid", "kid", "prc"}:
-        raise ConfigError("eval.every > 0 scores VAE-decoded samples (data.vae) with fid/kid/prc, which need "
-                          "eval.reference (an image folder, FID statistics .npz, or ADM reference batch)")
-    return Config(data=data, backbone=backbone, objective=objective, regularizers=regularizers,
-                  train=train, eval=evalc, seed=seed)
+    if (
+        evalc.every
+        and data.get("vae")
+        and evalc.reference is None
+        and set(evalc.metrics or ["fid"]) & {"fid", "kid", "prc"}
+    ):
+        raise ConfigError(
+            "eval.every > 0 scores VAE-decoded samples (data.vae) with fid/kid/prc, which need "
+            "eval.reference (an image folder, FID statistics .npz, or ADM reference batch)"
+        )
+    return Config(
+        data=data, backbone=backbone, objective=objective, regularizers=regularizers, train=train, eval=evalc, seed=seed
+    )
 
 
 def _check_values(train: TrainConfig, evalc: EvalConfig) -> None:
-    positive = {"train.steps": train.steps, "train.batch_size": train.batch_size,
-                "eval.num_samples": evalc.num_samples, "eval.batch_size": evalc.batch_size}
+    positive = {
+        "train.steps": train.steps,
+        "train.batch_size": train.batch_size,
+        "eval.num_samples": evalc.num_samples,
+        "eval.batch_size": evalc.batch_size,
+    }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
@@ -304,12 +322,14 @@ def _check_values(train: TrainConfig, evalc: EvalConfig) -> None:
         raise ConfigError(f"eval.nfe entries must be >= 1, got {evalc.nfe}")
     omegas = evalc.guidance if isinstance(evalc.guidance, list) else [evalc.guidance]
     if any(w is not None and not 1.0 <= w < float("inf") for w in omegas) or omegas == []:
-        raise ConfigError(f"eval.guidance must be a guidance scale >= 1 or a non-empty list of them, "
-                          f"got {evalc.guidance}")
+        raise ConfigError(
+            f"eval.guidance must be a guidance scale >= 1 or a non-empty list of them, got {evalc.guidance}"
+        )
     interval = evalc.guidance_interval
     if interval is not None and (len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0):
-        raise ConfigError(f"eval.guidance_interval must be [t_min, t_max] with 0 <= t_min <= t_max <= 1, "
-                          f"got {interval}")
+        raise ConfigError(
+            f"eval.guidance_interval must be [t_min, t_max] with 0 <= t_min <= t_max <= 1, got {interval}"
+        )
     if interval is not None and evalc.guidance is None:
         raise ConfigError("eval.guidance_interval needs eval.guidance (the guidance scale)")
     for i, spec in enumerate(evalc.metrics or []):

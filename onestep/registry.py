@@ -9,6 +9,7 @@ The registry is also the validator: ``bind`` checks recipe kwargs against the fa
 (names and simple annotated types) before anything is built, and raises ``ConfigError`` with the
 allowed names in the message.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -36,7 +37,19 @@ class Registry:
         self._meta: dict[str, dict[str, Any]] = {}
 
     def register(self, name: str | None = None, **meta: Any) -> Callable:
-        """Decorator registering ``fn`` under ``name`` (default: the function's name)."""
+        """Decorator that registers a factory (a function or a class) under a name.
+
+        Args:
+            name: the snake_case name recipes use (default: the factory's ``__name__``).
+            **meta: free-form facts about the component that ``onestep ls`` and the builders read
+                (for example ``tags=("dit",)``, ``description=...``).
+
+        Returns:
+            The decorator; it returns the factory unchanged, so the function stays importable.
+
+        Raises:
+            ValueError: the name is already registered in this registry.
+        """
 
         def deco(fn: Callable) -> Callable:
             key = name or fn.__name__
@@ -61,9 +74,7 @@ class Registry:
         if not isinstance(name, str) or name not in self._factories:
             close = difflib.get_close_matches(str(name), self._factories, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"unknown {self.kind} '{name}'{hint}; known: {', '.join(sorted(self._factories))}"
-            )
+            raise ConfigError(f"unknown {self.kind} '{name}'{hint}; known: {', '.join(sorted(self._factories))}")
         return self._factories[name]
 
     def meta(self, name: str) -> dict[str, Any]:
@@ -86,7 +97,8 @@ class Registry:
         except TypeError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         missing = [
-            k for k, p in params.items()
+            k
+            for k, p in params.items()
             if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k not in kwargs
         ]
         if missing:
@@ -98,8 +110,19 @@ class Registry:
         return bound
 
     def build(self, name: str, **kwargs: Any) -> Any:
-        """Validate then call the factory; a ValueError the factory raises on a bad value becomes a
-        one-line ``ConfigError`` naming the component."""
+        """Validate the keyword arguments against the factory's signature, then call it.
+
+        Args:
+            name: a registered name (an unknown one gets the closest match and the known names).
+            **kwargs: the factory's arguments, usually a recipe section without its ``name``.
+
+        Returns:
+            What the factory returns (a backbone, an objective, a dataset, a metric, ...).
+
+        Raises:
+            ConfigError: an unknown name, an unknown or missing key, a value of the wrong type, or a
+                ValueError the factory raised on a bad value, each as one line naming the component.
+        """
         self.bind(name, kwargs)
         try:
             return self.get(name)(**kwargs)

@@ -1,4 +1,5 @@
 """The only sampling loop: previews, ``onestep sample`` and ``onestep eval`` all call ``sample``."""
+
 from __future__ import annotations
 
 import copy
@@ -30,11 +31,15 @@ def check_guidance(objective, net: nn.Module) -> None:
     """ValueError (one line) unless ``objective`` samples with ``cond`` and ``net`` takes guidance conditions."""
     base = getattr(net, "_orig_mod", net)
     if not getattr(objective, "accepts_cond", False) or not getattr(base, "cond_keys", ()):
-        why = (f"objective {type(objective).__name__} does not sample with guidance conditions"
-               if not getattr(objective, "accepts_cond", False) else
-               f"backbone {type(base).__name__} was built without guidance conditions")
-        raise ValueError(f"this model is not guidance-conditioned ({why}); guidance as a network input needs a "
-                         f"model trained by improved_meanflow on a backbone with guidance conditions")
+        why = (
+            f"objective {type(objective).__name__} does not sample with guidance conditions"
+            if not getattr(objective, "accepts_cond", False)
+            else f"backbone {type(base).__name__} was built without guidance conditions"
+        )
+        raise ValueError(
+            f"this model is not guidance-conditioned ({why}); guidance as a network input needs a "
+            f"model trained by improved_meanflow on a backbone with guidance conditions"
+        )
 
 
 def is_guidance_conditioned(objective, net: nn.Module) -> bool:
@@ -60,12 +65,16 @@ def with_guidance(objective, net: nn.Module, omega: float | None, interval=None)
     if is_guidance_conditioned(objective, net):
         return objective, guidance_cond(omega, interval)
     if not hasattr(objective, "guidance_scale"):
-        raise ValueError(f"objective {type(objective).__name__} has no sampling-time guidance: it folds guidance "
-                         f"into training (cfg_omega / teacher_guidance); guidance as an input needs a model trained "
-                         f"by improved_meanflow on a backbone with guidance conditions")
+        raise ValueError(
+            f"objective {type(objective).__name__} has no sampling-time guidance: it folds guidance "
+            f"into training (cfg_omega / teacher_guidance); guidance as an input needs a model trained "
+            f"by improved_meanflow on a backbone with guidance conditions"
+        )
     if interval is not None:
-        raise ValueError("a guidance interval is an input of guidance-conditioned models (improved_meanflow); "
-                         "classifier-free guidance at sampling applies at every step")
+        raise ValueError(
+            "a guidance interval is an input of guidance-conditioned models (improved_meanflow); "
+            "classifier-free guidance at sampling applies at every step"
+        )
     if not float(omega) >= 0:
         raise ValueError(f"guidance scale must be >= 0, got {omega}")
     guided = copy.copy(objective)
@@ -74,8 +83,16 @@ def with_guidance(objective, net: nn.Module, omega: float | None, interval=None)
 
 
 @torch.no_grad()
-def sample(objective, net: nn.Module, noise: Tensor, y: Tensor | None = None, nfe: int = 1,
-           grid: Tensor | None = None, seeds=None, cond: dict | None = None) -> Tensor:
+def sample(
+    objective,
+    net: nn.Module,
+    noise: Tensor,
+    y: Tensor | None = None,
+    nfe: int = 1,
+    grid: Tensor | None = None,
+    seeds=None,
+    cond: dict | None = None,
+) -> Tensor:
     """Integrate from noise (t = 1) to data (t = 0) in ``nfe`` network calls.
 
     noise: (B, ...) standard normal; y: (B,) class ids or None; grid: descending times of length

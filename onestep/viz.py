@@ -1,4 +1,5 @@
 """Pictures of samples: image grids and 2-D density images, written as PNG (PIL; no matplotlib)."""
+
 from __future__ import annotations
 
 import math
@@ -26,15 +27,18 @@ def image_grid(x: Tensor, ncol: int | None = None, upscale: int = 1, pad: int = 
     canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, ncol)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = imgs[i]
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = imgs[
+            i
+        ]
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     return img
 
 
-def density_image(points: Tensor, extent: float | None = None, bins: int = 200,
-                  marker_below: int = 2000) -> Image.Image:
+def density_image(
+    points: Tensor, extent: float | None = None, bins: int = 200, marker_below: int = 2000
+) -> Image.Image:
     """A picture of 2-D points over [-extent, extent]² on a light grid (lines every unit, axes darker).
 
     Up to ``marker_below`` points are drawn as visible dots (so 16 samples read as 16 dots); more as a

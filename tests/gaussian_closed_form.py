@@ -1,5 +1,7 @@
-"""Closed forms for data x ~ N(μ, s²I) under z_t = (1 − t)x + t·e (docs/reference.md, "Closed forms for tests"), shared by the
+"""Closed forms for data x ~ N(μ, s²I) under z_t = (1 − t)x + t·e (docs/reference.md, "Closed forms for
+tests"), shared by the
 objective tests: σ(t)² = (1 − t)²s² + t², m(t) = (1 − t)μ, the marginal velocity and the exact flow map."""
+
 import torch
 from torch import nn
 
@@ -15,12 +17,12 @@ class GaussianClosedForm(nn.Module):
         self.s = s
 
     def sigma(self, t):
-        return torch.sqrt((1 - t) ** 2 * self.s ** 2 + t ** 2)
+        return torch.sqrt((1 - t) ** 2 * self.s**2 + t**2)
 
     def marginal_velocity(self, z, t):
         """v(z, t) = m'(t) + σ'(t)/σ(t)·(z − m(t)) for (B,) times."""
         st = self.sigma(t)
-        dsigma = (t - (1 - t) * self.s ** 2) / st
+        dsigma = (t - (1 - t) * self.s**2) / st
         return -self.mu + (dsigma / st)[:, None] * (z - (1 - t)[:, None] * self.mu)
 
     def flow(self, z, t, r):

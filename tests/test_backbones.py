@@ -1,4 +1,5 @@
 """Backbone contract tests, driven by the BACKBONES registry (CPU, small models only)."""
+
 from __future__ import annotations
 
 import inspect
@@ -117,8 +118,11 @@ def test_gradients_reach_every_parameter(name):
     (out * torch.randn_like(out)).sum().backward()
     # forward() is the u path only: an iMF auxiliary v-head gets its gradient through forward_aux.
     aux = V_HEAD_PREFIX if getattr(net, "has_aux_head", False) else None
-    dead = [n for n, p in net.named_parameters()
-            if (p.grad is None or not p.grad.abs().sum() > 0) and not (aux and n.startswith(aux))]
+    dead = [
+        n
+        for n, p in net.named_parameters()
+        if (p.grad is None or not p.grad.abs().sum() > 0) and not (aux and n.startswith(aux))
+    ]
     assert not dead, f"no gradient reaches: {dead}"
 
 
@@ -205,7 +209,9 @@ def test_time_and_interval_change_the_output(name):
 
 def _meanflow_style_jvp(net, x, t, h, y, v, kernel="explicit"):
     with jvp_attention(kernel):
-        return torch.func.jvp(lambda z, tt, hh: net(z, tt, hh, y), (x, t, h), (v, torch.ones_like(t), torch.ones_like(h)))
+        return torch.func.jvp(
+            lambda z, tt, hh: net(z, tt, hh, y), (x, t, h), (v, torch.ones_like(t), torch.ones_like(h))
+        )
 
 
 @pytest.mark.parametrize("name", ["test_dit", "test_mlp"])

@@ -1,6 +1,7 @@
 """Bad input gets one clear line (exit 2), and no run is lost: the writer lock, leftovers of an
 earlier run, restricted unpickling of pickled datasets, corrupt files, mismatched resumes, argument
 ranges, and resume bookkeeping."""
+
 import json
 import os
 import pickle
@@ -10,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from waiting import HANG_GUARD_S, wait_for
 
 from onestep.cli import main
 from onestep.registry import ConfigError
 from onestep.utils.rundir import RunDir, load_checkpoint
-from waiting import HANG_GUARD_S, wait_for
 
 TINY = """
 seed: 1
@@ -46,7 +47,9 @@ def _one_line_error(capsys, *needles):
 
 def test_second_writer_is_refused_with_the_holders_pid(recipe, tmp_path, capsys):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)  # alive until killed
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )  # alive until killed
     try:
         run.mkdir()
         (run / RunDir.LOCK).write_text(f"{holder.pid}\n")
@@ -68,8 +71,19 @@ def test_two_concurrent_trainings_into_one_dir(recipe, tmp_path):
     import signal
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "onestep", "train", str(recipe), "--run-dir", str(run), "--no-progress",
-           "train.steps=1000000000", "train.log_every=1", "train.checkpoint_every=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onestep",
+        "train",
+        str(recipe),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "train.steps=1000000000",
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -120,8 +134,11 @@ def test_crafted_cifar10_batch_runs_no_code(tmp_path, capsys):
     marker = tmp_path / "pwned"
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
         pickle.dump({"data": _Evil(marker), "labels": [0]}, f, protocol=2)
-    with pytest.raises(ConfigError, match=r"data_batch_1: not a plain data pickle.*refused global posix\.system|"
-                                          r"data_batch_1: not a plain data pickle.*refused global os\.system"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data_batch_1: not a plain data pickle.*refused global posix\.system|"
+        r"data_batch_1: not a plain data pickle.*refused global os\.system",
+    ):
         from onestep.registry import DATASETS
 
         DATASETS.build("cifar10", root=str(tmp_path))
@@ -131,8 +148,12 @@ def test_crafted_cifar10_batch_runs_no_code(tmp_path, capsys):
 def test_real_format_cifar10_batch_loads_through_the_restricted_unpickler(tmp_path):
     from onestep.utils.safe_pickle import load_plain_pickle
 
-    entry = {b"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072), b"labels": [3, 7],
-             b"batch_label": b"training batch 1 of 5", b"filenames": [b"a.png", b"b.png"]}
+    entry = {
+        b"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072),
+        b"labels": [3, 7],
+        b"batch_label": b"training batch 1 of 5",
+        b"filenames": [b"a.png", b"b.png"],
+    }
     path = tmp_path / "batch"
     with open(path, "wb") as f:
         pickle.dump(entry, f, protocol=2)
@@ -151,8 +172,17 @@ def test_corrupt_image_in_an_imagefolder(tmp_path, capsys):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         Image.new("RGB", (8, 8), "red").save(tmp_path / "imgs" / cls / "ok.png")
     (tmp_path / "imgs" / "b" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    assert main(["validate", "toy_meanflow", f"data={{name: imagefolder, root: {tmp_path / 'imgs'}, image_size: 8}}",
-                 "backbone={name: test_dit}"]) == 2
+    assert (
+        main(
+            [
+                "validate",
+                "toy_meanflow",
+                f"data={{name: imagefolder, root: {tmp_path / 'imgs'}, image_size: 8}}",
+                "backbone={name: test_dit}",
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, "bad.png: not a readable image")
 
 
@@ -163,12 +193,36 @@ def test_truncated_and_missing_latent_shards(tmp_path, capsys):
     data = (root / "s0.npz").read_bytes()
     (root / "s1.npz").write_bytes(data[: len(data) // 2])
     override = f"data={{name: latents, root: {root}}}"
-    assert main(["train", "toy_meanflow", override, "backbone={name: test_dit}", "--run-dir", str(tmp_path / "r"),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "toy_meanflow",
+                override,
+                "backbone={name: test_dit}",
+                "--run-dir",
+                str(tmp_path / "r"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, "s1.npz", "re-encode")
     missing = f"data={{name: latents, root: {tmp_path / 'nowhere'}}}"
-    assert main(["train", "toy_meanflow", missing, "backbone={name: test_dit}", "--run-dir", str(tmp_path / "r2"),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "toy_meanflow",
+                missing,
+                "backbone={name: test_dit}",
+                "--run-dir",
+                str(tmp_path / "r2"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, "no latent shards")
 
 
@@ -183,14 +237,17 @@ def test_resume_onto_another_architecture_names_the_key(recipe, tmp_path, capsys
     _one_line_error(capsys, "size mismatch for", "torch.Size([32, 2])", "torch.Size([48, 2])")
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["sample", "RUN", "--nfe", "0", "--out", "x.png"], "--nfe: must be >= 1"),
-    (["sample", "RUN", "--nfe", "-1", "--out", "x.png"], "--nfe: must be >= 1"),
-    (["sample", "RUN", "-n", "0", "--out", "x.png"], "-n: must be >= 1"),
-    (["sample", "RUN", "--batch-size", "0", "--out", "x.png"], "--batch-size: must be >= 1"),
-    (["eval", "RUN", "--nfe", "0"], "--nfe: must be >= 1"),
-    (["eval", "RUN", "--num-samples", "0"], "--num-samples: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["sample", "RUN", "--nfe", "0", "--out", "x.png"], "--nfe: must be >= 1"),
+        (["sample", "RUN", "--nfe", "-1", "--out", "x.png"], "--nfe: must be >= 1"),
+        (["sample", "RUN", "-n", "0", "--out", "x.png"], "-n: must be >= 1"),
+        (["sample", "RUN", "--batch-size", "0", "--out", "x.png"], "--batch-size: must be >= 1"),
+        (["eval", "RUN", "--nfe", "0"], "--nfe: must be >= 1"),
+        (["eval", "RUN", "--num-samples", "0"], "--num-samples: must be >= 1"),
+    ],
+)
 def test_arguments_refused_at_parsing(argv, needle, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -234,13 +291,34 @@ def test_resume_below_the_current_step_is_refused(recipe, tmp_path, capsys):
 
 
 def test_batch_larger_than_the_data_is_refused_unless_allowed(tmp_path, capsys):
-    args = ["train", "digits_meanflow", "train.batch_size=4000", "train.steps=1", "--no-progress",
-            "--run-dir", str(tmp_path / "r")]
+    args = [
+        "train",
+        "digits_meanflow",
+        "train.batch_size=4000",
+        "train.steps=1",
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path / "r"),
+    ]
     assert main(args) == 2
     _one_line_error(capsys, "train.batch_size=4000 is larger than the 1797 examples", "batch_with_repeats")
-    assert main(args[:-2] + ["--run-dir", str(tmp_path / "r2"), "train.batch_size=2000", "train.batch_with_repeats=true",
-                             "backbone.depth=1", "backbone.hidden_size=32", "backbone.num_heads=2",
-                             "train.sample_every=0", "train.num_preview=10"]) == 0
+    assert (
+        main(
+            args[:-2]
+            + [
+                "--run-dir",
+                str(tmp_path / "r2"),
+                "train.batch_size=2000",
+                "train.batch_with_repeats=true",
+                "backbone.depth=1",
+                "backbone.hidden_size=32",
+                "backbone.num_heads=2",
+                "train.sample_every=0",
+                "train.num_preview=10",
+            ]
+        )
+        == 0
+    )
 
 
 def test_resume_after_sigkill_drops_replayed_stats_rows(recipe, tmp_path):
@@ -249,9 +327,21 @@ def test_resume_after_sigkill_drops_replayed_stats_rows(recipe, tmp_path):
     import signal
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "onestep", "train", str(recipe), "--run-dir", str(run), "--no-progress",
-           "train.steps=1000000000", "train.checkpoint_every=25"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "onestep",
+        "train",
+        str(recipe),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "train.steps=1000000000",
+        "train.checkpoint_every=25",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     stats = run / "stats.jsonl"
     # Freeze the process (SIGSTOP) and look: kill it only in a state with rows past its last checkpoint,
     # otherwise let it run on and look again. No timing involved.

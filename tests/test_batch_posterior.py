@@ -1,13 +1,14 @@
 """The batch-posterior (stable target field) velocity estimate and its use in flow matching and MeanFlow."""
+
 import math
 
 import pytest
 import torch
 
-from onestep.registry import BACKBONES
 from onestep.objectives.common import batch_posterior_velocity
 from onestep.objectives.flow_matching import FlowMatching
 from onestep.objectives.meanflow import MeanFlow
+from onestep.registry import BACKBONES
 
 
 def brute_force(x, e, t, labels=None, query=None, null=None):
@@ -19,8 +20,9 @@ def brute_force(x, e, t, labels=None, query=None, null=None):
         if t[i] == 0:
             out.append(e[i] - x[i])
             continue
-        allowed = [j for j in range(x.shape[0]) if labels is None or query[i] == null
-                   or labels[j] == query[i] or j == i]
+        allowed = [
+            j for j in range(x.shape[0]) if labels is None or query[i] == null or labels[j] == query[i] or j == i
+        ]
         logp = torch.stack([-((z - (1 - t[i]) * x[j]) ** 2).sum() / (2 * t[i] ** 2) for j in allowed])
         w = torch.softmax(logp, 0)
         velocities = torch.stack([(z - x[j]) / t[i] for j in allowed])
@@ -57,13 +59,13 @@ def test_converges_to_the_gaussian_marginal_velocity_with_far_less_variance():
     for t_value in (0.2, 0.5, 0.9):
         t = torch.full((n,), t_value)
         z = (1 - t_value) * x + t_value * e
-        gain = (1 - t_value) * s ** 2 / ((1 - t_value) ** 2 * s ** 2 + t_value ** 2)
+        gain = (1 - t_value) * s**2 / ((1 - t_value) ** 2 * s**2 + t_value**2)
         exact = (z - (mu + gain * (z - (1 - t_value) * mu))) / t_value
         est = batch_posterior_velocity(x, e, t)
         err_est = (est - exact).square().sum(1).mean()
         err_conditional = (e - x - exact).square().sum(1).mean()
         # Conditional variance of e − x given z_t: 2 · s² / ((1 − t)² s² + t²).
-        expected = 2 * s ** 2 / ((1 - t_value) ** 2 * s ** 2 + t_value ** 2)
+        expected = 2 * s**2 / ((1 - t_value) ** 2 * s**2 + t_value**2)
         assert math.isclose(float(err_conditional), expected, rel_tol=0.05)
         assert float(err_est) < 0.01 * expected, (t_value, float(err_est), expected)
 

@@ -1,4 +1,5 @@
 """tools/bench.py runs and reports the documented fields (no timing assertions)."""
+
 import json
 import subprocess
 import sys
@@ -11,9 +12,30 @@ TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
 
 
 def test_bench_json_rows():
-    out = subprocess.run([sys.executable, str(TOOL), "--backbones", "test_dit", "--objectives", "flow_matching,meanflow",
-                          "--batch", "4", "--input-shape", "4,8,8", "--steps", "2", "--warmup", "1", "--json",
-                          "--threads", "1"], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--backbones",
+            "test_dit",
+            "--objectives",
+            "flow_matching,meanflow",
+            "--batch",
+            "4",
+            "--input-shape",
+            "4,8,8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["objective"] for r in rows] == ["flow_matching", "meanflow"]
@@ -27,23 +49,70 @@ def test_bench_json_rows():
 
 
 def test_bench_timing_only_rows_and_objective_settings():
-    out = subprocess.run([sys.executable, str(TOOL), "--backbones", "test_mlp", "--input-shape", "2", "--batch", "64",
-                          "--objectives", "flow_matching;meanflow:velocity_estimate=batch_posterior,ratio_r_neq_t=0.5",
-                          "--steps", "2", "--warmup", "1", "--json", "--threads", "1", "--no-cpu-memory"],
-                         capture_output=True, text=True, timeout=HANG_GUARD_S)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--backbones",
+            "test_mlp",
+            "--input-shape",
+            "2",
+            "--batch",
+            "64",
+            "--objectives",
+            "flow_matching;meanflow:velocity_estimate=batch_posterior,ratio_r_neq_t=0.5",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            "--threads",
+            "1",
+            "--no-cpu-memory",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert [r["objective"] for r in rows] == ["flow_matching",
-                                              "meanflow:velocity_estimate=batch_posterior,ratio_r_neq_t=0.5"]
+    assert [r["objective"] for r in rows] == [
+        "flow_matching",
+        "meanflow:velocity_estimate=batch_posterior,ratio_r_neq_t=0.5",
+    ]
     assert all(r["peak_mem_mb"] is None and r["ms_per_step"] > 0 for r in rows)
 
 
 def test_bench_improved_meanflow_with_backbone_kwargs():
-    out = subprocess.run([sys.executable, str(TOOL), "--backbones", "test_mlp", "--input-shape", "2", "--batch", "16",
-                          "--objectives", "flow_matching,improved_meanflow", "--num-classes", "3",
-                          "--backbone-kwargs", '{"test_mlp": {"guidance_conditions": true}}',
-                          "--steps", "1", "--warmup", "1", "--json", "--threads", "1", "--no-cpu-memory"],
-                         capture_output=True, text=True, timeout=HANG_GUARD_S)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--backbones",
+            "test_mlp",
+            "--input-shape",
+            "2",
+            "--batch",
+            "16",
+            "--objectives",
+            "flow_matching,improved_meanflow",
+            "--num-classes",
+            "3",
+            "--backbone-kwargs",
+            '{"test_mlp": {"guidance_conditions": true}}',
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+            "--threads",
+            "1",
+            "--no-cpu-memory",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["objective"] for r in rows] == ["flow_matching", "improved_meanflow"]
@@ -52,9 +121,31 @@ def test_bench_improved_meanflow_with_backbone_kwargs():
 
 def test_bench_distillation_row_with_a_copied_teacher():
     """'teacher=copy' times a distillation objective (sCD) against a frozen copy of the backbone."""
-    out = subprocess.run([sys.executable, str(TOOL), "--backbones", "test_mlp", "--input-shape", "2", "--batch", "16",
-                          "--objectives", "flow_matching;scm;scm:mode=scd,teacher=copy", "--steps", "1", "--warmup", "1",
-                          "--json", "--threads", "1", "--no-cpu-memory"], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--backbones",
+            "test_mlp",
+            "--input-shape",
+            "2",
+            "--batch",
+            "16",
+            "--objectives",
+            "flow_matching;scm;scm:mode=scd,teacher=copy",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+            "--threads",
+            "1",
+            "--no-cpu-memory",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["objective"] for r in rows] == ["flow_matching", "scm", "scm:mode=scd,teacher=copy"]
@@ -85,7 +176,9 @@ def test_cpu_peak_memory_follows_live_tensors():
     """The CPU peak counts what a step allocates above what was held at start(), and frees return
     memory (a later, smaller step is not charged for an earlier, larger one). In a subprocess: the
     tool changes malloc settings process-wide."""
-    out = subprocess.run([sys.executable, "-c", CHECK_PEAK, str(TOOL)], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK_PEAK, str(TOOL)], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     for mib, peak in zip((80, 20), peaks):
@@ -93,9 +186,33 @@ def test_cpu_peak_memory_follows_live_tensors():
 
 
 def test_rounds_report_median_and_spread():
-    out = subprocess.run([sys.executable, str(TOOL), "--backbones", "test_mlp", "--input-shape", "2", "--batch", "32",
-                          "--objectives", "flow_matching,meanflow", "--steps", "2", "--warmup", "1", "--rounds", "3",
-                          "--json", "--threads", "1", "--no-cpu-memory"], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--backbones",
+            "test_mlp",
+            "--input-shape",
+            "2",
+            "--batch",
+            "32",
+            "--objectives",
+            "flow_matching,meanflow",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--rounds",
+            "3",
+            "--json",
+            "--threads",
+            "1",
+            "--no-cpu-memory",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     fm, mf = rows

@@ -1,15 +1,16 @@
 """End-to-end CLI on a tiny recipe (train -> sample -> eval -> compare), resume, and NaN handling."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from waiting import HANG_GUARD_S, wait_for
 
 from onestep.cli import main
 from onestep.config import load_config
-from onestep.utils.rundir import RunDir, load_checkpoint
 from onestep.train.loop import Trainer, TrainingError
-from waiting import HANG_GUARD_S, wait_for
+from onestep.utils.rundir import RunDir, load_checkpoint
 
 
 def _params(path):
@@ -36,9 +37,9 @@ def test_train_sample_eval_compare(tiny_recipe, tmp_path, capsys):
 
     assert main(["eval", str(run), "--nfe", "1", "--nfe", "2", "--num-samples", "200"]) == 0
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {(r["nfe"], r["metric"]) for r in rows} == {(n, m) for n in (1, 2)
-                                                     for m in ("sliced_wasserstein", "energy_distance",
-                                                               "checkerboard_outside")}
+    assert {(r["nfe"], r["metric"]) for r in rows} == {
+        (n, m) for n in (1, 2) for m in ("sliced_wasserstein", "energy_distance", "checkerboard_outside")
+    }
     assert all(r["num_samples"] == 200 and r["implementation"] and r["reference"] and r["step"] == 12 for r in rows)
     capsys.readouterr()
     assert main(["compare", str(run), "--format", "md"]) == 0
@@ -117,8 +118,19 @@ def test_sigterm_saves_and_resume_is_bit_exact(tiny_recipe, tmp_path):
     import sys
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "onestep", "train", str(tiny_recipe), "--run-dir", str(run), "--no-progress",
-           "train.steps=1000000000", "train.log_every=1", "train.checkpoint_every=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onestep",
+        "train",
+        str(tiny_recipe),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "train.steps=1000000000",
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(RunDir(run).read_stats()) >= 5, proc, "5 stats rows")
     proc.send_signal(signal.SIGTERM)
@@ -130,8 +142,20 @@ def test_sigterm_saves_and_resume_is_bit_exact(tiny_recipe, tmp_path):
     total = stopped + 7
     assert main(["train", "--resume", str(run), "--no-progress", f"train.steps={total}"]) == 0
     straight = tmp_path / "straight"
-    assert main(["train", str(tiny_recipe), "--run-dir", str(straight), "--no-progress",
-                 f"train.steps={total}", "train.checkpoint_every=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tiny_recipe),
+                "--run-dir",
+                str(straight),
+                "--no-progress",
+                f"train.steps={total}",
+                "train.checkpoint_every=0",
+            ]
+        )
+        == 0
+    )
     a, b = load_checkpoint(run), load_checkpoint(straight)
     assert a["step"] == b["step"] == total
     for key in ("model", "ema"):
@@ -159,7 +183,8 @@ def test_digits_conditional_train_sample_eval(tmp_path, capsys):
         "backbone: {name: test_dit}\n"
         "objective: {name: meanflow, cfg_omega: 1.0, cfg_kappa: 0.5}\n"
         "train: {steps: 4, batch_size: 16, lr: 0.001, log_every: 2, num_preview: 20}\n"
-        "eval: {num_samples: 100, batch_size: 50}\n")
+        "eval: {num_samples: 100, batch_size: 50}\n"
+    )
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress"]) == 0
     assert main(["sample", str(run), "-n", "20", "--out", str(tmp_path / "d.npz")]) == 0
@@ -180,8 +205,21 @@ def test_digits_conditional_train_sample_eval(tmp_path, capsys):
 def test_plot_writes_pngs(tiny_recipe, tmp_path):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
-    assert main(["train", str(tiny_recipe), "--run-dir", str(run), "--no-progress", "train.steps=4",
-                 "eval.every=2", "train.log_every=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tiny_recipe),
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                "train.steps=4",
+                "eval.every=2",
+                "train.log_every=1",
+            ]
+        )
+        == 0
+    )
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted(set(steps)) == [2, 4] and steps == sorted(steps)
     assert main(["plot", str(run)]) == 0
@@ -191,7 +229,20 @@ def test_plot_writes_pngs(tiny_recipe, tmp_path):
 
 def test_keep_checkpoints_retention(tiny_recipe, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", str(tiny_recipe), "--run-dir", str(run), "--no-progress", "train.steps=8",
-                 "train.checkpoint_every=2", "train.keep_checkpoints=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tiny_recipe),
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                "train.steps=8",
+                "train.checkpoint_every=2",
+                "train.keep_checkpoints=2",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == ["step_000000006.pt", "step_000000008.pt"]
     assert load_checkpoint(run)["step"] == 8

@@ -4,13 +4,14 @@ MeanFlow runs its JVP on the eager module and the plain (r = t) forward through 
 The quick test uses the ``aot_eager`` backend (the real dynamo + AOTAutograd graph capture, no
 C++ codegen); the inductor test is marked slow (about a minute of compilation on a CPU).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 import yaml
-
 from conftest import TINY_RECIPE
+
 from onestep.config import from_dict
 from onestep.train.loop import Trainer
 

@@ -1,4 +1,5 @@
 """Config loading, overrides and one-line errors; every shipped recipe validates."""
+
 import pytest
 
 from onestep.config import REPO_RECIPES, apply_overrides, from_dict, load_config, load_yaml
@@ -18,25 +19,42 @@ def test_defaults_filled():
 
 def test_overrides_nested_and_lists():
     raw = {**base(), "regularizers": [{"name": "x", "weight": 1.0}]}
-    out = apply_overrides(raw, ["train.steps=7", "objective.name=flow_matching", "regularizers.0.weight=0.5",
-                                "train.betas=[0.9, 0.99]", "train.grad_clip=null"])
+    out = apply_overrides(
+        raw,
+        [
+            "train.steps=7",
+            "objective.name=flow_matching",
+            "regularizers.0.weight=0.5",
+            "train.betas=[0.9, 0.99]",
+            "train.grad_clip=null",
+        ],
+    )
     assert out["train"]["steps"] == 7 and out["objective"]["name"] == "flow_matching"
     assert out["regularizers"][0]["weight"] == 0.5 and out["train"]["betas"] == [0.9, 0.99]
     assert out["train"]["grad_clip"] is None
     assert raw["regularizers"][0]["weight"] == 1.0  # input untouched
 
 
-@pytest.mark.parametrize("raw, pattern", [
-    ({"train": {"stepz": 3}}, r"train: unknown key 'stepz'; allowed: steps, batch_size"),
-    ({"train": {"steps": "many"}}, r"train.steps must be int, got str"),
-    ({"train": {"lr": -1.0}}, r"train.lr must be > 0"),
-    ({"train": {"optimizer": "lion"}}, r"train.optimizer must be one of 'adam', 'adamw', 'sgd', got str 'lion'"),
-    ({"backbone": {"name": "dit_xl_3"}}, r"unknown backbone 'dit_xl_3' \(did you mean 'dit_xl_2'\?\); known: .*dit_b_2"),
-    ({"backbone": {"name": "test_mlp", "widht": 3}}, r"backbone 'test_mlp': unknown key 'widht'; allowed: "),
-    ({"objective": {"name": "meanflow", "ratio_r_neq_t": "a"}}, r"objective 'meanflow': key 'ratio_r_neq_t' must be float"),
-    ({"eval": {"metrics": ["fidd"]}}, r"unknown metric 'fidd'"),
-    ({"extra": 1}, r"unknown section 'extra'; allowed: data, backbone"),
-])
+@pytest.mark.parametrize(
+    "raw, pattern",
+    [
+        ({"train": {"stepz": 3}}, r"train: unknown key 'stepz'; allowed: steps, batch_size"),
+        ({"train": {"steps": "many"}}, r"train.steps must be int, got str"),
+        ({"train": {"lr": -1.0}}, r"train.lr must be > 0"),
+        ({"train": {"optimizer": "lion"}}, r"train.optimizer must be one of 'adam', 'adamw', 'sgd', got str 'lion'"),
+        (
+            {"backbone": {"name": "dit_xl_3"}},
+            r"unknown backbone 'dit_xl_3' \(did you mean 'dit_xl_2'\?\); known: .*dit_b_2",
+        ),
+        ({"backbone": {"name": "test_mlp", "widht": 3}}, r"backbone 'test_mlp': unknown key 'widht'; allowed: "),
+        (
+            {"objective": {"name": "meanflow", "ratio_r_neq_t": "a"}},
+            r"objective 'meanflow': key 'ratio_r_neq_t' must be float",
+        ),
+        ({"eval": {"metrics": ["fidd"]}}, r"unknown metric 'fidd'"),
+        ({"extra": 1}, r"unknown section 'extra'; allowed: data, backbone"),
+    ],
+)
 def test_errors_are_one_line_and_list_choices(raw, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
         from_dict({**base(), **raw})
@@ -69,8 +87,16 @@ def test_yaml_errors(tmp_path):
 
 def test_recipes_exist():
     names = {p.stem for p in RECIPES}
-    for needed in ["toy_meanflow", "toy_flow_matching", "digits_meanflow", "meanflow_b2", "meanflow_b4",
-                   "meanflow_m2", "meanflow_l2", "meanflow_xl2"]:
+    for needed in [
+        "toy_meanflow",
+        "toy_flow_matching",
+        "digits_meanflow",
+        "meanflow_b2",
+        "meanflow_b4",
+        "meanflow_m2",
+        "meanflow_l2",
+        "meanflow_xl2",
+    ]:
         assert needed in names
 
 
@@ -96,8 +122,10 @@ def test_floats_the_way_people_write_them(tmp_path):
     from onestep.config import apply_overrides, load_yaml
 
     path = tmp_path / "r.yaml"
-    path.write_text("data: {name: checkerboard}\nbackbone: {name: test_mlp}\nobjective: {name: flow_matching}\n"
-                    "train: {lr: 1e-4, weight_decay: 3E-5}\n")
+    path.write_text(
+        "data: {name: checkerboard}\nbackbone: {name: test_mlp}\nobjective: {name: flow_matching}\n"
+        "train: {lr: 1e-4, weight_decay: 3E-5}\n"
+    )
     raw = load_yaml(path)
     assert raw["train"]["lr"] == 1e-4 and raw["train"]["weight_decay"] == 3e-5
     raw = apply_overrides(raw, ["train.lr=1e30", "train.betas=[9e-1, .95]", "train.device=cpu"])

@@ -1,6 +1,7 @@
 """Consistency objectives (CT / iCT, CD, ECT): closed-form schedules, the boundary condition, the
 teacher ODE step against the exact Gaussian flow, zero loss for the exact consistency function,
 losses and sampling on registered backbones, the EMA target, and CLI distillation end to end."""
+
 from __future__ import annotations
 
 import json
@@ -8,26 +9,35 @@ import math
 
 import pytest
 import torch
+from gaussian_closed_form import GaussianClosedForm
 from torch import nn
 
 from onestep.objectives.consistency_math import (
-    consistency_fn, ct_num_scales, ect_r, ema_decay_mu, euler_step, heun_step, ict_huber_c, ict_num_scales,
-    karras_sigmas, lognormal_grid_weights, pseudo_huber, sigma_to_t, t_to_sigma,
+    consistency_fn,
+    ct_num_scales,
+    ect_r,
+    ema_decay_mu,
+    euler_step,
+    heun_step,
+    ict_huber_c,
+    ict_num_scales,
+    karras_sigmas,
+    lognormal_grid_weights,
+    pseudo_huber,
+    sigma_to_t,
+    t_to_sigma,
 )
 from onestep.registry import BACKBONES, OBJECTIVES, ConfigError
 from onestep.sampling import sample
-
-from gaussian_closed_form import GaussianClosedForm
 
 DT = torch.float64
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions run faster on one thread
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Analytic modules in the backbone contract.
+
 
 class GaussianData(GaussianClosedForm):
     """Data x ~ N(μ, s²I) (docs/reference.md, "Closed forms for tests"). ``forward`` is the exact consistency net
@@ -59,6 +69,7 @@ def ct(**kw):
 # ----------------------------------------------------------------------------------------------
 # Pure functions.
 
+
 def test_sigma_t_map_and_karras_grid():
     sigma = torch.tensor([0.002, 0.821, 1.0, 80.0], dtype=DT)
     t = sigma_to_t(sigma)
@@ -77,8 +88,16 @@ def test_sigma_t_map_and_karras_grid():
 def test_ict_and_ct_curricula_hand_values():
     # K = 800K: K' = floor(800000 / (log2(128) + 1)) = 100000.
     K = 800_000
-    assert [ict_num_scales(k, K) for k in (0, 99_999, 100_000, 250_000, 600_000, 699_999, 700_000, 10 ** 7)] == \
-        [11, 11, 21, 41, 641, 641, 1281, 1281]
+    assert [ict_num_scales(k, K) for k in (0, 99_999, 100_000, 250_000, 600_000, 699_999, 700_000, 10**7)] == [
+        11,
+        11,
+        21,
+        41,
+        641,
+        641,
+        1281,
+        1281,
+    ]
     # s1/s0 = 100: K' = floor(1000 / (log2(100) + 1)) = floor(1000 / 7.6439) = 130.
     assert ict_num_scales(129, 1000, 10, 1000) == 11 and ict_num_scales(130, 1000, 10, 1000) == 21
     # CT: N(0) = ceil(2 - 1) + 1 = 2; N(K) = ceil(151 - 1) + 1 = 151;
@@ -105,9 +124,9 @@ def test_pseudo_huber_value_and_limits():
     delta = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=DT)
     assert torch.allclose(pseudo_huber(delta, 0.5), torch.tensor([math.sqrt(25.25) - 0.5, 0.0], dtype=DT))
     assert torch.allclose(pseudo_huber(delta, 0.0), torch.tensor([5.0, 0.0], dtype=DT))
-    small = torch.full((1, 4), 1e-4, dtype=DT)                       # ‖Δ‖ = 2e-4 ≪ c
+    small = torch.full((1, 4), 1e-4, dtype=DT)  # ‖Δ‖ = 2e-4 ≪ c
     assert pseudo_huber(small, 1.0).item() == pytest.approx(4e-8 / 2, rel=1e-6)
-    large = torch.full((1, 4), 1e3, dtype=DT)                        # ‖Δ‖ = 2000 ≫ c
+    large = torch.full((1, 4), 1e3, dtype=DT)  # ‖Δ‖ = 2000 ≫ c
     assert pseudo_huber(large, 0.03).item() == pytest.approx(2000 - 0.03, rel=1e-9)
     assert ict_huber_c(3 * 32 * 32) == pytest.approx(0.00054 * math.sqrt(3072))
     # c = 0 (ECT's plain norm): finite gradient at Δ = 0.
@@ -146,6 +165,7 @@ def test_boundary_condition_by_construction(name, shape):
 # ----------------------------------------------------------------------------------------------
 # Teacher ODE step and exact consistency functions (Gaussian data, float64).
 
+
 def test_heun_step_matches_exact_flow_second_order():
     torch.manual_seed(0)
     teacher = GaussianVelocity(torch.tensor([1.0, -2.0, 0.5], dtype=DT), 0.3)
@@ -154,10 +174,12 @@ def test_heun_step_matches_exact_flow_second_order():
     err = {}
     for dt in (0.1, 0.05, 0.025):
         exact = teacher.flow(z, t, t - dt)
-        err[dt] = ((heun_step(teacher, z, t, t - dt) - exact).norm().item(),
-                   (euler_step(teacher, z, t, t - dt) - exact).norm().item())
+        err[dt] = (
+            (heun_step(teacher, z, t, t - dt) - exact).norm().item(),
+            (euler_step(teacher, z, t, t - dt) - exact).norm().item(),
+        )
     for dt in err:
-        assert err[dt][0] < 0.25 * err[dt][1]                   # Heun ≪ Euler
+        assert err[dt][0] < 0.25 * err[dt][1]  # Heun ≪ Euler
     # Local error O(Δt³) for Heun (ratio 1/8 per halving), O(Δt²) for Euler (1/4).
     for big, small in ((0.1, 0.05), (0.05, 0.025)):
         assert err[small][0] / err[big][0] < 0.16
@@ -172,9 +194,12 @@ def test_exact_consistency_function_gives_zero_loss_on_point_data(objective):
     torch.manual_seed(0)
     mu = torch.tensor([0.7, -1.3], dtype=DT)
     exact, teacher = GaussianData(mu, 0.0), GaussianVelocity(mu, 0.0)
-    obj = {"ct": lambda: ct(), "ct_ema": lambda: ct(target="ema", schedule="ct"),
-           "cd": lambda: OBJECTIVES.build("consistency_distillation", teacher=teacher),
-           "ect": lambda: OBJECTIVES.build("ect")}[objective]()
+    obj = {
+        "ct": lambda: ct(),
+        "ct_ema": lambda: ct(target="ema", schedule="ct"),
+        "cd": lambda: OBJECTIVES.build("consistency_distillation", teacher=teacher),
+        "ect": lambda: OBJECTIVES.build("ect"),
+    }[objective]()
     x = mu.expand(256, 2).clone()
     out = obj.loss(exact, x, None, step=50)
     assert out.loss.shape == (256,) and out.loss.abs().max().item() < 1e-8
@@ -189,8 +214,7 @@ def test_cd_with_exact_teacher_and_exact_student_on_gaussian_data():
     teacher, exact = GaussianVelocity(mu, 0.5), GaussianData(mu, 0.5)
     x = mu + 0.5 * torch.randn(512, 3, dtype=DT)
     for solver, bound in (("heun", 1e-2), ("euler", None)):
-        obj = OBJECTIVES.build("consistency_distillation", teacher=teacher, solver=solver, num_scales=200,
-                               metric="l2")
+        obj = OBJECTIVES.build("consistency_distillation", teacher=teacher, solver=solver, num_scales=200, metric="l2")
         torch.manual_seed(1)
         loss = obj.loss(exact, x, None, step=0).loss
         if bound:
@@ -208,16 +232,26 @@ def test_cd_with_exact_teacher_and_exact_student_on_gaussian_data():
 # ----------------------------------------------------------------------------------------------
 # Objectives on registered backbones.
 
+
 def _objectives(teacher_shape):
-    teacher = build("test_mlp", input_shape=teacher_shape) if len(teacher_shape) == 1 else \
-        build("test_dit", input_shape=teacher_shape)
+    teacher = (
+        build("test_mlp", input_shape=teacher_shape)
+        if len(teacher_shape) == 1
+        else build("test_dit", input_shape=teacher_shape)
+    )
     teacher.eval().requires_grad_(False)
     return {
         "ict": ct(),
         "ct_ema": ct(schedule="ct", target="ema", metric="l2"),
         "cd": OBJECTIVES.build("consistency_distillation", teacher=teacher),
-        "cd_euler_ema": OBJECTIVES.build("consistency_distillation", teacher=teacher, solver="euler", target="ema",
-                                         index_dist="uniform", weighting="uniform"),
+        "cd_euler_ema": OBJECTIVES.build(
+            "consistency_distillation",
+            teacher=teacher,
+            solver="euler",
+            target="ema",
+            index_dist="uniform",
+            weighting="uniform",
+        ),
         "ect": OBJECTIVES.build("ect", stage_steps=3),
         "ect_t": OBJECTIVES.build("ect", interval="t", huber_c=0.01),
     }
@@ -259,8 +293,9 @@ def test_target_and_online_pass_share_dropout_mask():
     x = torch.randn(16, 2)
     t = torch.full((16,), 0.5)
     z = 0.5 * x + 0.5 * torch.randn(16, 2)
-    out = obj.pair_loss(net, net, x, None, z_hi=z, t_hi=t, z_lo=z, t_lo=t, weight=torch.ones(16),
-                        feature_blocks=(), logs={})
+    out = obj.pair_loss(
+        net, net, x, None, z_hi=z, t_hi=t, z_lo=z, t_lo=t, weight=torch.ones(16), feature_blocks=(), logs={}
+    )
     assert out.loss.abs().max().item() == 0.0
     # Two plain forward passes do differ (the mask is random).
     assert not torch.equal(net(z, t, t), net(z, t, t))
@@ -318,8 +353,13 @@ def test_ema_target_is_owned_by_the_training_step():
     torch.save(step_fn.state(), buf)
     buf.seek(0)
     fresh_net = build("test_mlp")
-    fresh = TrainStep(fresh_net, ct(schedule="ct", target="ema", mu0=0.9, total_steps=10), [],
-                      torch.optim.SGD(fresh_net.parameters(), lr=0.5), ema_decay=0.9)
+    fresh = TrainStep(
+        fresh_net,
+        ct(schedule="ct", target="ema", mu0=0.9, total_steps=10),
+        [],
+        torch.optim.SGD(fresh_net.parameters(), lr=0.5),
+        ema_decay=0.9,
+    )
     fresh.load_state(torch.load(buf, weights_only=True), step=1)
     assert all(torch.equal(a, b) for a, b in zip(fresh.target.model.parameters(), target.parameters()))
     # Without a target the objective uses θ itself (sg), and no target is kept.
@@ -341,6 +381,7 @@ def test_errors_are_clear():
 # ----------------------------------------------------------------------------------------------
 # Sampling.
 
+
 def test_time_grid_and_prior():
     obj = ct()
     t_max, t_mid = 80 / 81, 0.821 / 1.821
@@ -353,7 +394,7 @@ def test_time_grid_and_prior():
 
 
 def test_sample_step_renoises_with_fresh_noise():
-    net = GaussianData(torch.tensor([2.0, -1.0]), 0.0)            # f* = μ for every input
+    net = GaussianData(torch.tensor([2.0, -1.0]), 0.0)  # f* = μ for every input
     obj = ct()
     x = torch.randn(6, 2)
     t, zero, r = torch.full((6,), 0.9), torch.zeros(6), torch.full((6,), 0.4)
@@ -366,8 +407,9 @@ def test_sample_step_renoises_with_fresh_noise():
     assert not torch.allclose(obj.sample_step(net, x, t, r, None), a)
 
 
-@pytest.mark.parametrize("objective", ["consistency_training", "consistency_distillation", "ect",
-                                       "meanflow", "flow_matching"])
+@pytest.mark.parametrize(
+    "objective", ["consistency_training", "consistency_distillation", "ect", "meanflow", "flow_matching"]
+)
 def test_multistep_sampling_runs(objective):
     torch.manual_seed(0)
     kw = {"total_steps": 10} if objective == "consistency_training" else {}
@@ -467,7 +509,7 @@ def test_multistep_renoising_is_per_sample_with_seeds():
     seeds = [11, 12, 13, 14]
     noise = seeded_noise(seeds, (2,))
     batch = sample(obj, net, noise, nfe=3, seeds=seeds)
-    alone = torch.cat([sample(obj, net, noise[i:i + 1], nfe=3, seeds=[s]) for i, s in enumerate(seeds)])
+    alone = torch.cat([sample(obj, net, noise[i : i + 1], nfe=3, seeds=[s]) for i, s in enumerate(seeds)])
     torch.testing.assert_close(batch, alone)
     other = sample(obj, net, noise, nfe=3, seeds=[s + 100 for s in seeds])  # re-noising changes the result
     assert not torch.allclose(batch, other)

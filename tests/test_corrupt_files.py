@@ -2,11 +2,10 @@
 corruptions (truncated, garbled, swapped for a file of another kind). Each case runs the CLI command
 that reads the file and asserts exit code 2, one line on stderr naming the file, a word of what was
 expected, and that nothing in the run directory changed."""
+
 from __future__ import annotations
 
 import hashlib
-import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,10 @@ objective: {name: flow_matching}
 train: {steps: 2, batch_size: 16, lr: 1e-3, log_every: 1, checkpoint_every: 0, num_preview: 4}
 eval: {nfe: [1], num_samples: 32}
 """
-PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00\x90wS\xde\x00\x00"
-       b"\x00\x0cIDATx\x9cc\xf8\xff\xff?\x00\x05\xfe\x02\xfe\xa7\x35\x81\x84\x00\x00\x00\x00IEND\xaeB`\x82")
+PNG = (
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00\x90wS\xde\x00\x00"
+    b"\x00\x0cIDATx\x9cc\xf8\xff\xff?\x00\x05\xfe\x02\xfe\xa7\x35\x81\x84\x00\x00\x00\x00IEND\xaeB`\x82"
+)
 
 
 def truncated(data: bytes) -> bytes:
@@ -105,51 +106,142 @@ def cases(root: Path):
         "recipe": (root / "tiny.yaml", ["validate", str(root / "tiny.yaml")], ["recipe"]),
         "run config": (run / "config.yaml", ["compare", str(run)], ["config.yaml"]),
         "checkpoint (eval)": (run / "checkpoints" / "last.pt", ["eval", str(run)], ["checkpoint"]),
-        "checkpoint (resume)": (run / "checkpoints" / "last.pt", ["train", "--resume", str(run), "train.steps=9"],
-                                ["checkpoint"]),
-        "checkpoint (sample)": (run / "checkpoints" / "last.pt", ["sample", str(run), "-n", "2", "--out",
-                                                                 str(root / "out.npz")], ["checkpoint"]),
-        "export weights": (export / "model.safetensors", ["sample", str(export), "-n", "2", "--out",
-                                                         str(root / "out.npz")], ["safetensors"]),
-        "export config": (export / "config.yaml", ["sample", str(export), "-n", "2", "--out", str(root / "out.npz")],
-                          ["config.yaml"]),
-        "public dit checkpoint": (root / "public_dit.pt", ["sample", f"dit:{root / 'public_dit.pt'}", "-n", "1",
-                                                           "--out", str(root / "out.npz")], ["checkpoint"]),
-        "public sit checkpoint": (root / "public_sit.pt", ["sample", f"sit:{root / 'public_sit.pt'}", "-n", "1",
-                                                           "--out", str(root / "out.npz")], ["checkpoint"]),
-        "FID statistics npz": (root / "stats.npz", ["eval", str(drun), "--metrics", "fid", "--feature-extractor",
-                                                    "onestep-random-conv", "--reference", str(root / "stats.npz")],
-                               ["npz"]),
-        "reference images npz": (root / "images.npz", ["eval", str(drun), "--metrics", "kid", "--feature-extractor",
-                                                       "onestep-random-conv", "--reference", str(root / "images.npz")],
-                                 ["npz"]),
-        "IDX images": (fashion / "train-images-idx3-ubyte",
-                       ["train", str(_dataset_recipe(root, f"{{name: fashion_mnist, root: {root / 'fashion'}}}")),
-                        "--run-dir", str(root / "never_idx")], ["IDX"]),
-        "IDX labels": (fashion / "train-labels-idx1-ubyte",
-                       ["train", str(_dataset_recipe(root, f"{{name: fashion_mnist, root: {root / 'fashion'}}}")),
-                        "--run-dir", str(root / "never_idx")], ["IDX"]),
-        "CIFAR-10 batch": (root / "cifar" / "cifar-10-batches-py" / "data_batch_1",
-                           ["train", str(_dataset_recipe(root, f"{{name: cifar10, root: {root / 'cifar'}}}")),
-                            "--run-dir", str(root / "never_cifar")], ["CIFAR-10", "pickle"]),
-        "latent shard": (root / "latents" / "shard_000.npz",
-                         ["train", str(_dataset_recipe(root, f"{{name: latents, root: {root / 'latents'}}}")),
-                          "--run-dir", str(root / "never_latents")], ["npz"]),
-        "Inception weights": (root / "inception.pth", ["eval", str(drun), "--metrics", "fid"], ["Inception", "weights"]),
+        "checkpoint (resume)": (
+            run / "checkpoints" / "last.pt",
+            ["train", "--resume", str(run), "train.steps=9"],
+            ["checkpoint"],
+        ),
+        "checkpoint (sample)": (
+            run / "checkpoints" / "last.pt",
+            ["sample", str(run), "-n", "2", "--out", str(root / "out.npz")],
+            ["checkpoint"],
+        ),
+        "export weights": (
+            export / "model.safetensors",
+            ["sample", str(export), "-n", "2", "--out", str(root / "out.npz")],
+            ["safetensors"],
+        ),
+        "export config": (
+            export / "config.yaml",
+            ["sample", str(export), "-n", "2", "--out", str(root / "out.npz")],
+            ["config.yaml"],
+        ),
+        "public dit checkpoint": (
+            root / "public_dit.pt",
+            ["sample", f"dit:{root / 'public_dit.pt'}", "-n", "1", "--out", str(root / "out.npz")],
+            ["checkpoint"],
+        ),
+        "public sit checkpoint": (
+            root / "public_sit.pt",
+            ["sample", f"sit:{root / 'public_sit.pt'}", "-n", "1", "--out", str(root / "out.npz")],
+            ["checkpoint"],
+        ),
+        "FID statistics npz": (
+            root / "stats.npz",
+            [
+                "eval",
+                str(drun),
+                "--metrics",
+                "fid",
+                "--feature-extractor",
+                "onestep-random-conv",
+                "--reference",
+                str(root / "stats.npz"),
+            ],
+            ["npz"],
+        ),
+        "reference images npz": (
+            root / "images.npz",
+            [
+                "eval",
+                str(drun),
+                "--metrics",
+                "kid",
+                "--feature-extractor",
+                "onestep-random-conv",
+                "--reference",
+                str(root / "images.npz"),
+            ],
+            ["npz"],
+        ),
+        "IDX images": (
+            fashion / "train-images-idx3-ubyte",
+            [
+                "train",
+                str(_dataset_recipe(root, f"{{name: fashion_mnist, root: {root / 'fashion'}}}")),
+                "--run-dir",
+                str(root / "never_idx"),
+            ],
+            ["IDX"],
+        ),
+        "IDX labels": (
+            fashion / "train-labels-idx1-ubyte",
+            [
+                "train",
+                str(_dataset_recipe(root, f"{{name: fashion_mnist, root: {root / 'fashion'}}}")),
+                "--run-dir",
+                str(root / "never_idx"),
+            ],
+            ["IDX"],
+        ),
+        "CIFAR-10 batch": (
+            root / "cifar" / "cifar-10-batches-py" / "data_batch_1",
+            [
+                "train",
+                str(_dataset_recipe(root, f"{{name: cifar10, root: {root / 'cifar'}}}")),
+                "--run-dir",
+                str(root / "never_cifar"),
+            ],
+            ["CIFAR-10", "pickle"],
+        ),
+        "latent shard": (
+            root / "latents" / "shard_000.npz",
+            [
+                "train",
+                str(_dataset_recipe(root, f"{{name: latents, root: {root / 'latents'}}}")),
+                "--run-dir",
+                str(root / "never_latents"),
+            ],
+            ["npz"],
+        ),
+        "Inception weights": (
+            root / "inception.pth",
+            ["eval", str(drun), "--metrics", "fid"],
+            ["Inception", "weights"],
+        ),
     }
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-TABLE = [(kind, corruption) for kind in ("recipe", "run config", "checkpoint (eval)", "checkpoint (resume)",
-                                          "checkpoint (sample)", "export weights", "export config",
-                                          "public dit checkpoint", "public sit checkpoint", "FID statistics npz",
-                                          "reference images npz", "IDX images", "IDX labels", "CIFAR-10 batch",
-                                          "latent shard", "Inception weights")
-         for corruption in CORRUPTIONS]
+TABLE = [
+    (kind, corruption)
+    for kind in (
+        "recipe",
+        "run config",
+        "checkpoint (eval)",
+        "checkpoint (resume)",
+        "checkpoint (sample)",
+        "export weights",
+        "export config",
+        "public dit checkpoint",
+        "public sit checkpoint",
+        "FID statistics npz",
+        "reference images npz",
+        "IDX images",
+        "IDX labels",
+        "CIFAR-10 batch",
+        "latent shard",
+        "Inception weights",
+    )
+    for corruption in CORRUPTIONS
+]
 
 
 @pytest.mark.parametrize("kind,corruption", TABLE)

@@ -1,4 +1,5 @@
 """Shipped datasets: the toy distributions against their definitions, digits, and BatchStream."""
+
 import math
 
 import pytest
@@ -84,7 +85,9 @@ def test_eight_gaussians_kwargs():
 def test_rings_lie_on_their_radii():
     x = draw("rings", 6000, num_rings=3, scale=3.0, noise=0.0).double()
     radius = x.norm(dim=1)
-    nearest = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)[(radius[:, None] - torch.tensor([1.0, 2.0, 3.0])).abs().argmin(1)]
+    nearest = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)[
+        (radius[:, None] - torch.tensor([1.0, 2.0, 3.0])).abs().argmin(1)
+    ]
     assert (radius - nearest).abs().max() < 1e-5
     # Ring k is chosen with probability k / 6 (uniform along the total length).
     fractions = torch.stack([((nearest == r).double().mean()) for r in (1.0, 2.0, 3.0)])

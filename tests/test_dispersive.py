@@ -1,5 +1,6 @@
 """Dispersive loss: each variant against its formula, its properties, gradients through the MeanFlow
 JVP and the loop, and the all-gather over a 2-process gloo group."""
+
 import json
 import math
 import warnings
@@ -17,6 +18,7 @@ VARIANTS = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
 
 # ----------------------------------------------------------------------------------------------
 # Slow, loop-based evaluations of the documented formulas (float64).
+
 
 def slow_infonce_l2(z, tau):
     z = z.flatten(1).double()
@@ -84,7 +86,9 @@ def test_registered_factory_dispatches_kwargs():
     assert float(reg(z)) == pytest.approx(slow_infonce_cosine(z, 0.3), rel=1e-5)
     reg = REGULARIZERS.build("dispersive", variant="hinge", margin=3.0)
     assert float(reg(z)) == pytest.approx(slow_hinge(z, 3.0), rel=1e-5)
-    assert float(REGULARIZERS.build("dispersive", variant="covariance")(z)) == pytest.approx(slow_covariance(z), rel=1e-4)
+    assert float(REGULARIZERS.build("dispersive", variant="covariance")(z)) == pytest.approx(
+        slow_covariance(z), rel=1e-4
+    )
     with pytest.raises(ConfigError, match="variant' must be one of 'infonce_l2'"):
         REGULARIZERS.build("dispersive", variant="l2")
     with pytest.raises(ConfigError, match="tau must be > 0"):
@@ -154,6 +158,7 @@ def test_single_sample_warns_once_and_returns_zero(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Features come from the gradient-carrying forward.
 
+
 def _perturbed_test_dit():
     torch.manual_seed(0)
     net = BACKBONES.build("test_dit", input_shape=(4, 8, 8), num_classes=0)
@@ -191,7 +196,8 @@ def test_loop_logs_dispersive(tmp_path):
         "regularizers:\n"
         "  - {name: dispersive, variant: infonce_l2, weight: 0.5, tau: 0.5, blocks: encoder, gather: false}\n"
         "train: {steps: 3, batch_size: 16, lr: 0.001, log_every: 1, num_preview: 4}\n"
-        "eval: {nfe: [1], num_samples: 64, batch_size: 64}\n")
+        "eval: {nfe: [1], num_samples: 64, batch_size: 64}\n"
+    )
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress"]) == 0
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
@@ -203,6 +209,7 @@ def test_loop_logs_dispersive(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # gather: true on a 2-process gloo group.
+
 
 def _gather_worker(rank, world_size, init_method, full):
     """Each rank holds one slice of ``full``; uses DispersiveLoss directly (the registry would import
@@ -219,11 +226,11 @@ def _gather_worker(rank, world_size, init_method, full):
             reference = disp.DispersiveLoss(variant)(z_all)
             reference.backward()
             # Gathered, from this rank's slice.
-            z = full[rank * local_b:(rank + 1) * local_b].clone().requires_grad_(True)
+            z = full[rank * local_b : (rank + 1) * local_b].clone().requires_grad_(True)
             value = disp.DispersiveLoss(variant, gather=True)(z)
             value.backward()
             torch.testing.assert_close(value, reference.detach(), rtol=1e-5, atol=1e-6)
-            expected = world_size * z_all.grad[rank * local_b:(rank + 1) * local_b]  # documented scale W
+            expected = world_size * z_all.grad[rank * local_b : (rank + 1) * local_b]  # documented scale W
             torch.testing.assert_close(z.grad, expected, rtol=1e-4, atol=1e-6)
             local = disp.DispersiveLoss(variant, gather=False)(z.detach())
             assert not torch.allclose(local, reference.detach())  # gathering changed the batch

@@ -4,6 +4,7 @@ The objectives draw their noise and times from the global RNG, which differs per
 compare runs exactly, the test objectives below derive each sample's (e, t, r) from the sample
 itself, so the only thing that can differ between the runs is how gradients are combined.
 """
+
 import os
 import socket
 import subprocess
@@ -12,17 +13,17 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from waiting import HANG_GUARD_S
 
 from onestep.config import from_dict
+from onestep.objectives.common import expand_time, target_velocity
 from onestep.objectives.consistency import ConsistencyTraining, pair_weights
 from onestep.objectives.consistency_math import karras_sigmas, sigma_to_t
-from onestep.objectives.common import expand_time, target_velocity
 from onestep.objectives.flow_matching import FlowMatching
 from onestep.objectives.meanflow import MeanFlow
 from onestep.objectives.scm import SCM
 from onestep.registry import OBJECTIVES
 from onestep.utils.rundir import load_checkpoint
-from waiting import HANG_GUARD_S
 
 
 def _per_sample_randomness(x: torch.Tensor):
@@ -75,9 +76,19 @@ class IndexedConsistencyTraining(ConsistencyTraining):
         t_lo, t_hi = sigma_to_t(sigma_lo).to(x.dtype), sigma_to_t(sigma_hi).to(x.dtype)
         z_hi = (1 - expand_time(t_hi, x)) * x + expand_time(t_hi, x) * e
         z_lo = (1 - expand_time(t_lo, x)) * x + expand_time(t_lo, x) * e
-        return self.pair_loss(net, net, x, None, z_hi=z_hi, t_hi=t_hi, z_lo=z_lo, t_lo=t_lo,
-                              weight=pair_weights(self.weighting, sigma_lo, sigma_hi), feature_blocks=feature_blocks,
-                              logs={})
+        return self.pair_loss(
+            net,
+            net,
+            x,
+            None,
+            z_hi=z_hi,
+            t_hi=t_hi,
+            z_lo=z_lo,
+            t_lo=t_lo,
+            weight=pair_weights(self.weighting, sigma_lo, sigma_hi),
+            feature_blocks=feature_blocks,
+            logs={},
+        )
 
 
 class IndexedSCM(SCM):
@@ -90,11 +101,13 @@ class IndexedSCM(SCM):
 
     def loss(self, net, x, y, *, step, feature_blocks=(), target_net=None):
         e, u, _ = _per_sample_randomness(x)
-        normal = torch.distributions.Normal(torch.tensor(self.P_mean, dtype=torch.float64),
-                                            torch.tensor(self.P_std, dtype=torch.float64))
+        normal = torch.distributions.Normal(
+            torch.tensor(self.P_mean, dtype=torch.float64), torch.tensor(self.P_std, dtype=torch.float64)
+        )
         theta = torch.atan(torch.exp(normal.icdf(u.double().clamp(0.01, 0.99))) / self.sigma_d)
-        return self.loss_given(net, x, y, e=e, theta=theta, step=step, feature_blocks=feature_blocks,
-                               target_net=target_net)
+        return self.loss_given(
+            net, x, y, e=e, theta=theta, step=step, feature_blocks=feature_blocks, target_net=target_net
+        )
 
 
 if "_test_indexed_meanflow" not in OBJECTIVES.names():
@@ -114,8 +127,16 @@ def _raw(objective: str, steps: int = 3) -> dict:
         "regularizers": [{"name": "dispersive", "weight": 0.5, "blocks": [0], "gather": True}],
         # SGD: Adam turns float-rounding noise in near-zero gradients into +-lr steps, which would
         # hide real agreement behind a loose tolerance.
-        "train": {"steps": steps, "batch_size": 16, "optimizer": "sgd", "lr": 0.002, "ema_decay": 0.5, "log_every": 1,
-                  "checkpoint_every": 0, "num_preview": 4},
+        "train": {
+            "steps": steps,
+            "batch_size": 16,
+            "optimizer": "sgd",
+            "lr": 0.002,
+            "ema_decay": 0.5,
+            "log_every": 1,
+            "checkpoint_every": 0,
+            "num_preview": 4,
+        },
     }
 
 
@@ -126,11 +147,18 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, objective: str, run_dir: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
-    from onestep.utils import distributed
     from onestep.train.loop import Trainer
+    from onestep.utils import distributed
 
     distributed.init_from_env("cpu")
     try:
@@ -139,9 +167,16 @@ def _worker(rank: int, world: int, port: int, objective: str, run_dir: str) -> N
         distributed.shutdown()
 
 
-@pytest.mark.parametrize("objective", ["_test_indexed_flow_matching", "_test_indexed_meanflow",
-                                       "_test_indexed_meanflow_bp", "_test_indexed_consistency",
-                                       "_test_indexed_scm"])
+@pytest.mark.parametrize(
+    "objective",
+    [
+        "_test_indexed_flow_matching",
+        "_test_indexed_meanflow",
+        "_test_indexed_meanflow_bp",
+        "_test_indexed_consistency",
+        "_test_indexed_scm",
+    ],
+)
 def test_two_ranks_equal_one_process(objective, tmp_path):
     from onestep.train.loop import Trainer
 
@@ -158,7 +193,8 @@ def test_two_ranks_equal_one_process(objective, tmp_path):
     for section in ("objective_params", "objective_params_ema"):
         for k in a.get(section, {}):
             torch.testing.assert_close(b[section][k], a[section][k], rtol=1e-4, atol=1e-6, msg=f"{section}.{k}")
-            assert a[section][k].abs().sum() > 1e-6                             # the head really moved    # The runs really trained: parameters moved away from the freshly built (same seed) model.
+            assert a[section][k].abs().sum() > 1e-6  # the head really moved
+    # The runs really trained: parameters moved away from the freshly built (same seed) model.
     fresh = Trainer(from_dict(_raw(objective, steps=1)), tmp_path / "fresh", progress=False)
     diff = sum((a["model"][k].float() - v.float()).abs().sum().item() for k, v in fresh.net.state_dict().items())
     assert diff > 1e-3
@@ -181,8 +217,22 @@ def test_ranks_without_sync_would_differ(tmp_path):
 def test_torchrun_cli_two_processes(tmp_path, tiny_recipe):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()), "-m", "onestep", "train",
-           str(tiny_recipe), "--run-dir", str(run), "--no-progress", "train.steps=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "onestep",
+        "train",
+        str(tiny_recipe),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "train.steps=4",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(run)

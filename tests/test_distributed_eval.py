@@ -3,6 +3,7 @@
 Samples are per-index (noise and consistency re-noising seeded per sample), so splitting a batch
 over ranks and all-gathering it must give the same samples, and so the same metrics.
 """
+
 import json
 import os
 import subprocess
@@ -10,14 +11,20 @@ import sys
 
 import torch
 import torch.multiprocessing as mp
-
 from test_distributed import _free_port
 from waiting import HANG_GUARD_S
 
 
 def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     from onestep.utils import distributed
 
@@ -60,8 +67,23 @@ eval: {nfe: [1, 2], num_samples: 40, batch_size: 16}
 
 
 def _eval(cmd_prefix, run, env, cwd):
-    cmd = [*cmd_prefix, "-m", "onestep", "eval", str(run), "--nfe", "1", "--nfe", "2", "--metrics",
-           "fid,sliced_wasserstein", "--feature-extractor", "onestep-random-conv", "--device", "cpu"]
+    cmd = [
+        *cmd_prefix,
+        "-m",
+        "onestep",
+        "eval",
+        str(run),
+        "--nfe",
+        "1",
+        "--nfe",
+        "2",
+        "--metrics",
+        "fid,sliced_wasserstein",
+        "--feature-extractor",
+        "onestep-random-conv",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -72,16 +94,35 @@ def test_torchrun_eval_equals_one_process(tmp_path):
     recipe.write_text(RECIPE)
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    train = subprocess.run([sys.executable, "-m", "onestep", "train", str(recipe), "--run-dir", str(run),
-                            "--no-progress", "train.device=cpu"], capture_output=True, text=True, timeout=HANG_GUARD_S,
-                           env=env, cwd=tmp_path)
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onestep",
+            "train",
+            str(recipe),
+            "--run-dir",
+            str(run),
+            "--no-progress",
+            "train.device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        env=env,
+        cwd=tmp_path,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     _eval([sys.executable], run, env, tmp_path)
     one = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    proc = _eval([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                  str(_free_port())], run, env, tmp_path)
+    proc = _eval(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())],
+        run,
+        env,
+        tmp_path,
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    two = rows[len(one):]
+    two = rows[len(one) :]
     assert len(one) == 4 and len(two) == 4  # rank 0 alone writes
     assert proc.stdout.count("sliced_wasserstein") >= 1 and proc.stdout.count("step 4") == 1  # one table
     for a, b in zip(one, two):

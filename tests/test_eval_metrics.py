@@ -3,6 +3,7 @@
 The torch-fidelity tests run its real ``calculate_metrics`` with the registered download-free
 extractor ``onestep-random-conv``; caches go to a tmp ``ONESTEP_CACHE``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from waiting import HANG_GUARD_S
 
 from onestep.data.images import digits
 from onestep.eval import fidelity
 from onestep.eval.classifiers import base as classifier
 from onestep.eval.frechet import frechet_distance, gaussian_stats
 from onestep.registry import BACKBONES, METRICS, OBJECTIVES, ConfigError
-from waiting import HANG_GUARD_S
 
 RC = fidelity.RANDOM_CONV
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,7 @@
 """What a newcomer meets first: compare fits the terminal and keeps its markers, published rows only
 for comparable data, 2-D samples are drawn so they read at any count, ls hides test components and
 describes recipes, train's help shows the override syntax, train prints a next-step hint."""
+
 import json
 
 import numpy as np
@@ -12,8 +13,15 @@ from onestep.viz import density_image
 
 
 def _summary(name, values):
-    info = {"data": "checkerboard", "objective": "meanflow", "backbone": "mlp_toy", "regularizers": "-",
-            "steps": 3000, "params": 250000, "train_img_s": 10000.0}
+    info = {
+        "data": "checkerboard",
+        "objective": "meanflow",
+        "backbone": "mlp_toy",
+        "regularizers": "-",
+        "steps": 3000,
+        "params": 250000,
+        "train_img_s": 10000.0,
+    }
     return RunSummary(name, info, values)
 
 
@@ -21,10 +29,17 @@ def test_compare_fits_a_100_column_terminal_and_keeps_markers():
     from rich.console import Console
 
     impl_a, impl_b = "onestep.sliced_wasserstein/v1 (256 projections, seed 0)", "other/v2"
-    runs = [_summary(f"toy_run_with_a_long_name_{i}", {
-        (m, n, impl_a if i % 2 else impl_b, "ref"): 0.1 * i
-        for m in ("sliced_wasserstein", "energy_distance", "checkerboard_outside") for n in (1, 2, 100)})
-        for i in range(7)]
+    runs = [
+        _summary(
+            f"toy_run_with_a_long_name_{i}",
+            {
+                (m, n, impl_a if i % 2 else impl_b, "ref"): 0.1 * i
+                for m in ("sliced_wasserstein", "energy_distance", "checkerboard_outside")
+                for n in (1, 2, 100)
+            },
+        )
+        for i in range(7)
+    ]
     header, rows, notes = build_table(runs)
     console = Console(width=100, highlight=False, force_terminal=False)
     text = render(header, rows, notes, fmt="rich", console=console)
@@ -36,9 +51,16 @@ def test_compare_fits_a_100_column_terminal_and_keeps_markers():
 def test_published_rows_only_for_comparable_data(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("data: {name: checkerboard}\nobjective: {name: meanflow}\nbackbone: {name: test_mlp}\n")
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "nfe": 1, "metric": "sliced_wasserstein", "value": 0.1,
-                                                   "implementation": "x", "reference": "y"}) + "\n")
+    (run / "config.yaml").write_text(
+        "data: {name: checkerboard}\nobjective: {name: meanflow}\nbackbone: {name: test_mlp}\n"
+        "train: {}\neval: {}\nseed: 0\n"
+    )
+    (run / "metrics.jsonl").write_text(
+        json.dumps(
+            {"step": 1, "nfe": 1, "metric": "sliced_wasserstein", "value": 0.1, "implementation": "x", "reference": "y"}
+        )
+        + "\n"
+    )
     assert main(["compare", str(run), "--published", "--format", "md"]) == 0
     out = capsys.readouterr()
     assert "MeanFlow-XL/2" not in out.out and "no published numbers for data checkerboard" in out.err
@@ -98,8 +120,20 @@ def test_thread_settings_are_recorded(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     threads = torch.get_num_threads()
     try:
-        assert main(["train", "toy_meanflow", "train.steps=2", "train.threads=1", "--run-dir", str(tmp_path / "r"),
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "toy_meanflow",
+                    "train.steps=2",
+                    "train.threads=1",
+                    "--run-dir",
+                    str(tmp_path / "r"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     meta = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["meta"]
@@ -123,10 +157,17 @@ def test_compare_at_80_and_120_columns_keeps_every_name_and_value_whole():
 
     impl = "onestep.sliced_wasserstein/v1 (256 projections, seed 0)"
     for count in (1, 2, 3, 5):
-        runs = [_summary(f"quickstart_{i}" if i else "quickstart", {
-            (m, n, impl, "ref"): 0.0755 + 0.01 * i + 0.001 * n
-            for m in ("sliced_wasserstein", "energy_distance", "checkerboard_outside") for n in (1, 2)})
-            for i in range(count)]
+        runs = [
+            _summary(
+                f"quickstart_{i}" if i else "quickstart",
+                {
+                    (m, n, impl, "ref"): 0.0755 + 0.01 * i + 0.001 * n
+                    for m in ("sliced_wasserstein", "energy_distance", "checkerboard_outside")
+                    for n in (1, 2)
+                },
+            )
+            for i in range(count)
+        ]
         header, rows, notes = build_table(runs)
         for width in (80, 120):
             text = render(header, rows, notes, fmt="rich", console=Console(width=width, highlight=False))

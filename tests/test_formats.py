@@ -5,19 +5,26 @@ defined by ``ref_forward`` below: an independent forward of the official archite
 torch ops (official position layout [E(col) | E(row)], cos-first time features, timm-style
 attention), so every conversion is checked against it in float64.
 """
+
 import argparse
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from gaussian_closed_form import GaussianClosedForm
 from torch import nn
 
-from gaussian_closed_form import GaussianClosedForm
 from onestep.backbones.dit import DiT
 from onestep.backbones.layers import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d, timestep_features
 from onestep.formats import (
-    SiTTeacher, VPEpsilonTeacher, describe, get_format, init_state, load_teacher, parse_spec,
+    SiTTeacher,
+    VPEpsilonTeacher,
+    describe,
+    get_format,
+    init_state,
+    load_teacher,
+    parse_spec,
 )
 from onestep.formats.arch import STANDARD_HEADS, infer_arch, official_pos_embed
 from onestep.formats.convert import permute_residual, residual_permutation, time_flip_matrix
@@ -32,6 +39,7 @@ SIDE = GRID * P
 
 # ------------------------------------------------------------------------------------------------
 # Independent reference of the official architecture.
+
 
 def ref_timestep(t, dim=FREQ, max_period=10000.0):
     half = dim // 2
@@ -64,8 +72,10 @@ def ref_forward(sd, x, t, y, heads=HEADS):
     def mod(h, shift, scale):
         return F.layer_norm(h, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
-    c = lin(F.silu(lin(ref_timestep(t, sd["t_embedder.mlp.0.weight"].shape[1]).to(x.dtype), "t_embedder.mlp.0")),
-            "t_embedder.mlp.2")
+    c = lin(
+        F.silu(lin(ref_timestep(t, sd["t_embedder.mlp.0.weight"].shape[1]).to(x.dtype), "t_embedder.mlp.0")),
+        "t_embedder.mlp.2",
+    )
     c = c + sd["y_embedder.embedding_table.weight"][y]
     batch, n, _ = tok.shape
     hd = d // heads
@@ -81,7 +91,7 @@ def ref_forward(sd, x, t, y, heads=HEADS):
         tok = tok + g2[:, None] * lin(hidden, b + "mlp.fc2")
     sh, sc = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=-1)
     out = lin(mod(tok, sh, sc), "final_layer.linear")
-    g = int(round(n ** 0.5))
+    g = int(round(n**0.5))
     cout = out.shape[-1] // (p * p)
     out = torch.einsum("nhwpqc->nchpwq", out.reshape(batch, g, g, p, p, cout))
     return out.reshape(batch, cout, g * p, g * p)
@@ -96,17 +106,26 @@ def make_state(seed=0, *, d=D, depth=DEPTH, cout=2 * C, classes=CLASSES, project
         return (torch.randn(*shape, generator=gen, dtype=F64) * scale / math.sqrt(fan_in)).to(dtype)
 
     sd = {
-        "x_embedder.proj.weight": w(d, C * P * P).reshape(d, C, P, P), "x_embedder.proj.bias": w(d, scale=0.1),
-        "t_embedder.mlp.0.weight": w(d, FREQ, scale=3.0), "t_embedder.mlp.0.bias": w(d, scale=0.1),
-        "t_embedder.mlp.2.weight": w(d, d), "t_embedder.mlp.2.bias": w(d, scale=0.1),
-        "y_embedder.embedding_table.weight": w(classes + 1, 1, scale=0.5).expand(-1, d).clone() + w(classes + 1, d, scale=0.5),
+        "x_embedder.proj.weight": w(d, C * P * P).reshape(d, C, P, P),
+        "x_embedder.proj.bias": w(d, scale=0.1),
+        "t_embedder.mlp.0.weight": w(d, FREQ, scale=3.0),
+        "t_embedder.mlp.0.bias": w(d, scale=0.1),
+        "t_embedder.mlp.2.weight": w(d, d),
+        "t_embedder.mlp.2.bias": w(d, scale=0.1),
+        "y_embedder.embedding_table.weight": w(classes + 1, 1, scale=0.5).expand(-1, d).clone()
+        + w(classes + 1, d, scale=0.5),
         # Stored rounded to float32, as the real (float32) files are.
         "pos_embed": ref_pos_embed(d, GRID).float().to(dtype)[None],
     }
     for i in range(depth):
         b = f"blocks.{i}."
-        for name, rows, cols, scale in (("attn.qkv", 3 * d, d, 1.0), ("attn.proj", d, d, 1.0), ("mlp.fc1", 4 * d, d, 1.0),
-                                        ("mlp.fc2", d, 4 * d, 1.0), ("adaLN_modulation.1", 6 * d, d, 0.5)):
+        for name, rows, cols, scale in (
+            ("attn.qkv", 3 * d, d, 1.0),
+            ("attn.proj", d, d, 1.0),
+            ("mlp.fc1", 4 * d, d, 1.0),
+            ("mlp.fc2", d, 4 * d, 1.0),
+            ("adaLN_modulation.1", 6 * d, d, 0.5),
+        ):
             sd[b + name + ".weight"] = w(rows, cols, scale=scale)
             sd[b + name + ".bias"] = w(rows, scale=0.2)
     sd["final_layer.adaLN_modulation.1.weight"] = w(2 * d, d, scale=0.5)
@@ -114,8 +133,16 @@ def make_state(seed=0, *, d=D, depth=DEPTH, cout=2 * C, classes=CLASSES, project
     sd["final_layer.linear.weight"] = w(P * P * cout, d)
     sd["final_layer.linear.bias"] = w(P * P * cout, scale=0.2)
     if projectors:
-        sd.update({"projectors.0.0.weight": w(16, d), "projectors.0.0.bias": w(16), "projectors.0.2.weight": w(16, 16),
-                   "projectors.0.2.bias": w(16), "projectors.0.4.weight": w(8, 16), "projectors.0.4.bias": w(8)})
+        sd.update(
+            {
+                "projectors.0.0.weight": w(16, d),
+                "projectors.0.0.bias": w(16),
+                "projectors.0.2.weight": w(16, 16),
+                "projectors.0.2.bias": w(16),
+                "projectors.0.4.weight": w(8, 16),
+                "projectors.0.4.bias": w(8),
+            }
+        )
     return sd
 
 
@@ -149,6 +176,7 @@ def assert_one_line(exc_info, *needles):
 # ------------------------------------------------------------------------------------------------
 # Layout facts, checked against the reference.
 
+
 def test_position_layouts_differ_by_swapping_halves():
     official = ref_pos_embed(D, GRID)
     assert torch.allclose(official_pos_embed(D, GRID), official, atol=1e-12)
@@ -173,8 +201,9 @@ def test_time_and_label_embeddings_match_official():
 
 def test_time_flip_matrix_maps_features_of_t_to_features_of_one_minus_t():
     t = torch.rand(11, dtype=F64)
-    assert torch.allclose(timestep_features(t, FREQ) @ time_flip_matrix(FREQ).T, timestep_features(1 - t, FREQ),
-                          atol=1e-12)
+    assert torch.allclose(
+        timestep_features(t, FREQ) @ time_flip_matrix(FREQ).T, timestep_features(1 - t, FREQ), atol=1e-12
+    )
 
 
 def test_residual_permutation_is_absorbed_exactly():
@@ -198,12 +227,17 @@ def test_residual_permutation_is_absorbed_exactly():
 # ------------------------------------------------------------------------------------------------
 # Loading and conversion.
 
+
 @pytest.mark.parametrize("wrapper", ["raw", "ema", "model", "legacy_serialization"])
 def test_sit_teacher_is_minus_reference_at_one_minus_t(tmp_path, wrapper):
     sd = make_state()
     decoy = make_state(seed=9)
-    obj = {"raw": sd, "ema": {"model": decoy, "ema": sd, "opt": {"step": 3}, "args": argparse.Namespace(lr=1e-4)},
-           "model": {"model": sd}, "legacy_serialization": sd}[wrapper]
+    obj = {
+        "raw": sd,
+        "ema": {"model": decoy, "ema": sd, "opt": {"step": 3}, "args": argparse.Namespace(lr=1e-4)},
+        "model": {"model": sd},
+        "legacy_serialization": sd,
+    }[wrapper]
     path = save(obj, tmp_path, zip_format=wrapper != "legacy_serialization")  # the old format is not memory-mapped
     teacher = load_teacher(f"sit:{path}#heads={HEADS}")
     assert isinstance(teacher, DiT) and not teacher.training
@@ -273,7 +307,7 @@ def test_dit_network_is_converted_exactly(tmp_path):
             assert torch.allclose(teacher.net(z, kk, None, y), ref_forward(sd, z, kk, y)[:, :C], atol=1e-10, rtol=1e-10)
         for value in (0.05, 0.3, 0.5, 0.8, 0.99):  # the velocity inside the table's range
             t = as_t(value)
-            scale = torch.sqrt((1 - t) ** 2 + t ** 2)[:, None, None, None]
+            scale = torch.sqrt((1 - t) ** 2 + t**2)[:, None, None, None]
             eps = ref_forward(sd, z / scale, teacher.index(t), y)[:, :C]
             expected = (eps - z) / (1 - value)
             assert torch.allclose(teacher(z, t, None, y), expected, atol=1e-9, rtol=1e-9), value
@@ -288,6 +322,7 @@ def test_build_uses_the_same_position_buffer_as_a_fresh_dit(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # DiT's VP schedule as a velocity.
+
 
 class GaussianEps(nn.Module):
     """The exact ε-prediction E[ε | x_k] for x ~ N(μ, s²I) at the VP point of fractional index k."""
@@ -309,7 +344,7 @@ class GaussianEps(nn.Module):
         lam = self.lam[lo] * (1 - frac) + self.lam[lo + 1] * frac  # λ linear in k between integers
         a = torch.sigmoid(lam).sqrt()[:, None]
         b = torch.sigmoid(-lam).sqrt()[:, None]
-        return b / (a ** 2 * self.s ** 2 + b ** 2) * (x - a * self.mu)
+        return b / (a**2 * self.s**2 + b**2) * (x - a * self.mu)
 
 
 def gaussian_setup(seed=5):
@@ -350,7 +385,7 @@ def test_dit_velocity_is_finite_and_continuous_on_all_of_zero_one():
     # Outside the table the index is clamped: close to, not equal to, the exact velocity. For
     # N(μ, s²I) the error is ≈ sqrt(1 − ᾱ_0)·|z − μ|/s² at t = 0 and ≈ sqrt(ᾱ_999)·s²·|z| at t = 1.
     mu, s = exact.mu, exact.s
-    bounds = {0.0: 0.01 * (z - mu).abs().max() / s ** 2, 1.0: 0.0064 * s ** 2 * z.abs().max()}
+    bounds = {0.0: 0.01 * (z - mu).abs().max() / s**2, 1.0: 0.0064 * s**2 * z.abs().max()}
     for value in (0.0, 1e-12, 1.0, 1 - 1e-12):
         assert torch.isfinite(v(value)).all()
         error = (v(value) - exact.marginal_velocity(z, torch.full((4,), value, dtype=F64))).abs().max()
@@ -369,13 +404,14 @@ def test_dit_teacher_from_a_file_is_finite_at_the_ends_and_guides_all_channels(t
         assert torch.equal(v, teacher(z, as_t(0.3), None, y)) and tokens.shape == (3, GRID * GRID, D)
         cast = load_teacher(f"dit:{save(make_state(), tmp_path, 'b.pt')}", num_heads=HEADS).float()
         assert cast.log_snr_table.dtype == F64  # the schedule stays float64 when the module is cast
-        assert torch.allclose(cast(z.float(), as_t(0.3).float(), None, y).double(), teacher(z, as_t(0.3), None, y),
-                              atol=1e-4, rtol=1e-4)
+        assert torch.allclose(
+            cast(z.float(), as_t(0.3).float(), None, y).double(), teacher(z, as_t(0.3), None, y), atol=1e-4, rtol=1e-4
+        )
         w = 2.5
         for value in (0.2, 0.7):
             t = as_t(value)
             guided = velocity(teacher, z, t, y, guidance_scale=w)
-            scale = math.sqrt((1 - value) ** 2 + value ** 2)
+            scale = math.sqrt((1 - value) ** 2 + value**2)
             k = teacher.index(t)
             eps_c = teacher.net(z / scale, k, None, y)
             eps_u = teacher.net(z / scale, k, None, torch.full_like(y, CLASSES))
@@ -396,6 +432,7 @@ def test_sit_teacher_works_with_project_guidance(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Initialisation.
 
+
 def test_init_state_equals_teacher_at_h_zero(tmp_path):
     for fmt, sd in (("sit", make_state()), ("repa_sit", make_state(cout=C, projectors=True))):
         spec = f"{fmt}:{save(sd, tmp_path, fmt + '.pt')}#heads={HEADS}"
@@ -406,7 +443,9 @@ def test_init_state_equals_teacher_at_h_zero(tmp_path):
         with torch.no_grad():
             for value in TIMES:
                 t = as_t(value)
-                assert torch.allclose(student(z, t, torch.zeros_like(t), y), teacher(z, t, None, y), atol=1e-10, rtol=1e-10)
+                assert torch.allclose(
+                    student(z, t, torch.zeros_like(t), y), teacher(z, t, None, y), atol=1e-10, rtol=1e-10
+                )
         # The interval embedder starts at zero output but is trainable (its first layer is not zero).
         assert student.h_embedder.mlp[2].weight.abs().max() == 0 and student.h_embedder.mlp[0].weight.abs().max() > 0
 
@@ -451,6 +490,7 @@ def test_init_state_refusals(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Specs, heads, registry.
 
+
 def test_parse_spec():
     spec = parse_spec("sit:/ckpt/SiT-XL-2-256x256.pt")
     assert spec == ("sit", "/ckpt/SiT-XL-2-256x256.pt") and spec.options == {}
@@ -477,10 +517,15 @@ def test_parse_spec():
 def test_head_count_inference_and_override():
     def shapes(d):
         meta = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
-        sd = {"x_embedder.proj.weight": meta(d, 4, 2, 2), "pos_embed": meta(1, 256, d),
-              "blocks.0.attn.qkv.weight": meta(3 * d, d), "y_embedder.embedding_table.weight": meta(1001, d),
-              "t_embedder.mlp.0.weight": meta(d, 256), "blocks.0.mlp.fc1.weight": meta(4 * d, d),
-              "final_layer.linear.weight": meta(32, d)}
+        sd = {
+            "x_embedder.proj.weight": meta(d, 4, 2, 2),
+            "pos_embed": meta(1, 256, d),
+            "blocks.0.attn.qkv.weight": meta(3 * d, d),
+            "y_embedder.embedding_table.weight": meta(1001, d),
+            "t_embedder.mlp.0.weight": meta(d, 256),
+            "blocks.0.mlp.fc1.weight": meta(4 * d, d),
+            "final_layer.linear.weight": meta(32, d),
+        }
         return sd
 
     for width, heads in STANDARD_HEADS.items():
@@ -519,6 +564,7 @@ def test_registry_and_descriptions():
 # ------------------------------------------------------------------------------------------------
 # Wrong files.
 
+
 def test_wrong_files_give_one_line_naming_key_and_shape(tmp_path):
     sd = make_state()
     missing = {k: v for k, v in sd.items() if k != "blocks.1.mlp.fc2.bias"}
@@ -551,9 +597,11 @@ def test_wrong_format_named(tmp_path):
 
 
 def test_non_checkpoints_are_refused(tmp_path):
-    for obj, needle in (({"step": 3, "note": "x"}, "not a state dict"),
-                        ({"format": "onestep-checkpoint/1", "step": 1}, "onestep run checkpoint"),
-                        ([torch.zeros(2)], "not a state dict")):
+    for obj, needle in (
+        ({"step": 3, "note": "x"}, "not a state dict"),
+        ({"format": "onestep-checkpoint/1", "step": 1}, "onestep run checkpoint"),
+        ([torch.zeros(2)], "not a state dict"),
+    ):
         with pytest.raises(ConfigError) as info:
             load_teacher(f"sit:{save(obj, tmp_path)}#heads={HEADS}")
         assert_one_line(info, needle)

@@ -5,6 +5,7 @@ The public files are tiny state dicts in the official key layout (``test_formats
 width 32, 2 blocks, 2 heads, 4×8×8 latents, 5 classes); the latent data is a tiny shard written
 here in the on-disk format of ``data: latents``.
 """
+
 import json
 import pickle
 import subprocess
@@ -13,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_formats import CLASSES, HEADS, SIDE, C, make_state, ref_forward, save
+from waiting import HANG_GUARD_S
 
 from onestep.cli import main
 from onestep.config import load_config
@@ -21,8 +24,6 @@ from onestep.objectives.common import velocity
 from onestep.registry import BACKBONES, ConfigError
 from onestep.train.loop import Trainer
 from onestep.utils.seeding import sample_seed, seeded_noise
-from test_formats import C, CLASSES, HEADS, SIDE, make_state, ref_forward, save
-from waiting import HANG_GUARD_S
 
 F32 = torch.float32
 SHAPE = (C, SIDE, SIDE)
@@ -39,8 +40,11 @@ def latents(tmp_path):
     root = tmp_path / "latents"
     root.mkdir()
     rng = np.random.default_rng(0)
-    np.savez(root / "shard_0.npz", latents=rng.standard_normal((16, *SHAPE)).astype(np.float32),
-             labels=np.arange(16) % CLASSES)
+    np.savez(
+        root / "shard_0.npz",
+        latents=rng.standard_normal((16, *SHAPE)).astype(np.float32),
+        labels=np.arange(16) % CLASSES,
+    )
     return root
 
 
@@ -56,7 +60,8 @@ def recipe(tmp_path, root, objective, train="", name="r.yaml", classes=CLASSES):
         f"data: {{name: latents, root: {root}, num_classes: {classes}}}\n"
         "backbone: {name: test_dit}\n"
         f"objective: {objective}\n"
-        f"train: {{steps: 2, batch_size: 4, lr: 0.001, log_every: 1, num_preview: 2, checkpoint_every: 0{train}}}\n")
+        f"train: {{steps: 2, batch_size: 4, lr: 0.001, log_every: 1, num_preview: 2, checkpoint_every: 0{train}}}\n"
+    )
     return path
 
 
@@ -85,16 +90,28 @@ def euler(teacher, n, nfe, seed, guidance=1.0):
 def test_sample_sit_checkpoint_is_euler_of_its_teacher(tmp_path, capsys):
     spec, sd = official(tmp_path, "sit")
     out = tmp_path / "x.npz"
-    assert main(["sample", spec, "--nfe", "50", "--latents", "-n", "6", "--seed", "3",
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["sample", spec, "--nfe", "50", "--latents", "-n", "6", "--seed", "3", "--device", "cpu", "--out", str(out)]
+        )
+        == 0
+    )
     assert "6 latents" in capsys.readouterr().out
     got = np.load(out)
     x, y = euler(load_teacher(spec), 6, 50, seed=3)
     assert got["arr_0"].dtype == np.float32 and got["arr_0"].shape == (6, *SHAPE)
     assert np.array_equal(got["arr_0"], x.numpy()) and got["arr_1"].tolist() == y.tolist()
     # ...and the teacher is SiT's network read at 1 − t, negated (the official forward, written out).
-    ref, _ = euler(lambda z, t, h, y: -ref_forward({k: v.double() for k, v in sd.items()}, z.double(), 1 - t.double(),
-                                                   y, heads=HEADS)[:, :C].float(), 6, 50, seed=3)
+    ref, _ = euler(
+        lambda z, t, h, y: (
+            -ref_forward({k: v.double() for k, v in sd.items()}, z.double(), 1 - t.double(), y, heads=HEADS)[
+                :, :C
+            ].float()
+        ),
+        6,
+        50,
+        seed=3,
+    )
     assert np.allclose(got["arr_0"], ref.numpy(), atol=1e-4)
 
 
@@ -103,12 +120,19 @@ def test_sample_guidance_on_all_channels_and_api_agree(tmp_path):
 
     spec, _ = official(tmp_path, "repa_sit")
     out = tmp_path / "g.npz"
-    assert main(["sample", spec, "--nfe", "3", "--guidance", "2.5", "-n", "5", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(["sample", spec, "--nfe", "3", "--guidance", "2.5", "-n", "5", "--device", "cpu", "--out", str(out)]) == 0
+    )
     x, y = euler(load_teacher(spec), 5, 3, seed=0, guidance=2.5)
     assert np.array_equal(np.load(out)["arr_0"], x.numpy())  # public checkpoints sample raw latents without a VAE
     model = onestep.load_model(spec)
-    assert (model.data_shape, model.num_classes, model.decode, model.step, model.format) == \
-        (SHAPE, CLASSES, None, None, "repa_sit")
+    assert (model.data_shape, model.num_classes, model.decode, model.step, model.format) == (
+        SHAPE,
+        CLASSES,
+        None,
+        None,
+        "repa_sit",
+    )
     got, labels = onestep.generate(model, 5, nfe=3, guidance=2.5)
     assert torch.equal(got, x) and torch.equal(labels, y)
     # Another batch size: the same noise and labels per sample, equal up to float rounding.
@@ -127,8 +151,11 @@ def test_sample_guidance_on_all_channels_and_api_agree(tmp_path):
 
 def test_train_distils_a_dit_teacher_end_to_end(tmp_path, latents, capsys):
     spec, _ = official(tmp_path, "dit")
-    path = recipe(tmp_path, latents, f"{{name: consistency_distillation, teacher: '{spec}', teacher_guidance: 1.5, "
-                                     f"num_scales: 4}}")
+    path = recipe(
+        tmp_path,
+        latents,
+        f"{{name: consistency_distillation, teacher: '{spec}', teacher_guidance: 1.5, num_scales: 4}}",
+    )
     trainer = Trainer(load_config(path), tmp_path / "unused")
     assert isinstance(trainer.objective.teacher, VPEpsilonTeacher) and trainer.objective.teacher_guidance == 1.5
     run = tmp_path / "run"
@@ -137,7 +164,9 @@ def test_train_distils_a_dit_teacher_end_to_end(tmp_path, latents, capsys):
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
     # The teacher must fit the student's data: 6 classes here, 5 in the file.
     capsys.readouterr()
-    other = recipe(tmp_path, latents, f"{{name: consistency_distillation, teacher: '{spec}'}}", name="o.yaml", classes=6)
+    other = recipe(
+        tmp_path, latents, f"{{name: consistency_distillation, teacher: '{spec}'}}", name="o.yaml", classes=6
+    )
     assert main(["train", str(other), "--run-dir", str(tmp_path / "bad"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "objective.teacher=dit:" in err and "5 classes" in err and "6 classes" in err
@@ -145,8 +174,12 @@ def test_train_distils_a_dit_teacher_end_to_end(tmp_path, latents, capsys):
 
 def test_meanflow_distils_sit_with_a_guidance_interval_from_its_own_init(tmp_path, latents):
     spec, _ = official(tmp_path, "sit")
-    path = recipe(tmp_path, latents, f"{{name: meanflow, teacher: '{spec}', teacher_guidance: 1.5, "
-                                     f"teacher_guidance_interval: [0.0, 0.7]}}", train=f", init_from: '{spec}'")
+    path = recipe(
+        tmp_path,
+        latents,
+        f"{{name: meanflow, teacher: '{spec}', teacher_guidance: 1.5, teacher_guidance_interval: [0.0, 0.7]}}",
+        train=f", init_from: '{spec}'",
+    )
     trainer = Trainer(load_config(path), tmp_path / "run")
     teacher = load_teacher(spec)
     assert trainer.objective.teacher_guidance_interval == (0.0, 0.7)
@@ -163,8 +196,11 @@ def test_meanflow_distils_sit_with_a_guidance_interval_from_its_own_init(tmp_pat
 def test_dit_init_is_refused_in_one_line(tmp_path, latents, capsys):
     spec, _ = official(tmp_path, "dit")
     path = recipe(tmp_path, latents, "{name: flow_matching}", train=f", init_from: '{spec}'")
-    for command in (["validate", str(path)], ["train", str(path), "--dry-run"],
-                    ["train", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress"]):
+    for command in (
+        ["validate", str(path)],
+        ["train", str(path), "--dry-run"],
+        ["train", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress"],
+    ):
         capsys.readouterr()
         assert main(command) == 2
         err = capsys.readouterr().err.strip()
@@ -172,8 +208,12 @@ def test_dit_init_is_refused_in_one_line(tmp_path, latents, capsys):
 
 
 def test_missing_checkpoints_are_notes_at_validate_and_errors_at_train(tmp_path, latents, capsys):
-    path = recipe(tmp_path, latents, "{name: meanflow, teacher: 'sit:/nowhere/SiT-XL-2-256x256.pt'}",
-                  train=", init_from: 'repa_sit:/nowhere/last.pt'")
+    path = recipe(
+        tmp_path,
+        latents,
+        "{name: meanflow, teacher: 'sit:/nowhere/SiT-XL-2-256x256.pt'}",
+        train=", init_from: 'repa_sit:/nowhere/last.pt'",
+    )
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "objective.teacher=sit:/nowhere/SiT-XL-2-256x256.pt: not found" in out and "train.init_from=repa_sit" in out
@@ -193,8 +233,20 @@ def test_missing_checkpoints_are_notes_at_validate_and_errors_at_train(tmp_path,
 @pytest.fixture
 def toy_run(tiny_recipe, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", str(tiny_recipe), "--run-dir", str(run), "--no-progress", "train.steps=4",
-                 "train.checkpoint_every=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tiny_recipe),
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                "train.steps=4",
+                "train.checkpoint_every=0",
+            ]
+        )
+        == 0
+    )
     assert main(["eval", str(run), "--nfe", "1", "--num-samples", "64", "--metrics", "energy_distance"]) == 0
     return run
 
@@ -230,8 +282,9 @@ def test_export_loads_back_bit_for_bit(toy_run, tmp_path, capsys, monkeypatch):
     assert labels is None and model.step == 4 and model.format == "onestep"
     assert np.array_equal(a, b) and np.array_equal(a, x.numpy())
     assert torch.equal(onestep.generate(same, 40, nfe=2, seed=5)[0], x)
-    assert all(torch.equal(p, q) for p, q in zip(model.net.state_dict().values(),
-                                                 load_run(toy_run).net.state_dict().values()))
+    assert all(
+        torch.equal(p, q) for p, q in zip(model.net.state_dict().values(), load_run(toy_run).net.state_dict().values())
+    )
     # A non-empty DIR is refused unless --force; --no-ema exports the raw weights.
     capsys.readouterr()
     assert main(["export", str(toy_run), "--out", str(out), "--no-ema"]) == 2
@@ -249,9 +302,11 @@ def test_export_is_a_teacher_and_an_initialisation(toy_run, tmp_path):
     out = tmp_path / "export"
     assert main(["export", str(toy_run), "--out", str(out)]) == 0
     path = tmp_path / "distil.yaml"
-    path.write_text("data: {name: checkerboard}\nbackbone: {name: test_mlp}\n"
-                    f"objective: {{name: meanflow, teacher: '{out}'}}\n"
-                    f"train: {{steps: 1, batch_size: 8, init_from: 'onestep:{out}'}}\n")
+    path.write_text(
+        "data: {name: checkerboard}\nbackbone: {name: test_mlp}\n"
+        f"objective: {{name: meanflow, teacher: '{out}'}}\n"
+        f"train: {{steps: 1, batch_size: 8, init_from: 'onestep:{out}'}}\n"
+    )
     trainer = Trainer(load_config(path), tmp_path / "student")
     exported = load_teacher(str(out)).state_dict()
     assert all(torch.equal(v, exported[k]) for k, v in trainer.net.state_dict().items())
@@ -293,11 +348,14 @@ def test_guidance_interval_guides_only_inside():
     assert torch.equal(windowed[:3], guided[:3]) and torch.equal(windowed[3], plain[3])
     with pytest.raises(ConfigError, match="teacher_guidance_interval"):
         from onestep.registry import OBJECTIVES
+
         OBJECTIVES.build("meanflow", teacher_guidance_interval=[0.8, 0.2])
 
 
 def test_import_onestep_stays_light():
-    code = ("import sys, onestep; assert 'torch' not in sys.modules, 'torch imported'; "
-            "assert callable(onestep.load_model) and callable(onestep.generate); print('ok')")
+    code = (
+        "import sys, onestep; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert callable(onestep.load_model) and callable(onestep.generate); print('ok')"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -1,5 +1,6 @@
 """tools/gpu_check.py: every part runs its real code path on the CPU at tiny sizes; failures, timeouts
 and the budget are recorded part by part (no timing assertions)."""
+
 import importlib.util
 import json
 import os
@@ -23,8 +24,14 @@ SCALE = ["--timeout-scale", "30"]
 def _run(tmp_path, *args, timeout=HANG_GUARD_S):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(TOOL), "--device", "cpu", "--tiny", "--out", str(out), *SCALE, *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--device", "cpu", "--tiny", "--out", str(out), *SCALE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=tmp_path,
+    )
     report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").is_file() else None
     return proc, report, out
 
@@ -57,7 +64,8 @@ def test_tiny_run_every_part_ok(tmp_path):
     given = [r for r in rows if r["check"] == "meanflow loss_given"]
     cases = (("fp32", True), ("bf16", True), ("bf16", False))
     assert {(r["precision"], r["target_fp32"], r["kernel"]) for r in given} == {
-        (p, f, k) for p, f in cases for k in ("fused", "explicit", "sdpa_math")}
+        (p, f, k) for p, f in cases for k in ("fused", "explicit", "sdpa_math")
+    }
     for r in given:  # fused == explicit == float64 within the documented tolerances
         assert r["pass"] is True and r["vs_float64"]["finite"], r
         tol = r["tolerance"]
@@ -74,15 +82,24 @@ def test_tiny_run_every_part_ok(tmp_path):
         rows = parts[part]["rows"]
         assert [r["objective"] for r in rows if r["objective"] == "flow_matching"] == ["flow_matching"]
         assert {r["objective"] for r in rows} == {
-            "flow_matching", "meanflow", "meanflow:target_fp32=false", "meanflow:jvp_kernel=explicit",
-            "meanflow:jvp_only_r_neq_t=false,jvp_kernel=explicit", "meanflow:jvp_pass=separate"}
+            "flow_matching",
+            "meanflow",
+            "meanflow:target_fp32=false",
+            "meanflow:jvp_kernel=explicit",
+            "meanflow:jvp_only_r_neq_t=false,jvp_kernel=explicit",
+            "meanflow:jvp_pass=separate",
+        }
         for r in rows:
             assert r["compile"] is compiled and r["ms_per_step"] > 0 and r["ratio_to_flow_matching"] > 0
             assert r["batch"] == 4 and r["precision"] == "bf16"
         fm = next(r for r in rows if r["objective"] == "flow_matching")
         assert fm["ratio_to_flow_matching"] == 1.0
         targets = parts[part]["targets"]["rows"]
-        assert {t["objective"] for t in targets} == {"meanflow", "meanflow:target_fp32=false", "meanflow:jvp_pass=separate"}
+        assert {t["objective"] for t in targets} == {
+            "meanflow",
+            "meanflow:target_fp32=false",
+            "meanflow:jvp_pass=separate",
+        }
         assert all(isinstance(t["time_target_met"], bool) for t in targets)
     assert all(r["mem_ratio_to_flow_matching"] > 0 for r in parts["bench"]["rows"])  # CPU memory pass (eager)
 
@@ -96,7 +113,7 @@ def test_tiny_run_every_part_ok(tmp_path):
     assert toy["ok"] and toy["last_line_is_run_dir"] and toy["checkpoint"] and toy["final_step"] == 4
     digits = rows["digits_meanflow via torchrun"]
     assert digits["ok"] and digits["metrics_rows"] > 0 and digits["eval_steps"] == [2, 4]
-    assert {"digits_fd@1", "digits_is@1", "digits_acc@1"} <= set(digits["final_metrics"])
+    assert {"fd@1", "is@1", "acc@1"} <= set(digits["final_metrics"])
 
     md = (out / "gpu_check.md").read_text()
     for name in PARTS:
@@ -105,8 +122,9 @@ def test_tiny_run_every_part_ok(tmp_path):
 
 
 def test_failed_part_is_recorded_and_later_parts_run(tmp_path):
-    proc, report, out = _run(tmp_path, "--parts", "environment,sampling", "--fail-part", "environment",
-                             "--budget-s", "36000")
+    proc, report, out = _run(
+        tmp_path, "--parts", "environment,sampling", "--fail-part", "environment", "--budget-s", "36000"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = report["parts"]
     assert list(parts) == ["environment", "sampling"]
@@ -139,15 +157,25 @@ def test_oom_halving_reruns_only_what_ran_out_with_flow_matching():
 
     def run(objectives, batch):
         calls.append((list(objectives), batch))
-        return [{"objective": o, "batch": batch, **({"error": "out of memory"} if batch > fits[o] else {})}
-                for o in objectives], None
+        return [
+            {"objective": o, "batch": batch, **({"error": "out of memory"} if batch > fits[o] else {})}
+            for o in objectives
+        ], None
 
     rows, error = tool.oom_halving(["flow_matching", "meanflow", "plain"], 256, 8, run)
     assert error is None
-    assert calls == [(["flow_matching", "meanflow", "plain"], 256), (["flow_matching", "plain"], 128),
-                     (["flow_matching", "plain"], 64)]
+    assert calls == [
+        (["flow_matching", "meanflow", "plain"], 256),
+        (["flow_matching", "plain"], 128),
+        (["flow_matching", "plain"], 64),
+    ]
     assert [(r["objective"], r["batch"]) for r in rows if "error" not in r] == [
-        ("flow_matching", 256), ("meanflow", 256), ("flow_matching", 128), ("flow_matching", 64), ("plain", 64)]
+        ("flow_matching", 256),
+        ("meanflow", 256),
+        ("flow_matching", 128),
+        ("flow_matching", 64),
+        ("plain", 64),
+    ]
     # Never fits: stops at the minimum batch and says so.
     fits["plain"] = 4
     calls.clear()
@@ -164,9 +192,17 @@ def test_cpu_random_gives_the_same_draws_in_any_dtype():
     for dtype in (torch.float32, torch.float64):
         with tool.cpu_random(5):
             x = torch.zeros(3, 4, dtype=dtype)
-            draws.append([torch.randn(3, 4, dtype=dtype), torch.rand(7, dtype=dtype), torch.randn_like(x),
-                          torch.randint(0, 10, (6,)), torch.randperm(9), torch.empty(5, dtype=dtype).normal_(),
-                          torch.multinomial(torch.tensor([0.2, 0.3, 0.5], dtype=dtype), 4, replacement=True)])
+            draws.append(
+                [
+                    torch.randn(3, 4, dtype=dtype),
+                    torch.rand(7, dtype=dtype),
+                    torch.randn_like(x),
+                    torch.randint(0, 10, (6,)),
+                    torch.randperm(9),
+                    torch.empty(5, dtype=dtype).normal_(),
+                    torch.multinomial(torch.tensor([0.2, 0.3, 0.5], dtype=dtype), 4, replacement=True),
+                ]
+            )
     for a, b in zip(*draws):
         assert torch.equal(a.double(), b.double())
     assert draws[1][0].dtype == torch.float64 and not torch.equal(draws[0][0], draws[0][2])
@@ -203,12 +239,33 @@ def test_bench_skip_oom_and_stream(monkeypatch, capsys):
         if c["objective"] == "boom":
             raise RuntimeError("something else")
         ms = {"flow_matching": 10.0, "meanflow": 11.0}[c["objective"]]
-        return {"backbone": c["backbone"], "objective": c["objective"], "batch": c["batch"], "compile": c["compile"],
-                "ms_per_step": ms, "peak_mem_mb": 2 * ms}
+        return {
+            "backbone": c["backbone"],
+            "objective": c["objective"],
+            "batch": c["batch"],
+            "compile": c["compile"],
+            "ms_per_step": ms,
+            "peak_mem_mb": 2 * ms,
+        }
 
     monkeypatch.setattr(bench, "bench_one", fake_bench_one)
-    assert bench.main(["--backbones", "test_dit", "--batch", "8", "--device", "cpu", "--skip-oom", "--stream",
-                       "--objectives", "flow_matching;meanflow:jvp_only_r_neq_t=false;meanflow"]) == 0
+    assert (
+        bench.main(
+            [
+                "--backbones",
+                "test_dit",
+                "--batch",
+                "8",
+                "--device",
+                "cpu",
+                "--skip-oom",
+                "--stream",
+                "--objectives",
+                "flow_matching;meanflow:jvp_only_r_neq_t=false;meanflow",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["objective"] for r in rows] == ["flow_matching", "meanflow:jvp_only_r_neq_t=false", "meanflow"]
     assert rows[1]["error"] == "out of memory" and rows[1]["ms_per_step"] is None

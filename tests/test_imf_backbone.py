@@ -1,4 +1,5 @@
 """Guidance conditions in the backbone contract, and the iMF in-context DiT (CPU, tiny models)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -60,12 +61,15 @@ def _count(name: str, **kw) -> int:
 
 
 # ----------------------------------------------------------------------------------- sizes
-@pytest.mark.parametrize("name, inference, training", [
-    ("imf_dit_b_2", 88.95e6, 145.6e6),
-    ("imf_dit_m_2", 173.9e6, 230.6e6),
-    ("imf_dit_l_2", 409.1e6, 509.8e6),
-    ("imf_dit_xl_2", 610.4e6, 711.1e6),
-])
+@pytest.mark.parametrize(
+    "name, inference, training",
+    [
+        ("imf_dit_b_2", 88.95e6, 145.6e6),
+        ("imf_dit_m_2", 173.9e6, 230.6e6),
+        ("imf_dit_l_2", 409.1e6, 509.8e6),
+        ("imf_dit_xl_2", 610.4e6, 711.1e6),
+    ],
+)
 def test_parameter_counts(name, inference, training):
     n_inf, n_train = _count(name, aux_head=False), _count(name)
     assert abs(n_inf - inference) < 0.01 * inference, n_inf
@@ -112,14 +116,14 @@ def test_forward_equals_forward_aux_u_and_features_equal_manual_pass():
         manual = []
         for block in net.blocks:
             seq = block(seq, cos, sin)
-            manual.append(seq[:, net.num_prefix_tokens:])
+            manual.append(seq[:, net.num_prefix_tokens :])
         u_manual = net.unpatchify(net.final_layer(manual[-1]))
         v_seq = net.sequence(x, h, y, cond)
-        for block in net.blocks[:net.trunk_depth]:
+        for block in net.blocks[: net.trunk_depth]:
             v_seq = block(v_seq, cos, sin)
         for block in net.v_head.blocks:
             v_seq = block(v_seq, cos, sin)
-        v_manual = net.unpatchify(net.v_head.final_layer(v_seq[:, net.num_prefix_tokens:]))
+        v_manual = net.unpatchify(net.v_head.final_layer(v_seq[:, net.num_prefix_tokens :]))
     assert torch.equal(u, u_f) and torch.equal(u, u_a)
     torch.testing.assert_close(u, u_manual)
     torch.testing.assert_close(v, v_manual)
@@ -197,8 +201,17 @@ def test_rejects_bad_shapes_and_settings():
 @pytest.mark.parametrize("aux_head_depth", [0, 3])
 def test_head_depth_extremes(aux_head_depth):
     torch.manual_seed(0)
-    net = _perturb(BACKBONES.build("imf_dit", input_shape=(2, 4, 4), depth=3, aux_head_depth=aux_head_depth,
-                                   hidden_size=16, num_heads=2, frequency_size=16))
+    net = _perturb(
+        BACKBONES.build(
+            "imf_dit",
+            input_shape=(2, 4, 4),
+            depth=3,
+            aux_head_depth=aux_head_depth,
+            hidden_size=16,
+            num_heads=2,
+            frequency_size=16,
+        )
+    )
     x = torch.randn(2, 2, 4, 4)
     with torch.no_grad():
         u, v, _ = net.forward_aux(x, torch.rand(2), torch.rand(2))
@@ -226,8 +239,12 @@ def test_rope_preserves_norms_and_matches_complex_rotation():
     torch.testing.assert_close(rotated[..., 0, :], x[..., 0, :])  # position 0: identity
     # Interleaved pairs (x[2i], x[2i+1]) as complex numbers times exp(i·m·θ^(-2i/d)).
     freqs = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
-    phase = torch.polar(torch.ones(11, 4, dtype=torch.float64), torch.arange(11.0, dtype=torch.float64)[:, None] * freqs)
-    expected = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, 11, 4, 2).contiguous()) * phase).reshape(x.shape)
+    phase = torch.polar(
+        torch.ones(11, 4, dtype=torch.float64), torch.arange(11.0, dtype=torch.float64)[:, None] * freqs
+    )
+    expected = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, 11, 4, 2).contiguous()) * phase).reshape(
+        x.shape
+    )
     torch.testing.assert_close(rotated, expected)
 
 
@@ -288,10 +305,12 @@ def test_meanflow_style_jvp_has_no_t_component():
     x, t, h, y, cond = _inputs(net, batch=2, dtype=torch.float64)
     v = torch.randn_like(x)
     with jvp_attention():
-        _, with_t = torch.func.jvp(lambda z, tt, hh: net(z, tt, hh, y, cond=cond), (x, t, h),
-                                   (v, torch.ones_like(t), torch.ones_like(h)))
-        _, without_t = torch.func.jvp(lambda z, tt, hh: net(z, tt, hh, y, cond=cond), (x, t, h),
-                                      (v, torch.zeros_like(t), torch.ones_like(h)))
+        _, with_t = torch.func.jvp(
+            lambda z, tt, hh: net(z, tt, hh, y, cond=cond), (x, t, h), (v, torch.ones_like(t), torch.ones_like(h))
+        )
+        _, without_t = torch.func.jvp(
+            lambda z, tt, hh: net(z, tt, hh, y, cond=cond), (x, t, h), (v, torch.zeros_like(t), torch.ones_like(h))
+        )
     assert torch.equal(with_t, without_t)
 
 
@@ -311,8 +330,10 @@ def test_jvp_through_a_guided_dit(kernel):
         out, tangent = torch.func.jvp(fn, primals, tangents)
     eps = 1e-6
     with torch.no_grad():
-        fd = (fn(*(p + eps * d for p, d in zip(primals, tangents)))
-              - fn(*(p - eps * d for p, d in zip(primals, tangents)))) / (2 * eps)
+        fd = (
+            fn(*(p + eps * d for p, d in zip(primals, tangents)))
+            - fn(*(p - eps * d for p, d in zip(primals, tangents)))
+        ) / (2 * eps)
     assert fd.abs().max() > 1e-3
     torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-7)
 
@@ -328,8 +349,7 @@ def test_cond_defaults_broadcast_and_errors():
         assert torch.equal(unguided, net(x, t, h, y, cond={"omega": torch.ones(3), "t_min": torch.tensor(0.0)}))
         partial = net(x, t, h, y, cond={"omega": cond["omega"]})
         assert torch.equal(partial, net(x, t, h, y, cond=dict(omega=cond["omega"], t_min=0.0, t_max=1.0)))
-        assert torch.equal(net(x, t, h, y, cond={"omega": 4.0}),
-                           net(x, t, h, y, cond={"omega": torch.full((3,), 4.0)}))
+        assert torch.equal(net(x, t, h, y, cond={"omega": 4.0}), net(x, t, h, y, cond={"omega": torch.full((3,), 4.0)}))
         # Existing positional calls still work.
         assert torch.equal(net.forward(x, t, h, y), unguided)
     with pytest.raises(ValueError, match=r"unknown cond key\(s\) 'scale'.*allowed: omega, t_min, t_max"):

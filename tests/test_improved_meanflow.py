@@ -1,6 +1,7 @@
 """Improved MeanFlow: closed forms on Gaussian data, the guided target, JVP numerics against an
 independent transcription of the reference code, the sampler with guidance inputs, and guidance
 through eval / compare / plot (CPU, float64 where it matters)."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import math
 
 import pytest
 import torch
+from gaussian_closed_form import GaussianClosedForm
 from torch import nn
 
 from onestep.backbones.attention import jvp_attention
@@ -19,11 +21,11 @@ from onestep.objectives.improved_meanflow import guided_target, sample_interval,
 from onestep.registry import BACKBONES, OBJECTIVES, ConfigError
 from onestep.sampling import guidance_cond, sample
 
-from gaussian_closed_form import GaussianClosedForm
-
 DT = torch.float64
-pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 MU = torch.tensor([1.5, -2.0, 0.5], dtype=DT)
 S = 0.6
@@ -31,6 +33,7 @@ S = 0.6
 
 # ----------------------------------------------------------------------------------------------
 # Exact "networks" for x ~ N(μ, s²I) in the backbone contract (guidance conditions accepted, ignored).
+
 
 class GaussianIMF(GaussianClosedForm):
     """u_θ = the exact average velocity (+ θ·g, θ = 0), and, with ``aux``, a v-head = the exact marginal
@@ -47,7 +50,7 @@ class GaussianIMF(GaussianClosedForm):
     def exact_u(self, z, t, h):
         r = t - h
         st, sr = self.sigma(t), self.sigma(r)
-        ratio = ((t + r) - self.s ** 2 * (2 - t - r)) / (st * (st + sr))
+        ratio = ((t + r) - self.s**2 * (2 - t - r)) / (st * (st + sr))
         return -self.mu + (z - (1 - t)[:, None] * self.mu) * ratio[:, None]
 
     @staticmethod
@@ -85,6 +88,7 @@ def _data(n, seed):
 # ----------------------------------------------------------------------------------------------
 # Priors.
 
+
 def test_omega_prior_and_interval_sampling():
     g = torch.Generator().manual_seed(0)
     w = sample_omega(200_000, 1.0, 7.0, generator=g).double()
@@ -121,6 +125,7 @@ def test_label_dropout_placement():
 
 # ----------------------------------------------------------------------------------------------
 # Gaussian closed form.
+
 
 @pytest.mark.parametrize("aux", [True, False])
 def test_gaussian_exact_u_gives_v_equal_to_the_marginal_velocity(aux):
@@ -167,8 +172,9 @@ def test_gaussian_loss_gradient_vanishes_in_expectation():
     x = MU + S * torch.randn(n, 3, dtype=DT)
     obj = ImprovedMeanFlow(adaptive_p=0.0)
     out = obj.loss(net, x, None, step=0)
-    per_sample = [torch.autograd.grad(out.loss[i::n // 8].sum(), (net.theta, net.theta_v), retain_graph=True)
-                  for i in range(8)]  # 8 independent sub-batch means
+    per_sample = [
+        torch.autograd.grad(out.loss[i :: n // 8].sum(), (net.theta, net.theta_v), retain_graph=True) for i in range(8)
+    ]  # 8 independent sub-batch means
     for k in range(2):
         means = torch.stack([g[k] for g in per_sample]) / (n // 8)
         spread = float(means.std()) / math.sqrt(8)
@@ -197,9 +203,9 @@ def _v_cond(z, t, k):
 def _v_uncond(z, t):
     """Mixture (equal weights): Σ_k p(k | z_t) v_k(z_t, t), p(k | z) ∝ N(z; (1 − t)μ_k, σ(t)² I)."""
     sig = GaussianClass(MUS[0], S).sigma(t)
-    logits = torch.stack([-((z - (1 - t)[:, None] * MUS[k]) ** 2).sum(1) / (2 * sig ** 2) for k in range(2)], 1)
+    logits = torch.stack([-((z - (1 - t)[:, None] * MUS[k]) ** 2).sum(1) / (2 * sig**2) for k in range(2)], 1)
     w = torch.softmax(logits, 1)
-    return sum(w[:, k:k + 1] * _v_cond(z, t, torch.full_like(t, k, dtype=torch.long)) for k in range(2))
+    return sum(w[:, k : k + 1] * _v_cond(z, t, torch.full_like(t, k, dtype=torch.long)) for k in range(2))
 
 
 class GuidedField(nn.Module):
@@ -277,6 +283,7 @@ def test_one_minus_inverse_omega_form_equals_meanflow_omega_minus_one_form():
 # ----------------------------------------------------------------------------------------------
 # JVP numerics against an independent transcription of the reference code (float64, explicit attention).
 
+
 def _perturbed(name, **kw):
     torch.manual_seed(0)
     net = BACKBONES.build(name, **kw).double()
@@ -287,8 +294,7 @@ def _perturbed(name, **kw):
     return net
 
 
-def reference_loss(net, x, y, e, t, r, omega, t_min, t_max, keep, *, aux, num_classes, p=1.0, c=0.01,
-                   uncond_one=True):
+def reference_loss(net, x, y, e, t, r, omega, t_min, t_max, keep, *, aux, num_classes, p=1.0, c=0.01, uncond_one=True):
     """The iMF loss as the official imf.py computes it: v_fn (cond + null at ω = 1), v_cond_fn at the
     interval-masked ω, v_g_fm on r = t rows, label dropout, one jvp over the whole batch in (z, t, r)
     with tangents (v_c, 1, 0), V = u + (t − r)·sg(du/dt), adaptive weights per term."""
@@ -305,8 +311,12 @@ def reference_loss(net, x, y, e, t, r, omega, t_min, t_max, keep, *, aux, num_cl
         return net(zz, tt, torch.zeros_like(tt), yy, cond=cond)
 
     with torch.no_grad():
-        out = f(torch.cat([z, z]), torch.cat([t, t]), torch.cat([omega, ones if uncond_one else omega]),
-                torch.cat([y, null]))
+        out = f(
+            torch.cat([z, z]),
+            torch.cat([t, t]),
+            torch.cat([omega, ones if uncond_one else omega]),
+            torch.cat([y, null]),
+        )
         v_c_full, v_u = out.chunk(2)
         v_g_fm = v_t + col(1 - 1 / omega) * (v_c_full - v_u)
         w = torch.where((t >= t_min) & (t <= t_max), omega, ones)
@@ -349,11 +359,14 @@ def _batch(net, n=8, seed=2):
     return x, y, e, t, r, omega, t_min, t_max, keep
 
 
-@pytest.mark.parametrize("name, kw, tangent", [
-    ("test_imf_dit", {}, "aux_head"),
-    ("test_dit", {"guidance_conditions": True}, "boundary"),
-    ("test_imf_dit", {"aux_head": False}, "boundary"),
-])
+@pytest.mark.parametrize(
+    "name, kw, tangent",
+    [
+        ("test_imf_dit", {}, "aux_head"),
+        ("test_dit", {"guidance_conditions": True}, "boundary"),
+        ("test_imf_dit", {"aux_head": False}, "boundary"),
+    ],
+)
 @pytest.mark.parametrize("kernel, subset, uncond", [("fused", True, "one"), ("explicit", False, "same")])
 def test_loss_and_gradients_match_the_reference_transcription(name, kw, tangent, kernel, subset, uncond):
     net = _perturbed(name, input_shape=(4, 8, 8), num_classes=5, **kw)
@@ -362,8 +375,21 @@ def test_loss_and_gradients_match_the_reference_transcription(name, kw, tangent,
     assert obj.tangent_source(net) == tangent
     out = obj.loss_given(net, x, y, e=e, t=t, r=r, omega=omega, t_min=t_min, t_max=t_max, keep=keep)
     grads = torch.autograd.grad(out.loss.sum(), list(net.parameters()), allow_unused=True)
-    want = reference_loss(net, x, y, e, t, r, omega, t_min, t_max, keep, aux=tangent == "aux_head", num_classes=5,
-                          uncond_one=uncond == "one")
+    want = reference_loss(
+        net,
+        x,
+        y,
+        e,
+        t,
+        r,
+        omega,
+        t_min,
+        t_max,
+        keep,
+        aux=tangent == "aux_head",
+        num_classes=5,
+        uncond_one=uncond == "one",
+    )
     want_grads = torch.autograd.grad(want.sum(), list(net.parameters()), allow_unused=True)
     assert out.loss.min() > 0
     torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
@@ -385,8 +411,11 @@ def test_imf_jvp_matches_torch_func_jvp_with_plain_attention(aux):
     cond = {"omega": omega, "t_min": t_min, "t_max": t_max}
     u, dudt, v, feats = imf_jvp(net, x, t, t - r, tangent, y, cond, aux=aux, feature_blocks=(0,))
     with jvp_attention("explicit"):
-        u_ref, dudt_ref = torch.func.jvp(lambda z_, t_, h_: net(z_, t_, h_, y, cond=cond), (x, t, t - r),
-                                         (tangent, torch.ones_like(t), torch.ones_like(t)))
+        u_ref, dudt_ref = torch.func.jvp(
+            lambda z_, t_, h_: net(z_, t_, h_, y, cond=cond),
+            (x, t, t - r),
+            (tangent, torch.ones_like(t), torch.ones_like(t)),
+        )
     torch.testing.assert_close(u, u_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dudt, dudt_ref, rtol=1e-10, atol=1e-12)
     assert dudt.abs().max() > 1e-3
@@ -413,6 +442,7 @@ def test_dropped_rows_with_r_neq_t_take_the_null_label_tangent():
 
 # ----------------------------------------------------------------------------------------------
 # Sampling with guidance inputs.
+
 
 def test_sampler_steps_and_guidance_inputs():
     net = _perturbed("test_dit", input_shape=(4, 8, 8), num_classes=5, guidance_conditions=True)
@@ -455,16 +485,20 @@ def test_guidance_needs_a_guidance_conditioned_model():
 # ----------------------------------------------------------------------------------------------
 # Options and backbones.
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    ({"tangent": "vhead"}, "tangent. must be one of 'auto', 'aux_head', 'boundary'"),
-    ({"omega_s_max": -1.0}, r"omega_s_max must be in \[0, inf\)"),
-    ({"omega_beta": -0.5}, "omega_beta must be in"),
-    ({"uncond_omega": "half"}, "uncond_omega. must be one of"),
-    ({"label_dropout": "first"}, "label_dropout. must be one of"),
-    ({"class_dropout": 1.0}, r"class_dropout must be in \[0, 1\)"),
-    ({"ratio_r_neq_t": 1.5}, "ratio_r_neq_t"),
-    ({"jvp_kernel": "flash"}, "jvp_kernel. must be one of"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"tangent": "vhead"}, "tangent. must be one of 'auto', 'aux_head', 'boundary'"),
+        ({"omega_s_max": -1.0}, r"omega_s_max must be in \[0, inf\)"),
+        ({"omega_beta": -0.5}, "omega_beta must be in"),
+        ({"uncond_omega": "half"}, "uncond_omega. must be one of"),
+        ({"label_dropout": "first"}, "label_dropout. must be one of"),
+        ({"class_dropout": 1.0}, r"class_dropout must be in \[0, 1\)"),
+        ({"ratio_r_neq_t": 1.5}, "ratio_r_neq_t"),
+        ({"jvp_kernel": "flash"}, "jvp_kernel. must be one of"),
+    ],
+)
 def test_options_are_one_line_errors(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
         OBJECTIVES.build("improved_meanflow", **kwargs)
@@ -474,7 +508,9 @@ def test_options_are_one_line_errors(kwargs, pattern):
 def test_backbone_checks():
     x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 0])
     with pytest.raises(ValueError, match="tangent='aux_head' needs a backbone with an auxiliary v-head"):
-        ImprovedMeanFlow(tangent="aux_head").loss(BACKBONES.build("test_mlp", guidance_conditions=True), x, None, step=0)
+        ImprovedMeanFlow(tangent="aux_head").loss(
+            BACKBONES.build("test_mlp", guidance_conditions=True), x, None, step=0
+        )
     with pytest.raises(ValueError, match="built without guidance conditions"):
         ImprovedMeanFlow().loss(BACKBONES.build("test_mlp", num_classes=3), x, y, step=0)
     # Without guidance (ω ≡ 1) any backbone trains; no cond is passed.
@@ -519,14 +555,33 @@ def test_cli_guidance_sample_eval_sweep_compare_plot(tmp_path, capsys):
     recipe.write_text(RECIPE)
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress"]) == 0
-    assert main(["sample", str(run), "-n", "6", "--guidance", "3", "--guidance-interval", "0.2,0.8",
-                 "--out", str(tmp_path / "s.npz")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(run),
+                "-n",
+                "6",
+                "--guidance",
+                "3",
+                "--guidance-interval",
+                "0.2,0.8",
+                "--out",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 0
+    )
     assert "guidance 3 on [0.2, 0.8]" in capsys.readouterr().out
     assert main(["eval", str(run), "--guidance", "1,2,4"]) == 0
     assert main(["eval", str(run), "--nfe", "2"]) == 0  # the recipe's eval.guidance: 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["guidance"], r["guidance_interval"], r["nfe"]) for r in rows] == \
-        [(1.0, [0.0, 1.0], 1), (2.0, [0.0, 1.0], 1), (4.0, [0.0, 1.0], 1), (2.0, [0.0, 1.0], 2)]
+    assert [(r["guidance"], r["guidance_interval"], r["nfe"]) for r in rows] == [
+        (1.0, [0.0, 1.0], 1),
+        (2.0, [0.0, 1.0], 1),
+        (4.0, [0.0, 1.0], 1),
+        (2.0, [0.0, 1.0], 2),
+    ]
     best = min(rows[:3], key=lambda r: r["value"])
     assert len({r["value"] for r in rows[:3]}) == 3  # ω is an input: each value differs
     capsys.readouterr()
@@ -539,8 +594,11 @@ def test_cli_guidance_sample_eval_sweep_compare_plot(tmp_path, capsys):
     # A model without guidance conditions: a clear error.
     plain = tmp_path / "plain"
     plain_recipe = tmp_path / "plain.yaml"
-    plain_recipe.write_text(RECIPE.replace("guidance_conditions: true", "guidance_conditions: false")
-                            .replace("{name: improved_meanflow}", "{name: meanflow}").replace(", guidance: 2.0", ""))
+    plain_recipe.write_text(
+        RECIPE.replace("guidance_conditions: true", "guidance_conditions: false")
+        .replace("{name: improved_meanflow}", "{name: meanflow}")
+        .replace(", guidance: 2.0", "")
+    )
     assert main(["train", str(plain_recipe), "--run-dir", str(plain), "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["eval", str(plain), "--guidance", "2"]) == 2
@@ -571,3 +629,65 @@ def test_imf_recipes_use_the_published_latent_statistics():
         assert cfg.data["latent_mean"] == IMF_LATENT_MEAN and cfg.data["latent_std"] == IMF_LATENT_STD
         assert "scale" not in cfg.data and cfg.objective["name"] == "improved_meanflow"
         assert cfg.train.optimizer == "adamw" and cfg.train.betas == (0.9, 0.95) and cfg.train.batch_size == 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared target pass: v_c of the kept r = t rows read off the training forward.
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [("test_imf_dit", {}), ("test_dit", {"guidance_conditions": True}), ("test_imf_dit", {"aux_head": False})],
+)
+@pytest.mark.parametrize("uncond, blocks", [("one", ()), ("same", (0, -1)), ("one", (1,))])
+@pytest.mark.parametrize("interval", [True, False])
+def test_shared_target_pass_equals_the_separate_pass_in_float64(name, kw, uncond, blocks, interval):
+    net = _perturbed(name, input_shape=(4, 8, 8), num_classes=5, **kw)
+    x, y, e, t, r, omega, t_min, t_max, keep = _batch(net)
+    if not interval:
+        t_min, t_max = torch.zeros_like(t), torch.ones_like(t)
+    outs = []
+    for target_pass in ("shared", "separate"):
+        obj = ImprovedMeanFlow(uncond_omega=uncond, target_pass=target_pass, guidance_interval=interval)
+        out = obj.loss_given(
+            net, x, y, e=e, t=t, r=r, omega=omega, t_min=t_min, t_max=t_max, keep=keep, feature_blocks=blocks
+        )
+        total = out.loss.sum() + sum(f.pow(2).mean() for f in out.features)
+        grads = torch.autograd.grad(total, list(net.parameters()), allow_unused=True)
+        outs.append((out, grads))
+    (a, ga), (b, gb) = outs
+    assert a.loss.min() > 0 and len(a.features) == len(blocks)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-9)
+    for fa, fb in zip(a.features, b.features):
+        torch.testing.assert_close(fa, fb, rtol=1e-6, atol=1e-9)
+    for p, q in zip(ga, gb):
+        assert (p is None) == (q is None)
+        if p is not None:
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
+
+
+def test_shared_target_pass_sends_fewer_rows_through_the_net_and_falls_back_where_it_must():
+    net = _perturbed("test_imf_dit", input_shape=(4, 8, 8), num_classes=5)
+    x, y, e, t, r, omega, t_min, t_max, keep = _batch(net)
+    kept_r_eq_t = int(((t == r) & keep).sum())
+    assert kept_r_eq_t > 0
+
+    def rows(**options):
+        obj = ImprovedMeanFlow(**options)
+        seen = []
+        original = obj.velocity
+
+        def spy(net_, z, *args):
+            seen.append(z.shape[0])
+            return original(net_, z, *args)
+
+        obj.velocity = spy
+        obj.loss_given(net, x, y, e=e, t=t, r=r, omega=omega, t_min=t_min, t_max=t_max, keep=keep)
+        return sum(seen)
+
+    separate = rows(target_pass="separate")
+    assert rows() == separate - kept_r_eq_t  # shared is the default
+    # With the JVP over the whole batch there is no plain forward on the r = t rows to read.
+    assert rows(jvp_only_r_neq_t=False) == separate
+    with pytest.raises(ValueError, match="target_pass"):
+        ImprovedMeanFlow(target_pass="joint")

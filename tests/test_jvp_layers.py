@@ -1,6 +1,7 @@
 """The linear / convolution forward-mode rules (onestep.backbones.jvp_layers) equal torch's own rules:
 primal, tangent (with and without weight tangents), gradients through the primal and through the
 tangent, in float64, and gradients under bf16 autocast; and the JVP objectives actually use them."""
+
 from unittest import mock
 
 import pytest
@@ -10,7 +11,6 @@ import torch.nn.functional as F
 from onestep.backbones import jvp_layers
 from onestep.backbones.attention import jvp_attention
 from onestep.backbones.jvp_layers import jvp_layer_rules
-
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +34,13 @@ def _both(fn, primals, tangents, *, tangent_grad=True):
     return ref, ours
 
 
-CONV_CASES = [dict(), dict(stride=2, padding=1), dict(padding=2, dilation=2, groups=2), dict(padding="same"),
-              dict(padding="valid", stride=(2, 1))]
+CONV_CASES = [
+    dict(),
+    dict(stride=2, padding=1),
+    dict(padding=2, dilation=2, groups=2),
+    dict(padding="same"),
+    dict(padding="valid", stride=(2, 1)),
+]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -80,7 +85,7 @@ def _grads_through_jvp(module, x, dx, rules: bool, tangent_grad: bool):
         out, tangent = torch.func.jvp(module, (xr,), (dx,))
     loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
     if tangent_grad:
-        loss = loss + (tangent ** 2).sum()
+        loss = loss + (tangent**2).sum()
     loss.backward()
     return [xr.grad] + [p.grad.clone() for p in module.parameters()]
 
@@ -93,8 +98,9 @@ def test_gradients_through_primal_and_tangent_equal_torch(kind, tangent_grad):
         module = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
         x, dx = torch.randn(5, 7), torch.randn(5, 7)
     else:
-        module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(),
-                                     torch.nn.Conv2d(8, 2, 3, stride=2))
+        module = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(8, 2, 3, stride=2)
+        )
         x, dx = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     ref = _grads_through_jvp(module, x, dx, rules=False, tangent_grad=tangent_grad)
     ours = _grads_through_jvp(module, x, dx, rules=True, tangent_grad=tangent_grad)
@@ -124,7 +130,7 @@ def test_bf16_autocast_gradients_match_torch(kind):
         module.zero_grad()
         xr = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            with (jvp_layer_rules(False) if rules else torch.enable_grad()):
+            with jvp_layer_rules(False) if rules else torch.enable_grad():
                 out, tangent = torch.func.jvp(module, (xr,), (torch.ones_like(x),))
             out.float().square().sum().backward()
         results.append((out, tangent, xr.grad, [p.grad for p in module.parameters()]))
@@ -142,8 +148,9 @@ def test_bf16_autocast_gradients_match_torch(kind):
 def test_fused_jvp_kernel_routes_layers_through_the_rules():
     from onestep.registry import BACKBONES
 
-    net = BACKBONES.build("dit", input_shape=(4, 8, 8), num_classes=3, depth=1, hidden_size=32, num_heads=2,
-                          patch_size=2).double()
+    net = BACKBONES.build(
+        "dit", input_shape=(4, 8, 8), num_classes=3, depth=1, hidden_size=32, num_heads=2, patch_size=2
+    ).double()
     for p in net.parameters():  # DiT zero-initialises its output layer: make every path count
         torch.nn.init.normal_(p, std=0.2)
     z, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
@@ -151,11 +158,14 @@ def test_fused_jvp_kernel_routes_layers_through_the_rules():
 
     def jvp(kernel):
         with jvp_attention(kernel):
-            return torch.func.jvp(lambda z_, t_, h_: net(z_, t_, h_, torch.tensor([0, 2])), (z, t, h),
-                                  (v, torch.ones(2), torch.ones(2)))
+            return torch.func.jvp(
+                lambda z_, t_, h_: net(z_, t_, h_, torch.tensor([0, 2])), (z, t, h), (v, torch.ones(2), torch.ones(2))
+            )
 
-    with mock.patch.object(jvp_layers.LinearWithJVP, "apply", wraps=jvp_layers.LinearWithJVP.apply) as lin, \
-            mock.patch.object(jvp_layers.Conv2dWithJVP, "apply", wraps=jvp_layers.Conv2dWithJVP.apply) as conv:
+    with (
+        mock.patch.object(jvp_layers.LinearWithJVP, "apply", wraps=jvp_layers.LinearWithJVP.apply) as lin,
+        mock.patch.object(jvp_layers.Conv2dWithJVP, "apply", wraps=jvp_layers.Conv2dWithJVP.apply) as conv,
+    ):
         fused = jvp("fused")
         assert lin.call_count > 0 and conv.call_count > 0
         lin.reset_mock()

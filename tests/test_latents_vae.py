@@ -4,6 +4,7 @@ The VAE is written with ``save_pretrained`` and loaded by path through the real 
 real PNG/JPEG files in class subfolders; FID goes through torch-fidelity with the download-free
 ``onestep-random-conv`` extractor. Nothing touches the network.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,10 +32,18 @@ RC = fidelity.RANDOM_CONV
 RES = 16  # image side; the tiny VAE halves it: latents (4, 8, 8), test_dit's default input
 CLASSES = ["ant", "bee", "cat"]
 # (class, file name, width, height): several sizes and aspects, PNG and JPEG (any case).
-IMAGES = [("cat", "c0.png", 40, 30), ("cat", "c1.JPEG", 17, 64), ("ant", "a0.jpg", 50, 50),
-          ("ant", "sub/a1.png", 90, 35), ("ant", "a2.png", 16, 16), ("bee", "b0.jpeg", 33, 70),
-          ("bee", "b1.png", 64, 48), ("bee", "b2.png", 20, 27), ("cat", "c2.png", 128, 40),
-          ("ant", "a3.png", 31, 19)]
+IMAGES = [
+    ("cat", "c0.png", 40, 30),
+    ("cat", "c1.JPEG", 17, 64),
+    ("ant", "a0.jpg", 50, 50),
+    ("ant", "sub/a1.png", 90, 35),
+    ("ant", "a2.png", 16, 16),
+    ("bee", "b0.jpeg", 33, 70),
+    ("bee", "b1.png", 64, 48),
+    ("bee", "b2.png", 20, 27),
+    ("cat", "c2.png", 128, 40),
+    ("ant", "a3.png", 31, 19),
+]
 
 
 def _load_tool(name: str):
@@ -54,9 +63,15 @@ def vae_dir(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    model = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                          block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                          sample_size=RES)
+    model = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RES,
+    )
     path = tmp_path_factory.mktemp("vae") / "tiny_vae"
     model.save_pretrained(path)
     return path
@@ -86,8 +101,23 @@ def _encode(src, out, *extra, env=None, monkeypatch=None):
             monkeypatch.setenv(key, str(value))
     threads = torch.get_num_threads()
     try:  # one thread always, so reruns give the same bits
-        return encode_tool.main([str(src), str(out), "--resolution", str(RES), "--shard-size", "4", "--workers", "0",
-                                 "--batch-size", "3", "--threads", "1", *map(str, extra)])
+        return encode_tool.main(
+            [
+                str(src),
+                str(out),
+                "--resolution",
+                str(RES),
+                "--shard-size",
+                "4",
+                "--workers",
+                "0",
+                "--batch-size",
+                "3",
+                "--threads",
+                "1",
+                *map(str, extra),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -183,7 +213,9 @@ def test_adm_center_crop_on_a_known_image(tmp_path):
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     row = out[16].astype(int)
     dominant = row.argmax(axis=1)
-    assert dominant[:4].tolist() == [0] * 4 and dominant[9:25].tolist() == [1] * 16 and dominant[-2:].tolist() == [2] * 2
+    assert (
+        dominant[:4].tolist() == [0] * 4 and dominant[9:25].tolist() == [1] * 16 and dominant[-2:].tolist() == [2] * 2
+    )
     assert 4 <= (dominant == 0).sum() <= 7 and 2 <= (dominant == 2).sum() <= 6  # centered, aspect kept
     # Exactly guided-diffusion's recipe.
     im = Image.fromarray(arr)
@@ -193,7 +225,7 @@ def test_adm_center_crop_on_a_known_image(tmp_path):
     im = im.resize(tuple(round(s * scale) for s in im.size), resample=Image.BICUBIC)
     ref = np.array(im)
     top, left = (ref.shape[0] - 32) // 2, (ref.shape[1] - 32) // 2
-    assert np.array_equal(out, ref[top:top + 32, left:left + 32])
+    assert np.array_equal(out, ref[top : top + 32, left : left + 32])
     # Already the right size: unchanged.
     small = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(small).save(tmp_path / "small.png")
@@ -218,8 +250,18 @@ def test_encode_latents_shards_labels_flips(encoded, folder, vae_dir):
     assert labels.dtype == np.int64
     # Sorted classes, files sorted within each: ant (4 incl. sub/), bee (3), cat (3); junk ignored.
     files = [p.relative_to(folder).as_posix() for p in image_files(folder)]
-    assert files == ["ant/a0.jpg", "ant/a2.png", "ant/a3.png", "ant/sub/a1.png", "bee/b0.jpeg", "bee/b1.png",
-                     "bee/b2.png", "cat/c0.png", "cat/c1.JPEG", "cat/c2.png"]
+    assert files == [
+        "ant/a0.jpg",
+        "ant/a2.png",
+        "ant/a3.png",
+        "ant/sub/a1.png",
+        "bee/b0.jpeg",
+        "bee/b1.png",
+        "bee/b2.png",
+        "cat/c0.png",
+        "cat/c1.JPEG",
+        "cat/c2.png",
+    ]
     assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
     # Row i is the VAE posterior mean of image i's ADM crop; the flip row that of the mirrored crop.
     crops = uint8_to_unit(torch.stack([ImageFiles(image_files(folder), RES)[i] for i in range(10)]))
@@ -248,11 +290,25 @@ def test_encode_latents_resumes_and_splits_over_ranks(encoded, folder, vae_dir, 
 
     # Two ranks (as under torchrun): rank r writes shards r, r + 2; together the single-process result.
     split = tmp_path / "split"
-    _encode(folder, split, "--flip", "--vae", vae_dir, env={"RANK": 0, "WORLD_SIZE": 2, "LOCAL_RANK": 0},
-            monkeypatch=monkeypatch)
+    _encode(
+        folder,
+        split,
+        "--flip",
+        "--vae",
+        vae_dir,
+        env={"RANK": 0, "WORLD_SIZE": 2, "LOCAL_RANK": 0},
+        monkeypatch=monkeypatch,
+    )
     assert sorted(_shards(split)) == ["shard_00000.npz", "shard_00002.npz"]
-    _encode(folder, split, "--flip", "--vae", vae_dir, env={"RANK": 1, "WORLD_SIZE": 2, "LOCAL_RANK": 1},
-            monkeypatch=monkeypatch)
+    _encode(
+        folder,
+        split,
+        "--flip",
+        "--vae",
+        vae_dir,
+        env={"RANK": 1, "WORLD_SIZE": 2, "LOCAL_RANK": 1},
+        monkeypatch=monkeypatch,
+    )
     assert _shards(split) == original
 
 
@@ -295,11 +351,11 @@ def test_latents_dataset_flips_scale_and_decoding(encoded, vae_dir, tmp_path):
 def test_latents_per_channel_normalization_round_trip_and_decoding(encoded, vae_dir):
     """latent_mean / latent_std: x = (z − μ)/σ per channel on the unscaled stored latents, inverted
     exactly before the VAE (decoded samples = the VAE decode of the un-normalized latents)."""
-    raw = torch.from_numpy(np.concatenate([np.load(encoded / f"shard_0000{i}.npz")["latents"]
-                                           for i in range(3)])).float()
+    raw = torch.from_numpy(
+        np.concatenate([np.load(encoded / f"shard_0000{i}.npz")["latents"] for i in range(3)])
+    ).float()
     mean, std = [0.5, -0.25, 0.125, 0.75], [1.5, 2.0, 0.8, 1.25]
-    ds = DATASETS.build("latents", root=str(encoded), num_classes=3, vae=str(vae_dir), latent_mean=mean,
-                        latent_std=std)
+    ds = DATASETS.build("latents", root=str(encoded), num_classes=3, vae=str(vae_dir), latent_mean=mean, latent_std=std)
     m, s = torch.tensor(mean).reshape(1, 4, 1, 1), torch.tensor(std).reshape(1, 4, 1, 1)
     x, _ = ds.get(torch.arange(10))
     torch.testing.assert_close(x, (raw - m) / s)
@@ -312,10 +368,12 @@ def test_latents_per_channel_normalization_round_trip_and_decoding(encoded, vae_
     # The single scale stays the default and round-trips too.
     plain = DATASETS.build("latents", root=str(encoded), num_classes=3)
     torch.testing.assert_close(plain.denormalize(plain.normalize(raw)), raw)
-    for kwargs, pattern in [({"scale": 0.2, "latent_mean": mean, "latent_std": std}, "either scale or latent_mean"),
-                            ({"latent_mean": mean}, "go together"),
-                            ({"latent_mean": mean[:3], "latent_std": std[:3]}, "one value per channel"),
-                            ({"latent_mean": mean, "latent_std": [1.0, 0.0, 1.0, 1.0]}, "must be > 0")]:
+    for kwargs, pattern in [
+        ({"scale": 0.2, "latent_mean": mean, "latent_std": std}, "either scale or latent_mean"),
+        ({"latent_mean": mean}, "go together"),
+        ({"latent_mean": mean[:3], "latent_std": std[:3]}, "one value per channel"),
+        ({"latent_mean": mean, "latent_std": [1.0, 0.0, 1.0, 1.0]}, "must be > 0"),
+    ]:
         with pytest.raises(ConfigError, match=pattern):
             DATASETS.build("latents", root=str(encoded), num_classes=3, **kwargs)
 
@@ -360,14 +418,16 @@ def test_train_sample_eval_on_decoded_latents(encoded, vae_dir, folder, tmp_path
         "backbone: {name: test_dit}\n"
         "objective: {name: meanflow}\n"
         "train: {steps: 3, batch_size: 8, lr: 0.001, log_every: 1, num_preview: 6, sample_every: 3}\n"
-        "eval: {num_samples: 20, batch_size: 10}\n")
+        "eval: {num_samples: 20, batch_size: 10}\n"
+    )
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress"]) == 0
     # The training preview shows the VAE-decoded 1-NFE samples of the EMA model from its fixed noise.
+    from PIL import Image
+
     from onestep.formats import load_run
     from onestep.sampling import balanced_labels, sample, seeded_noise
     from onestep.viz import save_samples_png
-    from PIL import Image
 
     loaded = load_run(str(run), use_ema=True, device="cpu")
     x = sample(loaded.objective, loaded.net, seeded_noise(range(6), (4, 8, 8)), balanced_labels(range(6), 3), nfe=1)
@@ -396,38 +456,109 @@ def test_train_sample_eval_on_decoded_latents(encoded, vae_dir, folder, tmp_path
 
     # FID of the decoded samples against the class folder (ADM-cropped to 16 px), streamed.
     capsys.readouterr()
-    assert main(["eval", str(run), "--metrics", "fid", "--reference", str(folder), "--feature-extractor", RC,
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--metrics",
+                "fid",
+                "--reference",
+                str(folder),
+                "--feature-extractor",
+                RC,
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["metric"] == "fid" and row["num_samples"] == 20 and row["step"] == 3
     assert "decoded by VAE" in row["implementation"] and RC in row["implementation"]
     assert str(folder) in row["reference"] and f"center crop to {RES}px" in row["reference"]
     reference = ImageFiles(image_files(folder), RES)
-    direct = fidelity.fidelity_metrics(torch.from_numpy(images["arr_0"]).permute(0, 3, 1, 2), None, reference,
-                                       ("fid",), feature_extractor=RC, device="cpu")["fid"]
+    direct = fidelity.fidelity_metrics(
+        torch.from_numpy(images["arr_0"]).permute(0, 3, 1, 2),
+        None,
+        reference,
+        ("fid",),
+        feature_extractor=RC,
+        device="cpu",
+    )["fid"]
     assert row["value"] > 0 and row["value"] == pytest.approx(direct, rel=1e-4)
 
     # The same through FID statistics from tools/fid_stats.py (folder, ADM crop) and an ADM-style
     # reference batch (.npz of arr_0 images plus mu/sigma).
-    stats = fid_stats_tool.main([str(folder), "--resolution", str(RES), "--feature-extractor", RC, "--device", "cpu",
-                                 "--out", str(tmp_path / "ref_stats.npz")])
+    stats = fid_stats_tool.main(
+        [
+            str(folder),
+            "--resolution",
+            str(RES),
+            "--feature-extractor",
+            RC,
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "ref_stats.npz"),
+        ]
+    )
     crops = np.stack([reference[i].permute(1, 2, 0).numpy() for i in range(len(reference))])
     np.savez(tmp_path / "VIRTUAL_tiny.npz", arr_0=crops)
-    batch_stats = fid_stats_tool.main([str(tmp_path / "VIRTUAL_tiny.npz"), "--feature-extractor", RC,
-                                       "--device", "cpu", "--out", str(tmp_path / "batch_stats.npz")])
+    batch_stats = fid_stats_tool.main(
+        [
+            str(tmp_path / "VIRTUAL_tiny.npz"),
+            "--feature-extractor",
+            RC,
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "batch_stats.npz"),
+        ]
+    )
     mu, sigma = np.load(stats)["mu"], np.load(stats)["sigma"]
     assert np.allclose(np.load(batch_stats)["mu"], mu, atol=1e-6)
     np.savez(tmp_path / "adm_batch.npz", arr_0=crops, mu=mu, sigma=sigma)
     for ref in (stats, tmp_path / "adm_batch.npz"):
-        assert main(["eval", str(run), "--metrics", "fid", "--reference", str(ref), "--feature-extractor", RC,
-                     "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(run),
+                    "--metrics",
+                    "fid",
+                    "--reference",
+                    str(ref),
+                    "--feature-extractor",
+                    RC,
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         assert row["value"] == pytest.approx(direct, rel=1e-4) and "FID statistics" in row["reference"]
     # ADM's own statistics are 2048-d Inception features: refused with another extractor.
     np.savez(tmp_path / "adm_2048.npz", arr_0=crops[:2], mu=np.zeros(2048), sigma=np.eye(2048))
     capsys.readouterr()
-    assert main(["eval", str(run), "--metrics", "fid", "--reference", str(tmp_path / "adm_2048.npz"),
-                 "--feature-extractor", RC, "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--metrics",
+                "fid",
+                "--reference",
+                str(tmp_path / "adm_2048.npz"),
+                "--feature-extractor",
+                RC,
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "2048-d" in capsys.readouterr().err
 
     # Default metrics of a decoded latent run: fid + isc; without a reference FID is a clear error.
@@ -453,11 +584,26 @@ def test_image_metrics_need_a_vae_and_periodic_fid_needs_a_reference(encoded, va
     plain = DATASETS.build("latents", root=str(encoded), num_classes=3)
     net, objective = BACKBONES.build("test_dit", num_classes=3), OBJECTIVES.build("meanflow")
     with pytest.raises(ConfigError, match="set data.vae"):
-        evaluate_model(objective, net, plain, nfes=[1], metrics=["fid"], num_samples=4, seed=0, batch_size=4,
-                       device="cpu", step=0, weights="ema", reference=str(tmp_path), feature_extractor=RC)
+        evaluate_model(
+            objective,
+            net,
+            plain,
+            nfes=[1],
+            metrics=["fid"],
+            num_samples=4,
+            seed=0,
+            batch_size=4,
+            device="cpu",
+            step=0,
+            weights="ema",
+            reference=str(tmp_path),
+            feature_extractor=RC,
+        )
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"data: {{name: latents, root: {encoded}, num_classes: 3, vae: {vae_dir}}}\n"
-                      "backbone: {name: test_dit}\nobjective: {name: meanflow}\neval: {every: 10}\n")
+    recipe.write_text(
+        f"data: {{name: latents, root: {encoded}, num_classes: 3, vae: {vae_dir}}}\n"
+        "backbone: {name: test_dit}\nobjective: {name: meanflow}\neval: {every: 10}\n"
+    )
     with pytest.raises(ConfigError, match="eval.reference"):
         load_config(str(recipe))
     assert load_config(str(recipe), ["eval.reference=/data/ref.npz"]).eval.reference == "/data/ref.npz"
@@ -470,7 +616,8 @@ def test_preview_falls_back_to_raw_latents_when_the_vae_does_not_load(encoded, t
         f"data: {{name: latents, root: {encoded}, num_classes: 3, vae: {tmp_path / 'no-such-vae'}}}\n"
         "backbone: {name: test_dit}\n"
         "objective: {name: flow_matching}\n"
-        "train: {steps: 2, batch_size: 4, log_every: 1, num_preview: 4, sample_every: 1}\n")
+        "train: {steps: 2, batch_size: 4, log_every: 1, num_preview: 4, sample_every: 1}\n"
+    )
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress"]) == 0
     err = capsys.readouterr().err

@@ -5,6 +5,7 @@ included) is an edge. A module may import modules of its own package and of lowe
 packages of the same layer must not import each other; and no set of modules may import each other
 in a circle.
 """
+
 import ast
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def named_imports(path: Path, module: str | None):
                     continue
                 is_pkg = path.name == "__init__.py"
                 base = module.split(".") if is_pkg else module.split(".")[:-1]
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""

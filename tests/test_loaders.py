@@ -1,5 +1,6 @@
 """Real-data loaders on tiny files written in the real on-disk formats (no network):
 CIFAR-10 python batches, MNIST idx files in torchvision's layout, and a folder of PNGs."""
+
 from __future__ import annotations
 
 import pickle
@@ -29,8 +30,12 @@ def write_cifar10(root, per_batch=2, test=3, bytes_keys_batch=2):
     for index, (name, n) in enumerate(batches.items()):
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = [int((index * 3 + j) % 10) for j in range(n)]
-        entry = {"batch_label": f"{name} of 5", "labels": labels, "data": data,
-                 "filenames": [f"img_{index}_{j}.png" for j in range(n)]}
+        entry = {
+            "batch_label": f"{name} of 5",
+            "labels": labels,
+            "data": data,
+            "filenames": [f"img_{index}_{j}.png" for j in range(n)],
+        }
         if index + 1 == bytes_keys_batch:  # the python-2 pickles decode their keys as bytes in some setups
             entry = {k.encode(): v for k, v in entry.items()}
         with open(folder / name, "wb") as f:
@@ -71,6 +76,7 @@ def write_mnist(root, n_train=5, n_test=3, folder="MNIST", gz=False):
 # ----------------------------------------------------------------------------------------------
 # CIFAR-10.
 
+
 def test_cifar10_python_batches(tmp_path):
     written = write_cifar10(tmp_path)
     ds = DATASETS.build("cifar10", root=str(tmp_path), conditional=True)
@@ -99,8 +105,13 @@ def test_cifar10_missing_root_says_how_to_get_it(tmp_path):
 
 def test_cifar10_through_a_recipe(tmp_path):
     write_cifar10(tmp_path)
-    cfg = from_dict({"data": {"name": "cifar10", "root": str(tmp_path)}, "backbone": {"name": "test_unet"},
-                     "objective": {"name": "consistency_training", "total_steps": 10}})
+    cfg = from_dict(
+        {
+            "data": {"name": "cifar10", "root": str(tmp_path)},
+            "backbone": {"name": "test_unet"},
+            "objective": {"name": "consistency_training", "total_steps": 10},
+        }
+    )
     from onestep.build import build_backbone, build_dataset
 
     ds = build_dataset(cfg)
@@ -110,6 +121,7 @@ def test_cifar10_through_a_recipe(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # MNIST.
+
 
 def test_mnist_idx_files(tmp_path):
     written = write_mnist(tmp_path)
@@ -135,6 +147,7 @@ def test_mnist_missing_files(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Fashion-MNIST (the same IDX reader).
 
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_fashion_mnist_idx_files(tmp_path, gz):
     written = write_mnist(tmp_path, n_train=7, n_test=4, folder="FashionMNIST", gz=gz)
@@ -151,7 +164,9 @@ def test_fashion_mnist_idx_files(tmp_path, gz):
 
 
 def test_fashion_mnist_bad_options_and_files(tmp_path):
-    with pytest.raises(ConfigError, match=r"missing train-images-idx3-ubyte.*FashionMNIST/raw.*torchvision layout.*download"):
+    with pytest.raises(
+        ConfigError, match=r"missing train-images-idx3-ubyte.*FashionMNIST/raw.*torchvision layout.*download"
+    ):
         DATASETS.build("fashion_mnist", root=str(tmp_path))
     write_mnist(tmp_path, folder="FashionMNIST")
     with pytest.raises(ConfigError, match=r"'image_size' must be 28 .* or 32"):
@@ -162,7 +177,9 @@ def test_fashion_mnist_bad_options_and_files(tmp_path):
     images = raw / "train-images-idx3-ubyte"
     good = images.read_bytes()
     images.write_bytes(good[:-5])
-    with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte: truncated: .* bytes, but its header \(5, 28, 28\)"):
+    with pytest.raises(
+        ConfigError, match=r"train-images-idx3-ubyte: truncated: .* bytes, but its header \(5, 28, 28\)"
+    ):
         DATASETS.build("fashion_mnist", root=str(tmp_path))
     images.write_bytes(b"GIF89a" + good[6:])
     with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte: not an IDX file"):
@@ -195,6 +212,7 @@ def test_idx_reader_types(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Image folder.
 
+
 def test_imagefolder_pngs(tmp_path):
     from PIL import Image
 
@@ -202,8 +220,8 @@ def test_imagefolder_pngs(tmp_path):
     for name, color in (("dog", (0, 0, 255)), ("cat", (255, 0, 0))):
         (tmp_path / name).mkdir()
         for i in range(2):
-            arr = np.zeros((20, 40, 3), dtype=np.uint8)             # 40 wide, 20 high
-            arr[:, 10:30] = color                                    # the centre square keeps the color
+            arr = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high
+            arr[:, 10:30] = color  # the centre square keeps the color
             Image.fromarray(arr).save(tmp_path / name / f"{i}.png")
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
     ds = DATASETS.build("imagefolder", root=str(tmp_path), image_size=8)
@@ -213,7 +231,7 @@ def test_imagefolder_pngs(tmp_path):
     # Center crop removed the black side bands: cats are red, dogs blue.
     assert torch.allclose(ds.x[0, :, 4, 4], torch.tensor([1.0, -1.0, -1.0]), atol=0.05)
     assert torch.allclose(ds.x[3, :, 4, 4], torch.tensor([-1.0, -1.0, 1.0]), atol=0.05)
-    assert ds.x[2:, 2].min() > 0.5 and ds.x[:2, 0].min() > 0.5             # no black band left
+    assert ds.x[2:, 2].min() > 0.5 and ds.x[:2, 0].min() > 0.5  # no black band left
     gray = DATASETS.build("imagefolder", root=str(tmp_path), image_size=4, channels=1, conditional=False)
     assert gray.shape == (1, 4, 4) and gray.y is None and gray.num_classes == 0
 

@@ -1,5 +1,6 @@
 """Loggers: every logger gets the rows stats.jsonl gets; TensorBoard's own reader and an offline
 wandb run read back the same scalars."""
+
 import json
 
 import pytest
@@ -36,7 +37,9 @@ def test_tensorboard_event_file_matches_stats(tmp_path, one_thread):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
     run = tmp_path / "run"
-    assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress", "train.loggers=[jsonl,tensorboard]"]) == 0
+    assert (
+        main(["train", str(recipe), "--run-dir", str(run), "--no-progress", "train.loggers=[jsonl,tensorboard]"]) == 0
+    )
     rows = _stats(run)
     acc = event_accumulator.EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
@@ -59,8 +62,19 @@ def test_wandb_offline_run(tmp_path, monkeypatch, one_thread):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
     run = tmp_path / "run"
-    assert main(["train", str(recipe), "--run-dir", str(run), "--no-progress",
-                 "train.loggers=[{name: wandb, project: onestep-test}]"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(recipe),
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                "train.loggers=[{name: wandb, project: onestep-test}]",
+            ]
+        )
+        == 0
+    )
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1
     # The offline record log holds every row's values as JSON (wandb has no offline reader API).

@@ -1,4 +1,5 @@
 """Sample-based metrics: closed forms, invariants, and same-vs-shifted behaviour."""
+
 import math
 
 import pytest
@@ -24,8 +25,10 @@ def test_registry_lists_metrics_with_descriptions():
         assert metric.implementation.startswith(f"onestep.{name}/v1")
         assert metric.higher_is_better == (name in KNN)
     assert "256 projections, seed 0" in METRICS.build("sliced_wasserstein").implementation
-    assert METRICS.build("sliced_wasserstein", num_projections=64, seed=3).implementation != \
-        METRICS.build("sliced_wasserstein").implementation
+    assert (
+        METRICS.build("sliced_wasserstein", num_projections=64, seed=3).implementation
+        != METRICS.build("sliced_wasserstein").implementation
+    )
     assert "k=3" in METRICS.build("precision", k=3).implementation
 
 

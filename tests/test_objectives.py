@@ -1,10 +1,12 @@
 """Closed-form checks of the flow-matching and MeanFlow objectives (CPU, float64 where it matters)."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from gaussian_closed_form import GaussianClosedForm
 from torch import nn
 
 from onestep.objectives import FlowMatching, LossOutput, MeanFlow
@@ -12,8 +14,6 @@ from onestep.objectives.common import adaptive_weight, cfg_velocity, drop_labels
 from onestep.objectives.meanflow import meanflow_jvp, meanflow_target
 from onestep.objectives.time_sampling import logit_normal, num_r_neq_t, sample_t_r, uniform
 from onestep.registry import BACKBONES, OBJECTIVES, ConfigError
-
-from gaussian_closed_form import GaussianClosedForm
 
 DT = torch.float64
 
@@ -23,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 # ----------------------------------------------------------------------------------------------
 # Small analytic / smooth modules in the backbone contract.
+
 
 class SmoothNet(nn.Module):
     """A small smooth MLP u(x, t, h, y) on (B, D) inputs; feature = the hidden layer."""
@@ -52,7 +53,8 @@ class SmoothNet(nn.Module):
 
 
 class GaussianMeanFlow(GaussianClosedForm):
-    """Exact average velocity u(z, r, t) for data x ~ N(μ, s²I) (docs/reference.md, "Closed forms for tests"), as u(z, t, h).
+    """Exact average velocity u(z, r, t) for data x ~ N(μ, s²I) (docs/reference.md, "Closed forms for
+    tests"), as u(z, t, h).
 
     With σ(t)² = (1 − t)²s² + t², z_r = m(r) + σ(r)/σ(t)·(z − m(t)), m(t) = (1 − t)μ:
     u = (z − z_r)/(t − r) = −μ + (z − m(t))·[(t + r) − s²(2 − t − r)] / (σ(t)(σ(t) + σ(r))),
@@ -63,7 +65,7 @@ class GaussianMeanFlow(GaussianClosedForm):
         h = torch.zeros_like(t) if h is None else h
         r = t - h
         st, sr = self.sigma(t), self.sigma(r)
-        ratio = ((t + r) - self.s ** 2 * (2 - t - r)) / (st * (st + sr))
+        ratio = ((t + r) - self.s**2 * (2 - t - r)) / (st * (st + sr))
         return -self.mu + (z - (1 - t)[:, None] * self.mu) * ratio[:, None]
 
 
@@ -90,6 +92,7 @@ def batch(n=6, dim=3, seed=0, dtype=DT):
 
 # ----------------------------------------------------------------------------------------------
 # The JVP.
+
 
 def test_meanflow_jvp_equals_central_difference_in_z_r_t():
     torch.manual_seed(0)
@@ -136,6 +139,7 @@ def test_meanflow_target_formula():
 
 # ----------------------------------------------------------------------------------------------
 # r = t is flow matching.
+
 
 def test_r_equals_t_target_is_v_and_loss_is_flow_matching():
     torch.manual_seed(2)
@@ -302,6 +306,7 @@ def test_gaussian_one_step_map_hits_the_data_distribution():
 # ----------------------------------------------------------------------------------------------
 # Pure functions and time sampling.
 
+
 def test_adaptive_weight():
     l = torch.tensor([0.0, 0.5, 2.0, 10.0], requires_grad=True)
     w = adaptive_weight(l, 0.75, 1e-3)
@@ -341,8 +346,16 @@ def test_sample_t_r_sort_statistics():
 
 def test_sample_t_r_clip_statistics():
     n = 100_000
-    t, r = sample_t_r(n, mean_t=-0.6, std_t=1.6, mean_r=-4.0, std_r=1.6, ratio_r_neq_t=0.75,
-                      pairing="clip", generator=torch.Generator().manual_seed(2))
+    t, r = sample_t_r(
+        n,
+        mean_t=-0.6,
+        std_t=1.6,
+        mean_r=-4.0,
+        std_r=1.6,
+        ratio_r_neq_t=0.75,
+        pairing="clip",
+        generator=torch.Generator().manual_seed(2),
+    )
     assert (r <= t).all()
     logit_t = torch.log(t / (1 - t))  # t keeps its own distribution under "clip"
     assert abs(logit_t.mean().item() + 0.6) < 0.03 and abs(logit_t.std().item() - 1.6) < 0.03
@@ -376,6 +389,7 @@ def test_drop_labels():
 
 # ----------------------------------------------------------------------------------------------
 # CFG folded into training.
+
 
 def test_cfg_velocity_formula():
     g = torch.Generator().manual_seed(0)
@@ -445,6 +459,7 @@ def test_cfg_kwargs_validated():
 # ----------------------------------------------------------------------------------------------
 # Features and gradients.
 
+
 def test_features_from_jvp_primal_carry_gradients():
     torch.manual_seed(5)
     net = SmoothNet().to(DT)
@@ -482,6 +497,7 @@ def test_flow_matching_features_carry_gradients():
 # ----------------------------------------------------------------------------------------------
 # Samplers.
 
+
 def test_sampler_steps():
     torch.manual_seed(7)
     net = SmoothNet(num_classes=4).to(DT)
@@ -505,6 +521,7 @@ def test_sampler_steps():
 
 # ----------------------------------------------------------------------------------------------
 # Precision and registry.
+
 
 def test_target_fp32_under_autocast():
     torch.manual_seed(8)
@@ -544,6 +561,7 @@ def test_registry_builds_and_validates():
 # ----------------------------------------------------------------------------------------------
 # Real backbones.
 
+
 def _backbone(name, **kw):
     _load_registries()
     if name not in BACKBONES._factories:
@@ -557,10 +575,13 @@ def _backbone(name, **kw):
 
 
 @pytest.mark.parametrize("name, shape", [("test_dit", (4, 8, 8)), ("test_mlp", (2,))])
-@pytest.mark.parametrize("objective", [
-    MeanFlow(cfg_omega=1.0, cfg_kappa=0.5, ratio_r_neq_t=0.5),
-    FlowMatching(adaptive_p=0.5),
-])
+@pytest.mark.parametrize(
+    "objective",
+    [
+        MeanFlow(cfg_omega=1.0, cfg_kappa=0.5, ratio_r_neq_t=0.5),
+        FlowMatching(adaptive_p=0.5),
+    ],
+)
 def test_losses_on_registered_backbones(name, shape, objective):
     net = _backbone(name, input_shape=shape, num_classes=10)
     x = torch.randn(6, *shape)
@@ -600,17 +621,25 @@ def test_jvp_only_on_r_neq_t_equals_full_jvp():
     r = torch.where(torch.arange(8) % 3 == 0, t * 0.3, t)  # 3 of 8 with r != t
     y = torch.randint(0, 11, (8,))
     results = []
-    configs = [(False, "explicit", "joint"), (True, "fused", "joint"), (False, "fused", "joint"),
-               (True, "explicit", "joint"), (True, "sdpa_math", "joint"), (True, "fused", "separate"),
-               (False, "explicit", "separate")]
+    configs = [
+        (False, "explicit", "joint"),
+        (True, "fused", "joint"),
+        (False, "fused", "joint"),
+        (True, "explicit", "joint"),
+        (True, "sdpa_math", "joint"),
+        (True, "fused", "separate"),
+        (False, "explicit", "separate"),
+    ]
     for subset, kernel, jvp_pass in configs:
-        obj = OBJECTIVES.build("meanflow", jvp_only_r_neq_t=subset, jvp_kernel=kernel, cfg_omega=1.0, cfg_kappa=0.5,
-                               jvp_pass=jvp_pass)
+        obj = OBJECTIVES.build(
+            "meanflow", jvp_only_r_neq_t=subset, jvp_kernel=kernel, cfg_omega=1.0, cfg_kappa=0.5, jvp_pass=jvp_pass
+        )
         net.zero_grad()
         out = obj.loss_given(net, x, y, e=e, t=t, r=r, feature_blocks=(0, 1))
         (out.loss.sum() + out.features[0].square().mean()).backward()
-        results.append((out.loss.detach(), [f.detach() for f in out.features],
-                        [p.grad.clone() for p in net.parameters()]))
+        results.append(
+            (out.loss.detach(), [f.detach() for f in out.features], [p.grad.clone() for p in net.parameters()])
+        )
     (la, fa, ga) = results[0]
     assert la.abs().max() > 0 and any(g.abs().max() > 0 for g in ga)
     for lb, fb, gb in results[1:]:

@@ -2,6 +2,7 @@
 exact TrigFlow velocity of Gaussian data, the tangent (zero for the exact consistency function with
 the exact teacher), the rearranged JVP against the direct JVP and finite differences, warm-up,
 normalization, the learned weight, precision, samplers, and a tiny sCD run."""
+
 from __future__ import annotations
 
 import copy
@@ -9,29 +10,47 @@ import math
 
 import pytest
 import torch
+from gaussian_closed_form import GaussianClosedForm
 from torch import nn
 
 from onestep.objectives.consistency import replayable_rng
 from onestep.objectives.scm import (
-    SCM, TrigWeightHead, conditional_trig_velocity, normalize_tangent, scm_jvp, scm_loss, scm_tangent,
-    sigma_to_trig, t_to_trig, tangent_norm, tangent_warmup, trig_forward, trig_scale, trig_time_proposal,
-    trig_to_sigma, trig_to_t, trigflow_denoise, trigflow_to_velocity, velocity_to_trigflow,
+    SCM,
+    TrigWeightHead,
+    conditional_trig_velocity,
+    normalize_tangent,
+    scm_jvp,
+    scm_loss,
+    scm_tangent,
+    sigma_to_trig,
+    t_to_trig,
+    tangent_norm,
+    tangent_warmup,
+    trig_forward,
+    trig_scale,
+    trig_time_proposal,
+    trig_to_sigma,
+    trig_to_t,
+    trigflow_denoise,
+    trigflow_to_velocity,
+    velocity_to_trigflow,
 )
 from onestep.registry import BACKBONES, OBJECTIVES, ConfigError
 from onestep.sampling import sample
 from onestep.utils.seeding import seeded_noise
 
-from gaussian_closed_form import GaussianClosedForm
-
 DT = torch.float64
 SD = 0.5
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+]
 
 
 # ----------------------------------------------------------------------------------------------
 # Analytic modules in the backbone contract (data x ~ N(μ, s²I)).
+
 
 class GaussianVelocity(GaussianClosedForm):
     """The exact flow-matching teacher: forward = the marginal velocity v(z, t)."""
@@ -52,8 +71,8 @@ def trig_velocity_exact(x_theta, theta, mu, s, sigma_d=SD):
     std S, S² = cos²ϑ·s² + sin²ϑ·σ_d², and dx/dϑ = m' + S'/S·(x_ϑ − m),
     S' = sin ϑ cos ϑ (σ_d² − s²)/S."""
     c, sn = torch.cos(theta)[:, None], torch.sin(theta)[:, None]
-    S = torch.sqrt(c ** 2 * s ** 2 + sn ** 2 * sigma_d ** 2)
-    dS = sn * c * (sigma_d ** 2 - s ** 2) / S
+    S = torch.sqrt(c**2 * s**2 + sn**2 * sigma_d**2)
+    dS = sn * c * (sigma_d**2 - s**2) / S
     return -sn * mu + dS / S * (x_theta - c * mu)
 
 
@@ -80,6 +99,7 @@ def randomized(net, std=0.3, seed=0):
 
 # ----------------------------------------------------------------------------------------------
 # Time maps and conversions.
+
 
 def test_time_maps_round_trip_and_match_the_paths():
     theta = torch.linspace(0, math.pi / 2, 101, dtype=DT)
@@ -134,9 +154,9 @@ def test_conditional_velocity_averages_to_the_marginal_one():
     th = torch.tensor([0.3, 0.9, 1.4], dtype=DT)
     x_theta = torch.randn(3, 2, generator=g, dtype=DT)
     c, sn = torch.cos(th)[:, None], torch.sin(th)[:, None]
-    S2 = c ** 2 * s ** 2 + sn ** 2 * SD ** 2
-    post_mean = mu + c * s ** 2 / S2 * (x_theta - c * mu)
-    post_std = torch.sqrt(s ** 2 * sn ** 2 * SD ** 2 / S2)
+    S2 = c**2 * s**2 + sn**2 * SD**2
+    post_mean = mu + c * s**2 / S2 * (x_theta - c * mu)
+    post_std = torch.sqrt(s**2 * sn**2 * SD**2 / S2)
     n = 20000
     x = post_mean + post_std * torch.randn(n, 3, 2, generator=g, dtype=DT)
     z = (x_theta - c * x) / sn
@@ -158,6 +178,7 @@ def test_time_proposal_is_the_truncated_lognormal():
 
 # ----------------------------------------------------------------------------------------------
 # The tangent.
+
 
 def exact_tangent_terms(student, teacher, n=32, seed=0, mode="scd", step=10**6, **kw):
     torch.manual_seed(seed)
@@ -192,7 +213,7 @@ def test_sct_tangent_with_the_marginal_velocity_vanishes():
     student = GaussianConsistency(mu, s)
     _, terms = exact_tangent_terms(student, None, mode="sct", n=16)
     x_theta, th = terms["x_theta"], terms["theta"]
-    assert terms["g_raw"].abs().max().item() > 1e-3                       # the conditional signal is noisy
+    assert terms["g_raw"].abs().max().item() > 1e-3  # the conditional signal is noisy
     marginal = trig_velocity_exact(x_theta, th, mu, s)
     F_minus, jvp = scm_jvp(student, x_theta, th, marginal)
     g = scm_tangent(F_minus, marginal, x_theta, jvp, th, SD, r=1.0)
@@ -233,7 +254,7 @@ def test_warmup_and_tangent_formula():
     F, dxdt, x_theta, jvp = (torch.randn(5, 3, generator=g, dtype=DT) for _ in range(4))
     th = thetas(5)
     c, sn = torch.cos(th)[:, None], torch.sin(th)[:, None]
-    first = -c ** 2 * (SD * F - dxdt)
+    first = -(c**2) * (SD * F - dxdt)
     second = -(c * sn * x_theta + SD * jvp)
     assert torch.equal(scm_tangent(F, dxdt, x_theta, jvp, th, SD, r=0.0), first)
     assert torch.allclose(scm_tangent(F, dxdt, x_theta, jvp, th, SD, r=1.0), first + second)
@@ -256,6 +277,7 @@ def test_normalization_both_norms():
 # ----------------------------------------------------------------------------------------------
 # The loss and the learned weight.
 
+
 def test_loss_at_the_optimal_weight_is_its_minimum():
     g = torch.Generator().manual_seed(0)
     F, Fm, gt = (torch.randn(6, 5, generator=g, dtype=DT) for _ in range(3))
@@ -264,7 +286,7 @@ def test_loss_at_the_optimal_weight_is_its_minimum():
     loss, dd = scm_loss(F, Fm, gt, w, reduction="sum")
     assert torch.allclose(dd, d) and torch.allclose(loss, 1 + torch.log(d))
     loss.sum().backward()
-    assert w.grad.abs().max().item() < 1e-12                                   # d/dw = 1 − e^{−w} d = 0
+    assert w.grad.abs().max().item() < 1e-12  # d/dw = 1 − e^{−w} d = 0
     for delta in (-0.1, 0.1):
         assert (scm_loss(F, Fm, gt, w.detach() + delta, reduction="sum")[0] > loss.detach()).all()
     mean_loss, dm = scm_loss(F, Fm, gt, torch.zeros(6, dtype=DT), prior=2.0, reduction="mean")
@@ -279,7 +301,7 @@ def test_weight_head_features_and_gradient_direction():
     assert isinstance(head, TrigWeightHead) and sum(p.numel() for p in head.parameters()) == 17
     th = thetas(8)
     assert torch.allclose(head.features(th), torch.cos(2 * th[:, None] * torch.arange(1, 17)).float(), atol=1e-5)
-    assert torch.equal(head(th), torch.zeros(8, dtype=torch.float32))          # zero init: weight 1
+    assert torch.equal(head(th), torch.zeros(8, dtype=torch.float32))  # zero init: weight 1
     x, e = torch.randn(8, 2), torch.randn(8, 2)
     out = obj.loss_given(net, x, None, e=e, theta=th, step=0)
     out.loss.mean().backward()
@@ -289,8 +311,9 @@ def test_weight_head_features_and_gradient_direction():
     assert (d < 1).all() and torch.allclose(out.loss.double(), d, atol=1e-6)
     dw = (1 - d) / 8
     assert torch.allclose(head.linear.bias.grad.double(), dw.sum()[None], atol=1e-6)
-    assert torch.allclose(head.linear.weight.grad.double(), (dw[:, None] * head.features(th).double()).sum(0)[None],
-                          atol=1e-6)
+    assert torch.allclose(
+        head.linear.weight.grad.double(), (dw[:, None] * head.features(th).double()).sum(0)[None], atol=1e-6
+    )
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(q).all() for q in grads) and any(q.abs().sum() > 0 for q in grads)
     # One SGD step on the head moves w towards ln d (d < 1: w decreases).
@@ -304,14 +327,17 @@ def test_loss_formula_options_and_head_in_float64():
     torch.manual_seed(1)
     net = randomized(build("test_mlp", input_shape=(3,)), std=0.2)
     x, e, th = torch.randn(6, 3), torch.randn(6, 3), thetas(6).float()
-    for kw, reduce, prior in (({}, "sum", False), ({"tangent_norm": "rms"}, "mean", False),
-                              ({"loss_reduction": "mean", "prior_weighting": True}, "mean", True),
-                              ({"adaptive_weighting": False}, "sum", False)):
+    for kw, reduce, prior in (
+        ({}, "sum", False),
+        ({"tangent_norm": "rms"}, "mean", False),
+        ({"loss_reduction": "mean", "prior_weighting": True}, "mean", True),
+        ({"adaptive_weighting": False}, "sum", False),
+    ):
         obj = scm(tangent_warmup_steps=0, **kw)
         assert obj.reduction == reduce
         if obj.trainable is not None:
             nn.init.normal_(obj.trainable.linear.weight, std=0.5)
-            obj.trainable.double()                                              # any dtype of the head works
+            obj.trainable.double()  # any dtype of the head works
         else:
             assert "adaptive_weighting" in kw
         out = obj.loss_given(net, x, None, e=e, theta=th, step=0)
@@ -370,13 +396,68 @@ def test_bf16_autocast_keeps_the_target_in_float32(name, shape):
         assert terms[key].dtype == torch.float32 and torch.equal(terms[key], ref_terms[key]), key
     assert not torch.allclose(low["F_minus"], ref_terms["F_minus"], rtol=1e-6)
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss).all()
-    assert torch.allclose(out.loss, reference.loss, rtol=1e-4, atol=1e-6)   # the residual is −g in both
+    assert torch.allclose(out.loss, reference.loss, rtol=1e-4, atol=1e-6)  # the residual is −g in both
     out.loss.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("name, shape", [("test_mlp", (2,)), ("test_dit", (4, 8, 8))])
+@pytest.mark.parametrize("mode, guidance", [("sct", 1.0), ("scd", 1.0), ("scd", 2.0), ("scd", 3.5)])
+@pytest.mark.parametrize("features", [(), (0, -1)])
+def test_joint_pass_equals_the_separate_pass_in_float64(name, shape, mode, guidance, features):
+    """The one-pass step (F_θ as the JVP's primal) gives the loss, the features and every gradient
+    (net and weight head) of the two-pass step, to 1e-6 in float64."""
+    teacher = randomized(build(name, input_shape=shape, num_classes=3), std=0.2, seed=1).double()
+    teacher = teacher.eval().requires_grad_(False)
+    net = randomized(build(name, input_shape=shape, num_classes=3), std=0.2, seed=2).double()
+    g = torch.Generator().manual_seed(3)
+    x, e = torch.randn(6, *shape, generator=g, dtype=DT), torch.randn(6, *shape, generator=g, dtype=DT)
+    y, th = torch.randint(0, 3, (6,), generator=g), thetas(6)
+    results = {}
+    for jvp_pass in ("joint", "separate"):
+        obj = scm(
+            mode=mode,
+            teacher=teacher if mode == "scd" else None,
+            teacher_guidance=guidance,
+            tangent_warmup_steps=10,
+            jvp_pass=jvp_pass,
+        )
+        obj.trainable.double()
+        torch.manual_seed(4)
+        for p in obj.trainable.parameters():
+            nn.init.normal_(p, std=0.1)
+        out = obj.loss_given(net, x, y, e=e, theta=th, step=4, feature_blocks=features)
+        total = out.loss.sum() + sum(f.square().mean() for f in out.features)
+        params = list(net.parameters()) + list(obj.trainable.parameters())
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        results[jvp_pass] = (
+            out.loss.detach(),
+            [f.detach() for f in out.features],
+            [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)],
+        )
+    (loss_a, feats_a, grads_a), (loss_b, feats_b, grads_b) = results["joint"], results["separate"]
+    assert loss_a.dtype == DT and torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-12)
+    assert len(feats_a) == len(features) and all(
+        torch.allclose(a, b, rtol=1e-6, atol=1e-12) for a, b in zip(feats_a, feats_b)
+    )
+    assert any(gr.abs().sum() > 0 for gr in grads_a)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-10), (a - b).abs().max()
+
+
+def test_joint_pass_is_the_default_and_falls_back_where_it_must():
+    obj = scm()
+    x = torch.randn(2, 2)
+    assert obj.jvp_pass == "auto" and obj.joint_pass(x, None)
+    assert not obj.joint_pass(x, nn.Identity())  # an EMA target: its tangent is not the online net's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not obj.joint_pass(x, None) and scm(target_fp32=False).joint_pass(x, None)
+    assert scm(jvp_pass="joint").joint_pass(x, None) and not scm(jvp_pass="separate").joint_pass(x, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # On registered backbones.
+
 
 @pytest.mark.parametrize("name, shape", [("test_mlp", (2,)), ("test_dit", (4, 8, 8))])
 @pytest.mark.parametrize("mode", ["sct", "scd"])
@@ -412,20 +493,32 @@ def test_labels_pass_through_with_class_dropout():
         for mode in ("sct", "scd"):
             seen.clear()
             scm(mode=mode, teacher=Spy() if mode == "scd" else None, class_dropout=dropout).loss(
-                Spy(), torch.randn(200, 2), y, step=0)
-            assert len(seen) == (3 if mode == "scd" else 2) and all(check(s) for s in seen)
-            assert all(torch.equal(s, seen[0]) for s in seen)                 # teacher, JVP, online agree
+                Spy(), torch.randn(200, 2), y, step=0
+            )
+            # The joint pass: one network call for the online F_θ and its tangent (plus the teacher's).
+            assert len(seen) == (2 if mode == "scd" else 1) and all(check(s) for s in seen)
+            assert all(torch.equal(s, seen[0]) for s in seen)  # teacher and online agree
 
 
 def test_options_are_validated():
     assert isinstance(OBJECTIVES.build("scm"), SCM) and SCM.uses_jvp and SCM.stochastic_sampling
-    for kw, match in (({"mode": "ct"}, "mode"), ({"sigma_d": 0.0}, "sigma_d"), ({"P_std": -1.0}, "P_std"),
-                      ({"tangent_norm": "linf"}, "tangent_norm"), ({"loss_reduction": "max"}, "loss_reduction"),
-                      ({"tangent_c": 0.0}, "tangent_c"), ({"tangent_warmup_steps": -1}, "tangent_warmup_steps"),
-                      ({"interval": "h"}, "interval"), ({"theta_mid": 1.6}, "theta_mid"),
-                      ({"train_sigma_max": 0.001}, "train_sigma_max"), ({"class_dropout": 1.0}, "class_dropout"),
-                      ({"teacher_guidance": -1.0}, "teacher_guidance"), ({"weight_features": 0}, "weight_features"),
-                      ({"jvp_kernel": "flash"}, "jvp_kernel"), ({"teacher": build("test_mlp")}, "mode='scd'")):
+    for kw, match in (
+        ({"mode": "ct"}, "mode"),
+        ({"sigma_d": 0.0}, "sigma_d"),
+        ({"P_std": -1.0}, "P_std"),
+        ({"tangent_norm": "linf"}, "tangent_norm"),
+        ({"loss_reduction": "max"}, "loss_reduction"),
+        ({"tangent_c": 0.0}, "tangent_c"),
+        ({"tangent_warmup_steps": -1}, "tangent_warmup_steps"),
+        ({"interval": "h"}, "interval"),
+        ({"theta_mid": 1.6}, "theta_mid"),
+        ({"train_sigma_max": 0.001}, "train_sigma_max"),
+        ({"class_dropout": 1.0}, "class_dropout"),
+        ({"teacher_guidance": -1.0}, "teacher_guidance"),
+        ({"weight_features": 0}, "weight_features"),
+        ({"jvp_kernel": "flash"}, "jvp_kernel"),
+        ({"teacher": build("test_mlp")}, "mode='scd'"),
+    ):
         with pytest.raises(ValueError, match=match):
             scm(**kw)
     with pytest.raises(ConfigError, match="needs a teacher"):
@@ -435,6 +528,7 @@ def test_options_are_validated():
 
 # ----------------------------------------------------------------------------------------------
 # Sampling.
+
 
 def test_time_grid_and_prior():
     obj = scm()
@@ -471,7 +565,7 @@ def test_one_step_sample_is_f_at_theta_max():
 
 def test_sample_step_renoises_and_two_steps_are_per_sample_deterministic():
     mu = torch.tensor([2.0, -1.0])
-    exact = GaussianConsistency(mu, 0.0)                              # f* = μ for every input
+    exact = GaussianConsistency(mu, 0.0)  # f* = μ for every input
     obj = scm()
     x, t, r, zero = torch.randn(6, 2), torch.full((6,), 0.9), torch.full((6,), 0.4), torch.zeros(6)
     assert torch.allclose(obj.sample_step(exact, x, t, zero, None), mu.expand(6, 2), atol=1e-6)
@@ -486,7 +580,7 @@ def test_sample_step_renoises_and_two_steps_are_per_sample_deterministic():
     seeds = [11, 12, 13, 14]
     noise = seeded_noise(seeds, (2,))
     batch = sample(obj, net, noise, nfe=2, seeds=seeds)
-    alone = torch.cat([sample(obj, net, noise[i:i + 1], nfe=2, seeds=[s]) for i, s in enumerate(seeds)])
+    alone = torch.cat([sample(obj, net, noise[i : i + 1], nfe=2, seeds=[s]) for i, s in enumerate(seeds)])
     torch.testing.assert_close(batch, alone)
     torch.testing.assert_close(sample(obj, net, noise, nfe=2, seeds=seeds), batch)
     assert not torch.allclose(sample(obj, net, noise, nfe=2, seeds=[s + 100 for s in seeds]), batch)
@@ -494,6 +588,7 @@ def test_sample_step_renoises_and_two_steps_are_per_sample_deterministic():
 
 # ----------------------------------------------------------------------------------------------
 # End to end: a few dozen sCD steps with the exact teacher.
+
 
 def test_scd_with_the_exact_teacher_reduces_the_one_step_error():
     torch.manual_seed(0)

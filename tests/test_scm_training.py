@@ -2,6 +2,7 @@
 EMA'd and checkpointed with the network, a resumed run equals a straight one bit for bit (network,
 EMA, weight head and its EMA), sCD reads its teacher from a run directory, and bf16 autocast trains
 on the CPU. The two-rank equivalence is in test_distributed.py, the pinned numbers in test_golden.py."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,10 @@ from onestep.cli import main
 from onestep.config import from_dict
 from onestep.utils.rundir import load_checkpoint
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+]
 
 TEACHER = """
 seed: 2
@@ -76,7 +79,7 @@ def test_weight_head_receives_gradients_changes_and_is_checkpointed(mode, teache
     text = recipe_text(mode, teacher if mode == "scd" else None)
     trainer = Trainer(from_dict(yaml.safe_load(text)), tmp_path / "direct", progress=False)
     head = trainer.objective.trainable
-    assert head is not None and all(p.abs().sum() == 0 for p in head.parameters())     # zero init: w = 0
+    assert head is not None and all(p.abs().sum() == 0 for p in head.parameters())  # zero init: w = 0
     # Optimized by the same optimizer as the net.
     opt_params = {id(p) for group in trainer.train_step_fn.opt.param_groups for p in group["params"]}
     assert all(id(p) in opt_params for p in head.parameters())
@@ -90,7 +93,7 @@ def test_weight_head_receives_gradients_changes_and_is_checkpointed(mode, teache
     params, ema = head_state(ckpt), head_state(ckpt, "objective_params_ema")
     assert set(params) == set(ema) == {"linear.weight", "linear.bias"}
     assert params["linear.bias"].abs().item() > 1e-4 and params["linear.weight"].abs().sum().item() > 1e-4
-    assert not torch.equal(params["linear.weight"], ema["linear.weight"])                 # EMA lags the raw head
+    assert not torch.equal(params["linear.weight"], ema["linear.weight"])  # EMA lags the raw head
     assert ema["linear.weight"].abs().sum().item() > 0
     rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(math.isfinite(r["loss"]) for r in rows)
@@ -121,10 +124,12 @@ def test_resume_is_exact(mode, teacher, tmp_path):
             assert torch.equal(a[section][key], b[section][key]), (section, key)
     rows_a = (straight / "stats.jsonl").read_text().splitlines()
     rows_b = (split / "stats.jsonl").read_text().splitlines()
-    strip = [{k: v for k, v in json.loads(r).items() if k not in ("steps_per_s", "images_per_s", "time_s")}
-             for r in rows_a]
-    assert strip == [{k: v for k, v in json.loads(r).items() if k not in ("steps_per_s", "images_per_s", "time_s")}
-                     for r in rows_b]
+    strip = [
+        {k: v for k, v in json.loads(r).items() if k not in ("steps_per_s", "images_per_s", "time_s")} for r in rows_a
+    ]
+    assert strip == [
+        {k: v for k, v in json.loads(r).items() if k not in ("steps_per_s", "images_per_s", "time_s")} for r in rows_b
+    ]
 
 
 def test_scd_student_starts_as_the_teacher_denoiser(teacher, tmp_path):
@@ -140,11 +145,19 @@ def test_scd_student_starts_as_the_teacher_denoiser(teacher, tmp_path):
     torch.testing.assert_close(terms["dxdt"], obj.sigma_d * terms["F_minus"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("data, backbone, mode", [("{name: checkerboard}", "{name: test_mlp}", "scd"),
-                                                  ("{name: digits, conditional: true}", "{name: test_dit}", "sct")])
+@pytest.mark.parametrize(
+    "data, backbone, mode",
+    [
+        ("{name: checkerboard}", "{name: test_mlp}", "scd"),
+        ("{name: digits, conditional: true}", "{name: test_dit}", "sct"),
+    ],
+)
 def test_bf16_trains_on_the_cpu(data, backbone, mode, teacher, tmp_path):
-    text = recipe_text(mode, teacher if mode == "scd" else None).replace("{name: checkerboard}", data) \
+    text = (
+        recipe_text(mode, teacher if mode == "scd" else None)
+        .replace("{name: checkerboard}", data)
         .replace("{name: test_mlp}", backbone)
+    )
     run = tmp_path / "bf16"
     train(write(tmp_path, "bf16", text), run, "train.precision=bf16", "train.steps=2", "train.batch_size=8")
     rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]

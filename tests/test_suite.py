@@ -1,13 +1,13 @@
 """onestep suite: dependencies, resumability, the results table and the figures, on tiny recipes over
 tiny Fashion-MNIST files (the real IDX layout) with the toolkit's Fashion classifier."""
+
 from __future__ import annotations
 
 import csv
-import json
 
 import pytest
-
 from fashion_files import write_fashion
+
 from onestep.cli import main
 from onestep.utils.rundir import RunDir, load_checkpoint
 
@@ -31,8 +31,9 @@ def tiny_suite(tmp_path, monkeypatch):
     write_fashion(tmp_path / "data")
     (tmp_path / "fm.yaml").write_text(BASE.replace("ROOT", str(tmp_path / "data")))
     (tmp_path / "mf.yaml").write_text("base: fm.yaml\nobjective: {name: meanflow, ratio_r_neq_t: 0.5}\n")
-    (tmp_path / "cd.yaml").write_text("base: fm.yaml\nobjective: {name: consistency_distillation, teacher: none, "
-                                      "num_scales: 4}\ntrain: {steps: 4}\n")
+    (tmp_path / "cd.yaml").write_text(
+        "base: fm.yaml\nobjective: {name: consistency_distillation, teacher: none, num_scales: 4}\ntrain: {steps: 4}\n"
+    )
     root = tmp_path / "runs"
     (tmp_path / "suite.yaml").write_text(f"""
 root: {root}

@@ -1,4 +1,5 @@
 """The DDPM++ U-Net backbones: shapes, gradients, features, JVP through attention, parameter count."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,6 @@ from onestep.backbones.attention import jvp_attention
 from onestep.registry import BACKBONES
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions run faster on one thread
-
-
 
 
 def tiny(**kw):
@@ -29,8 +28,8 @@ def test_shapes_and_conditioning(shape, num_classes):
     y = torch.tensor([0, 1, 2, num_classes]) if num_classes else None
     out = net(x, t, t / 2, y)
     assert out.shape == x.shape and torch.isfinite(out).all()
-    assert not torch.allclose(out, net(x, t, torch.zeros(4), y))          # h matters
-    assert not torch.allclose(out, net(x, t.flip(0), t / 2, y))           # t matters
+    assert not torch.allclose(out, net(x, t, torch.zeros(4), y))  # h matters
+    assert not torch.allclose(out, net(x, t.flip(0), t / 2, y))  # t matters
     if num_classes:
         assert torch.allclose(net(x, t, None, None), net(x, t, torch.zeros(4), torch.full((4,), num_classes)))
         assert not torch.allclose(out, net(x, t, t / 2, torch.tensor([3, 3, 3, 3])))
@@ -42,10 +41,12 @@ def test_output_starts_at_zero_and_gradients_reach_every_parameter():
     torch.manual_seed(0)
     net = tiny(input_shape=(3, 8, 8), num_classes=3, dropout=0.1)
     x, t, h, y = torch.randn(6, 3, 8, 8), torch.rand(6), torch.rand(6), torch.tensor([0, 1, 2, 3, 0, 1])
-    assert net(x, t, h, y).abs().max() == 0                                 # zero-initialised output conv
+    assert net(x, t, h, y).abs().max() == 0  # zero-initialised output conv
     zero_init = [name for name, p in net.named_parameters() if p.dim() > 1 and not p.abs().sum()]
-    assert any("conv1" in n for n in zero_init) and any("proj" in n for n in zero_init) and "conv_out.weight" in zero_init
-    for p in net.parameters():                                              # perturb zero-init layers
+    assert (
+        any("conv1" in n for n in zero_init) and any("proj" in n for n in zero_init) and "conv_out.weight" in zero_init
+    )
+    for p in net.parameters():  # perturb zero-init layers
         if not p.abs().sum():
             nn.init.normal_(p, std=0.05)
     out, feats = net.forward_features(x, t, h, y, blocks=net.encoder_blocks)
@@ -73,13 +74,16 @@ def test_forward_features_match_forward_and_block_layout():
 def test_jvp_through_attention_matches_finite_differences():
     torch.manual_seed(0)
     net = tiny(input_shape=(3, 8, 8), num_classes=2).double().eval()
-    assert any(block.num_heads for block in list(net.enc) + list(net.dec))     # attention is exercised
+    assert any(block.num_heads for block in list(net.enc) + list(net.dec))  # attention is exercised
     for p in net.parameters():
         if not p.abs().sum():
             nn.init.normal_(p, std=0.05)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    t, h, y = torch.tensor([0.3, 0.7], dtype=torch.float64), torch.tensor([0.1, 0.5], dtype=torch.float64), \
-        torch.tensor([0, 2])
+    t, h, y = (
+        torch.tensor([0.3, 0.7], dtype=torch.float64),
+        torch.tensor([0.1, 0.5], dtype=torch.float64),
+        torch.tensor([0, 2]),
+    )
     dx = torch.randn_like(x)
     ones = torch.ones_like(t)
 
@@ -108,12 +112,19 @@ def test_unet_cifar_parameter_count():
     # EDM DDPM++ layout: 4 res blocks per level + 2 down blocks, decoder 2 middle + 3 x 5 + 2 up blocks.
     assert net.num_blocks == 14 + 19 and net.encoder_blocks == (13,)
     attn = [i for i, block in enumerate(list(net.enc) + list(net.dec)) if block.num_heads]
-    assert len(attn) == 4 + 1 + 1                                            # 16x16 encoder, middle, 16x16 decoder
+    assert len(attn) == 4 + 1 + 1  # 16x16 encoder, middle, 16x16 decoder
 
 
 def test_registered_with_generic_variant():
-    net = BACKBONES.build("unet", input_shape=(1, 8, 8), model_channels=8, channel_mult=[1, 1], num_res_blocks=1,
-                          attn_resolutions=[], num_classes=0)
+    net = BACKBONES.build(
+        "unet",
+        input_shape=(1, 8, 8),
+        model_channels=8,
+        channel_mult=[1, 1],
+        num_res_blocks=1,
+        attn_resolutions=[],
+        num_classes=0,
+    )
     assert net(torch.randn(2, 1, 8, 8), torch.rand(2)).shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match="divisible"):
         BACKBONES.build("unet", input_shape=(1, 6, 6), channel_mult=[1, 1, 1])

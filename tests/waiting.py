@@ -2,6 +2,7 @@
 writes (its lock, its stats rows) and check the process is still alive, so they hold on any machine
 speed. ``HANG_GUARD_S`` only turns a hang into a failure; a machine 10x slower than the slowest seen
 still finishes every wait well inside it."""
+
 from __future__ import annotations
 
 import subprocess

@@ -12,7 +12,8 @@ improved_meanflow: ``--backbone-kwargs '{"dit_s_2": {"guidance_conditions": true
 for every objective of the row group; imf_dit_* always has them).
 
 A step is the training loop's own step (``onestep.train.step.TrainStep``: loss, regularizer,
-backward, gradient all-reduce, clipping, Adam, EMA), minus data loading and logging. Peak memory of the timed steps above what was allocated before them (model,
+backward, gradient all-reduce, clipping, Adam, EMA), minus data loading and logging. Peak memory of the timed
+steps above what was allocated before them (model,
 gradients, optimizer state, inputs): CUDA -> torch.cuda.max_memory_allocated; CPU (Linux) -> the
 process's peak resident set (VmHWM), reset through /proc/self/clear_refs after the warmup steps, with
 glibc's mmap threshold fixed at 64 KiB (mallopt) so every tensor buffer is mapped on allocation and
@@ -29,6 +30,7 @@ flow-matching row measured earlier in the same group (list ``flow_matching`` fir
 memory pass; ``--compile-backend`` picks the ``torch.compile`` backend (``aot_eager`` for a quick
 CPU check of the compiled path).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,13 +112,28 @@ class PeakMemory:
         return None
 
 
-def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...], steps: int, warmup: int,
-              device: torch.device, precision: str, num_classes: int, objective_kwargs: dict, *,
-              regularizer: str | None = None, compile: bool = False, cpu_peak: bool = False,
-              compile_backend: str = "inductor", backbone_kwargs: dict | None = None) -> dict:
+def bench_one(
+    backbone: str,
+    objective: str,
+    batch: int,
+    shape: tuple[int, ...],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    precision: str,
+    num_classes: int,
+    objective_kwargs: dict,
+    *,
+    regularizer: str | None = None,
+    compile: bool = False,
+    cpu_peak: bool = False,
+    compile_backend: str = "inductor",
+    backbone_kwargs: dict | None = None,
+) -> dict:
     torch.manual_seed(0)
-    net = BACKBONES.build(backbone, input_shape=shape, num_classes=num_classes,
-                          **(backbone_kwargs or {}).get(backbone, {})).to(device)
+    net = BACKBONES.build(
+        backbone, input_shape=shape, num_classes=num_classes, **(backbone_kwargs or {}).get(backbone, {})
+    ).to(device)
     name, _, spec = objective.partition(":")  # "meanflow:jvp_only_r_neq_t=false,ratio_r_neq_t=0.5"
     kwargs = dict(objective_kwargs.get(name, {}))
     for item in filter(None, spec.split(",")):
@@ -127,8 +144,11 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
     obj = OBJECTIVES.build(name, **kwargs)
     if obj.trainable is not None:
         obj.trainable.to(device)
-    regs = [RegularizerTerm(regularizer, 0.5, list(net.encoder_blocks), REGULARIZERS.build(regularizer), regularizer)] \
-        if regularizer else []
+    regs = (
+        [RegularizerTerm(regularizer, 0.5, list(net.encoder_blocks), REGULARIZERS.build(regularizer), regularizer)]
+        if regularizer
+        else []
+    )
     params = list(net.parameters()) + (list(obj.trainable.parameters()) if obj.trainable is not None else [])
     opt = make_optimizer(params, "adam", 1e-4, (0.9, 0.95), 0.0)
     x = torch.randn(batch, *shape, device=device)
@@ -156,11 +176,21 @@ def bench_one(backbone: str, objective: str, batch: int, shape: tuple[int, ...],
     elapsed = time.perf_counter() - t0
     peak = memory.stop()
     ms = 1000 * elapsed / steps
-    return {"backbone": backbone, "objective": objective + (f"+{regularizer}" if regularizer else ""), "batch": batch, "input_shape": list(shape),
-            "device": str(device), "precision": precision, "compile": compile,
-            "compile_backend": compile_backend if compile else None, "ms_per_step": round(ms, 2),
-            "steps_per_s": round(1000 / ms, 3), "images_per_s": round(batch * 1000 / ms, 1),
-            "peak_mem_mb": peak, "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
+    return {
+        "backbone": backbone,
+        "objective": objective + (f"+{regularizer}" if regularizer else ""),
+        "batch": batch,
+        "input_shape": list(shape),
+        "device": str(device),
+        "precision": precision,
+        "compile": compile,
+        "compile_backend": compile_backend if compile else None,
+        "ms_per_step": round(ms, 2),
+        "steps_per_s": round(1000 / ms, 3),
+        "images_per_s": round(batch * 1000 / ms, 1),
+        "peak_mem_mb": peak,
+        "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
+    }
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -184,22 +214,38 @@ def bench_or_oom(config: dict, **kwargs) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     c = config
-    return {"backbone": c["backbone"], "objective": c["objective"] + (f"+{c['regularizer']}" if c["regularizer"] else ""),
-            "batch": c["batch"], "input_shape": list(c["shape"]), "device": str(c["device"]),
-            "precision": c["precision"], "compile": c["compile"],
-            "compile_backend": kwargs.get("compile_backend", "inductor") if c["compile"] else None,
-            "ms_per_step": None, "steps_per_s": None, "images_per_s": None, "peak_mem_mb": None, "params_m": None,
-            "error": "out of memory"}
+    return {
+        "backbone": c["backbone"],
+        "objective": c["objective"] + (f"+{c['regularizer']}" if c["regularizer"] else ""),
+        "batch": c["batch"],
+        "input_shape": list(c["shape"]),
+        "device": str(c["device"]),
+        "precision": c["precision"],
+        "compile": c["compile"],
+        "compile_backend": kwargs.get("compile_backend", "inductor") if c["compile"] else None,
+        "ms_per_step": None,
+        "steps_per_s": None,
+        "images_per_s": None,
+        "peak_mem_mb": None,
+        "params_m": None,
+        "error": "out of memory",
+    }
 
 
 def add_ratios(row: dict, group: list[dict]) -> dict:
     """Time and memory ratios of ``row`` to the flow-matching row of ``group`` with the same compile setting."""
-    ref = next((q for q in group if q["objective"] == "flow_matching" and q["compile"] == row["compile"]
-                and q["ms_per_step"]), None)
-    row["ratio_to_flow_matching"] = (round(row["ms_per_step"] / ref["ms_per_step"], 3)
-                                     if ref and row["ms_per_step"] else None)
-    row["mem_ratio_to_flow_matching"] = (round(row["peak_mem_mb"] / ref["peak_mem_mb"], 3)
-                                         if ref and ref["peak_mem_mb"] and row["peak_mem_mb"] is not None else None)
+    ref = next(
+        (q for q in group if q["objective"] == "flow_matching" and q["compile"] == row["compile"] and q["ms_per_step"]),
+        None,
+    )
+    row["ratio_to_flow_matching"] = (
+        round(row["ms_per_step"] / ref["ms_per_step"], 3) if ref and row["ms_per_step"] else None
+    )
+    row["mem_ratio_to_flow_matching"] = (
+        round(row["peak_mem_mb"] / ref["peak_mem_mb"], 3)
+        if ref and ref["peak_mem_mb"] and row["peak_mem_mb"] is not None
+        else None
+    )
     return row
 
 
@@ -215,22 +261,38 @@ def _over_rounds(rows: list[dict], groups: list[list[dict]], index: int) -> dict
     ratios = [add_ratios(dict(r), g)["ratio_to_flow_matching"] for r, g in zip(rows, groups)]
     ratios = [q for q in ratios if q is not None]
     ms = statistics.median(times)
-    out.update({"rounds": len(rows), "ms_per_step": round(ms, 2), "ms_per_step_rounds": times,
-                "ms_range": [min(times), max(times)], "steps_per_s": round(1000 / ms, 3),
-                "images_per_s": round(out["batch"] * 1000 / ms, 1)})
+    out.update(
+        {
+            "rounds": len(rows),
+            "ms_per_step": round(ms, 2),
+            "ms_per_step_rounds": times,
+            "ms_range": [min(times), max(times)],
+            "steps_per_s": round(1000 / ms, 3),
+            "images_per_s": round(out["batch"] * 1000 / ms, 1),
+        }
+    )
     if ratios:
-        out.update({"ratio_to_flow_matching": round(statistics.median(ratios), 3), "ratio_rounds": ratios,
-                    "ratio_range": [min(ratios), max(ratios)], "mem_ratio_to_flow_matching": None})
+        out.update(
+            {
+                "ratio_to_flow_matching": round(statistics.median(ratios), 3),
+                "ratio_rounds": ratios,
+                "ratio_range": [min(ratios), max(ratios)],
+                "mem_ratio_to_flow_matching": None,
+            }
+        )
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", default="dit_s_2")
-    p.add_argument("--objectives", default="flow_matching,meanflow",
-                   help="comma-separated; kwargs after a colon, e.g. 'meanflow:jvp_only_r_neq_t=false' "
-                        "(use ';' between objectives when kwargs contain commas); 'teacher=copy' gives a "
-                        "distillation objective a frozen copy of the backbone as its teacher (timing only)")
+    p.add_argument(
+        "--objectives",
+        default="flow_matching,meanflow",
+        help="comma-separated; kwargs after a colon, e.g. 'meanflow:jvp_only_r_neq_t=false' "
+        "(use ';' between objectives when kwargs contain commas); 'teacher=copy' gives a "
+        "distillation objective a frozen copy of the backbone as its teacher (timing only)",
+    )
     p.add_argument("--batch", default="32", help="comma-separated batch sizes")
     p.add_argument("--input-shape", default="4,32,32")
     p.add_argument("--num-classes", type=int, default=0)
@@ -238,29 +300,49 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--objective-kwargs", default="{}",
-                   help='JSON per objective, e.g. \'{"meanflow": {"ratio_r_neq_t": 0.25}}\'')
-    p.add_argument("--backbone-kwargs", default="{}",
-                   help='JSON per backbone, e.g. \'{"dit_s_2": {"guidance_conditions": true}}\'')
-    p.add_argument("--regularizer", default=None,
-                   help="also time each objective with this regularizer (weight 0.5) on the encoder blocks")
-    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
-                   help="torch.compile the network (inductor; warmup steps absorb compilation); 'both' times "
-                        "each row eager and compiled. Ratios compare rows with the same setting.")
+    p.add_argument(
+        "--objective-kwargs", default="{}", help='JSON per objective, e.g. \'{"meanflow": {"ratio_r_neq_t": 0.25}}\''
+    )
+    p.add_argument(
+        "--backbone-kwargs", default="{}", help='JSON per backbone, e.g. \'{"dit_s_2": {"guidance_conditions": true}}\''
+    )
+    p.add_argument(
+        "--regularizer",
+        default=None,
+        help="also time each objective with this regularizer (weight 0.5) on the encoder blocks",
+    )
+    p.add_argument(
+        "--compile",
+        choices=["off", "on", "both"],
+        default="off",
+        help="torch.compile the network (inductor; warmup steps absorb compilation); 'both' times "
+        "each row eager and compiled. Ratios compare rows with the same setting.",
+    )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="time every row this many times, the rows interleaved round by round; rows report the "
-                        "median ms/step and ratio with their spread (min, max over rounds), so one lucky round "
-                        "cannot stand as the figure")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every row this many times, the rows interleaved round by round; rows report the "
+        "median ms/step and ratio with their spread (min, max over rounds), so one lucky round "
+        "cannot stand as the figure",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per row")
-    p.add_argument("--no-cpu-memory", action="store_true",
-                   help="CPU: skip the peak-memory pass (peak_mem_mb is then null)")
-    p.add_argument("--skip-oom", action="store_true",
-                   help="a row that runs out of memory becomes a row with error 'out of memory'; go on")
-    p.add_argument("--stream", action="store_true",
-                   help="print each JSON row as soon as it is measured (implies --json and --no-cpu-memory; "
-                        "ratios against an earlier flow_matching row of the same group)")
+    p.add_argument(
+        "--no-cpu-memory", action="store_true", help="CPU: skip the peak-memory pass (peak_mem_mb is then null)"
+    )
+    p.add_argument(
+        "--skip-oom",
+        action="store_true",
+        help="a row that runs out of memory becomes a row with error 'out of memory'; go on",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="print each JSON row as soon as it is measured (implies --json and --no-cpu-memory; "
+        "ratios against an earlier flow_matching row of the same group)",
+    )
     args = p.parse_args(argv)
     if args.stream:
         args.json, args.no_cpu_memory = True, True
@@ -278,10 +360,21 @@ def main(argv=None) -> int:
             for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
                 for objective in objectives:
                     for reg in [None] + ([args.regularizer] if args.regularizer else []):
-                        group.append(dict(backbone=backbone, objective=objective, batch=batch, shape=shape,
-                                          device=device, precision=args.precision, num_classes=args.num_classes,
-                                          objective_kwargs=json.loads(args.objective_kwargs), regularizer=reg,
-                                          compile=compiled, backbone_kwargs=json.loads(args.backbone_kwargs)))
+                        group.append(
+                            dict(
+                                backbone=backbone,
+                                objective=objective,
+                                batch=batch,
+                                shape=shape,
+                                device=device,
+                                precision=args.precision,
+                                num_classes=args.num_classes,
+                                objective_kwargs=json.loads(args.objective_kwargs),
+                                regularizer=reg,
+                                compile=compiled,
+                                backbone_kwargs=json.loads(args.backbone_kwargs),
+                            )
+                        )
             groups.append(group)
     run = (lambda c, **kw: bench_or_oom(c, **kw)) if args.skip_oom else (lambda c, **kw: bench_one(**c, **kw))
     extra = dict(compile_backend=args.compile_backend)
@@ -297,10 +390,14 @@ def main(argv=None) -> int:
     # rest of the process, which slows allocation (up to 2x on these models) and must not enter the times.
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
-    rounds = [[[run(c, steps=args.steps, warmup=args.warmup, **extra) for c in group] for group in groups]
-              for _ in range(args.rounds)]
-    timed = [[_over_rounds([rnd[g][i] for rnd in rounds], [rnd[g] for rnd in rounds], i) for i in range(len(group))]
-             for g, group in enumerate(groups)]
+    rounds = [
+        [[run(c, steps=args.steps, warmup=args.warmup, **extra) for c in group] for group in groups]
+        for _ in range(args.rounds)
+    ]
+    timed = [
+        [_over_rounds([rnd[g][i] for rnd in rounds], [rnd[g] for rnd in rounds], i) for i in range(len(group))]
+        for g, group in enumerate(groups)
+    ]
     if cpu_memory and cpu_peak_tracking():
         for group, rows_ in zip(groups, timed):
             for c, r in zip(group, rows_):
@@ -321,8 +418,17 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     table = Table(title=f"onestep bench — {device}, {args.precision}, {args.steps} timed steps")
-    cols = ["backbone", "objective", "batch", "compile", "ms_per_step", "images_per_s", "peak_mem_mb",
-            "ratio_to_flow_matching", "mem_ratio_to_flow_matching"]
+    cols = [
+        "backbone",
+        "objective",
+        "batch",
+        "compile",
+        "ms_per_step",
+        "images_per_s",
+        "peak_mem_mb",
+        "ratio_to_flow_matching",
+        "mem_ratio_to_flow_matching",
+    ]
     if args.rounds > 1:
         cols[5:5] = ["ms_range"]
         cols.insert(cols.index("ratio_to_flow_matching") + 1, "ratio_range")

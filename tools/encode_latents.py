@@ -21,6 +21,7 @@ hash and a rerun with different ones is refused. Multi-GPU: under torchrun (RANK
 LOCAL_RANK) rank r encodes shards r, r+W, r+2W, ... on cuda:LOCAL_RANK; no collective is needed,
 and any rank count can finish what another left. Prints progress and images/s; the last line is OUT.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,14 +78,19 @@ def check_meta(out: Path, meta: dict) -> None:
         old = json.loads(path.read_text())
         diff = [k for k in meta if old.get(k) != meta[k]]
         if diff:
-            raise SystemExit(f"error: {out} holds shards made with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {meta[k]!r}' for k in diff)}); "
-                             f"use a new OUT folder or delete {out}")
+            raise SystemExit(
+                "error: "
+                + f"{out} holds shards made with other settings "
+                + f"({', '.join(f'{k}: {old.get(k)!r} -> {meta[k]!r}' for k in diff)}); "
+                f"use a new OUT folder or delete {out}"
+            )
     else:
         write_json(path, meta)
 
 
-def encode_shard(vae, files: list[Path], labels: list[int], *, resolution: int, flip: bool, batch_size: int,
-                 workers: int, dtype) -> dict[str, np.ndarray]:
+def encode_shard(
+    vae, files: list[Path], labels: list[int], *, resolution: int, flip: bool, batch_size: int, workers: int, dtype
+) -> dict[str, np.ndarray]:
     from onestep.data.images import ImageFiles, uint8_to_unit
 
     loader = torch.utils.data.DataLoader(ImageFiles(files, resolution), batch_size=batch_size, num_workers=workers)
@@ -93,7 +99,7 @@ def encode_shard(vae, files: list[Path], labels: list[int], *, resolution: int, 
         x = uint8_to_unit(batch).to(vae.device)
         z = vae.encode(torch.cat([x, x.flip(-1)]) if flip else x).cpu()
         latents.append(z[: len(x)])
-        flipped.append(z[len(x):])
+        flipped.append(z[len(x) :])
     arrays = {"latents": torch.cat(latents).numpy().astype(dtype), "labels": np.asarray(labels, dtype=np.int64)}
     if flip:
         arrays["latents_flip"] = torch.cat(flipped).numpy().astype(dtype)
@@ -106,8 +112,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("out", help="output folder of shard_*.npz (created)")
     parser.add_argument("--resolution", type=int, default=256, help="ADM center crop size (default 256)")
     parser.add_argument("--flip", action="store_true", help="also store the latents of the flipped images")
-    parser.add_argument("--vae", default=None, help="Hugging Face id or local AutoencoderKL directory "
-                                                     "(default stabilityai/sd-vae-ft-mse)")
+    parser.add_argument(
+        "--vae",
+        default=None,
+        help="Hugging Face id or local AutoencoderKL directory (default stabilityai/sd-vae-ft-mse)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
     parser.add_argument("--shard-size", type=int, default=10000, help="images per shard")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
@@ -135,36 +144,62 @@ def main(argv: list[str] | None = None) -> str:
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     if args.resolution % vae.downsample:
-        raise SystemExit(f"error: --resolution {args.resolution} is not a multiple of the VAE's downsampling "
-                         f"factor {vae.downsample}")
+        raise SystemExit(
+            f"error: --resolution {args.resolution} is not a multiple of the VAE's downsampling factor {vae.downsample}"
+        )
     listing = hashlib.sha1("\n".join(f"{p.relative_to(src)}\t{y}" for p, y in zip(files, labels)).encode())
     num_shards = (len(files) + args.shard_size - 1) // args.shard_size
-    meta = {"format": 1, "num_images": len(files), "num_classes": len(classes), "files_sha1": listing.hexdigest(),
-            "resolution": args.resolution, "flip": args.flip, "vae": vae_name, "dtype": args.dtype,
-            "shard_size": args.shard_size, "num_shards": num_shards,
-            "latent_shape": [vae.latent_channels] + [args.resolution // vae.downsample] * 2}
+    meta = {
+        "format": 1,
+        "num_images": len(files),
+        "num_classes": len(classes),
+        "files_sha1": listing.hexdigest(),
+        "resolution": args.resolution,
+        "flip": args.flip,
+        "vae": vae_name,
+        "dtype": args.dtype,
+        "shard_size": args.shard_size,
+        "num_shards": num_shards,
+        "latent_shape": [vae.latent_channels] + [args.resolution // vae.downsample] * 2,
+    }
     out.mkdir(parents=True, exist_ok=True)
     check_meta(out, meta)
     write_json(out / CLASSES_FILE, classes)
 
     mine = list(range(rank, num_shards, world))
     todo = [i for i in mine if not shard_path(out, i).exists()]
-    print(f"rank {rank}/{world} on {device}: {len(files)} images, {len(classes)} classes, {num_shards} shards; "
-          f"this rank: {len(mine)} shards, {len(mine) - len(todo)} already done", file=sys.stderr, flush=True)
+    print(
+        f"rank {rank}/{world} on {device}: {len(files)} images, {len(classes)} classes, {num_shards} shards; "
+        f"this rank: {len(mine)} shards, {len(mine) - len(todo)} already done",
+        file=sys.stderr,
+        flush=True,
+    )
     started, encoded = time.perf_counter(), 0
     for done, i in enumerate(todo, 1):
         start, end = i * args.shard_size, min((i + 1) * args.shard_size, len(files))
         t0 = time.perf_counter()
-        arrays = encode_shard(vae, files[start:end], labels[start:end], resolution=args.resolution, flip=args.flip,
-                              batch_size=args.batch_size, workers=args.workers, dtype=STORAGE[args.dtype])
+        arrays = encode_shard(
+            vae,
+            files[start:end],
+            labels[start:end],
+            resolution=args.resolution,
+            flip=args.flip,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            dtype=STORAGE[args.dtype],
+        )
         write_npz(shard_path(out, i), arrays)
         encoded += end - start
         elapsed = time.perf_counter() - started
         rate = encoded / max(elapsed, 1e-9)
         left = sum(min((j + 1) * args.shard_size, len(files)) - j * args.shard_size for j in todo[done:])
-        print(f"rank {rank}: shard {i} ({end - start} images{' + flips' if args.flip else ''}) in "
-              f"{time.perf_counter() - t0:.1f} s; {done}/{len(todo)} done, {rate:.1f} images/s, "
-              f"~{left / max(rate, 1e-9) / 60:.1f} min left", file=sys.stderr, flush=True)
+        print(
+            f"rank {rank}: shard {i} ({end - start} images{' + flips' if args.flip else ''}) in "
+            f"{time.perf_counter() - t0:.1f} s; {done}/{len(todo)} done, {rate:.1f} images/s, "
+            f"~{left / max(rate, 1e-9) / 60:.1f} min left",
+            file=sys.stderr,
+            flush=True,
+        )
     print(out)
     return str(out)
 

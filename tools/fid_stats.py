@@ -24,6 +24,7 @@ The .npz holds mu (D,), sigma (D, D) float64 and metadata: num_images, resolutio
 feature_extractor, feature_layer, reference, weights, torch_fidelity_version.
 Prints the output path as its last line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,15 +47,26 @@ def _parse_set(items: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("reference", help="image folder, .npz of arr_0 images, onestep image dataset name, or "
-                                          "torch-fidelity dataset name")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="folders: ADM center crop of every image to this size (default: as read)")
+    parser.add_argument(
+        "reference",
+        help="image folder, .npz of arr_0 images, onestep image dataset name, or torch-fidelity dataset name",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="folders: ADM center crop of every image to this size (default: as read)",
+    )
     parser.add_argument("--out", help="output .npz (default: the cache key under $ONESTEP_CACHE/fid_stats)")
     parser.add_argument("--feature-extractor", default="inception-v3-compat")
     parser.add_argument("--weights", default=None, help="local feature-extractor weights file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="kwargs of a onestep dataset factory (repeatable), e.g. image_size=32")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="kwargs of a onestep dataset factory (repeatable), e.g. image_size=32",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -74,17 +86,25 @@ def main(argv: list[str] | None = None) -> str:
             reference, name = dataset, dataset.name
         elif kwargs:
             raise ConfigError(f"--set applies to onestep datasets only, not {args.reference!r}")
-        stats = fidelity.reference_statistics(reference, feature_extractor=args.feature_extractor,
-                                              weights_path=args.weights, batch_size=args.batch_size,
-                                              device=args.device, resolution=args.resolution,
-                                              verbose=args.verbose)
+        stats = fidelity.reference_statistics(
+            reference,
+            feature_extractor=args.feature_extractor,
+            weights_path=args.weights,
+            batch_size=args.batch_size,
+            device=args.device,
+            resolution=args.resolution,
+            verbose=args.verbose,
+        )
         out = args.out or fidelity.default_stats_path(name, stats["resolution"], args.feature_extractor, args.weights)
         path = fidelity.save_stats_npz(stats, out)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"{stats['num_images']} images, {stats['resolution']}px, {stats['feature_extractor']} "
-          f"layer {stats['feature_layer']} ({len(stats['mu'])}-d)", file=sys.stderr)
+    print(
+        f"{stats['num_images']} images, {stats['resolution']}px, {stats['feature_extractor']} "
+        f"layer {stats['feature_layer']} ({len(stats['mu'])}-d)",
+        file=sys.stderr,
+    )
     print(path)
     return str(path)
 

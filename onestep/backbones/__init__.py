@@ -12,6 +12,7 @@ without them (then a non-empty ``cond`` is a ValueError) and ("omega", "t_min", 
 (DiT / MLP / UNet with ``guidance_conditions=True``, and the iMF DiT always); missing keys mean
 ω = 1, t_min = 0, t_max = 1 (unguided); unknown keys are a ValueError.
 """
+
 from . import dit, imf_dit, mlp, unet  # noqa: F401  (registers the factories)
 from .attention import jvp_attention
 from .dit import DiT

@@ -32,6 +32,7 @@ Outside it, the fused kernels are used. All paths compute the same function (tes
 primal, tangent and gradients in float64). Attention dropout > 0 inside the block falls back to
 ``"explicit"`` (the fused rule would need the dropout mask).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -125,7 +126,7 @@ def _attention_tangent(q, k, v, out, dq, dk, dv) -> torch.Tensor:
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[-2]
     work = torch.promote_types(q.dtype, torch.float32)  # softmax and sums in >= fp32
-    scale = dim ** -0.5
+    scale = dim**-0.5
     flat = lambda a: None if a is None else a.reshape(batch * heads, *a.shape[2:])  # noqa: E731
     q_, k_, v_, o_, dq_, dk_, dv_ = map(flat, (q, k, v, out, dq, dk, dv))
     chunk = max(1, TANGENT_CHUNK_ELEMENTS // max(1, n_q * n_k))
@@ -145,8 +146,11 @@ def _attention_tangent(q, k, v, out, dq, dk, dv) -> torch.Tensor:
             left.append(qc)
             right.append(dk_[sl].to(work))
         if left:
-            ds = torch.cat(left, -1) @ torch.cat(right, -1).transpose(-1, -2) if len(left) > 1 \
+            ds = (
+                torch.cat(left, -1) @ torch.cat(right, -1).transpose(-1, -2)
+                if len(left) > 1
                 else left[0] @ right[0].transpose(-1, -2)
+            )
             pds = p * ds
             tangent = tangent + pds @ vc - pds.sum(-1, keepdim=True) * o_[sl].to(work)
         pieces.append(tangent.to(out.dtype))

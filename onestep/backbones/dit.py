@@ -9,6 +9,7 @@ from ``cond`` (three more embedders whose last Linear starts at zero, so a fresh
 the same function as the unguided one with the same other weights).
 Tokens are patches of p×p pixels, row-major; N = (H/p)·(W/p).
 """
+
 from __future__ import annotations
 
 import torch
@@ -118,7 +119,9 @@ class DiT(TimeConditioned, BlockFeatures, nn.Module):
         self.encoder_blocks = (depth // 4,)
 
         self.x_embedder = nn.Conv2d(channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, *self.grid_size).unsqueeze(0), persistent=False)
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_2d(hidden_size, *self.grid_size).unsqueeze(0), persistent=False
+        )
         self.add_time_embedders(hidden_size, frequency_size, time_scale, num_classes)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, channels)
@@ -201,8 +204,14 @@ def _register_size(name: str, doc: str, default_shape: tuple[int, ...] = (4, 32,
         dropout: float = 0.0,
         guidance_conditions: bool = False,
     ) -> DiT:
-        return DiT(input_shape, num_classes, time_scale=time_scale, dropout=dropout,
-                   guidance_conditions=guidance_conditions, **DIT_SIZES[name])
+        return DiT(
+            input_shape,
+            num_classes,
+            time_scale=time_scale,
+            dropout=dropout,
+            guidance_conditions=guidance_conditions,
+            **DIT_SIZES[name],
+        )
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc

@@ -47,6 +47,7 @@ convolution xavier-uniform, zero bias; RMSNorm scales 1; gates and final layers 
 Attention goes through ``attention.attention`` so ``torch.func.jvp`` works inside
 ``jvp_attention(kernel)`` for every kernel; RoPE and RMSNorm are plain elementwise ops.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,8 +100,9 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
-def rope_angles(seq_len: int, head_dim: int, theta: float = 10000.0, *, device=None,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(
+    seq_len: int, head_dim: int, theta: float = 10000.0, *, device=None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles m·θ^(−2i/d): two (seq_len, head_dim / 2) tensors.
 
     Computed in float64, then cast to ``dtype``.
@@ -245,16 +247,25 @@ class IMFDiT(BlockFeatures, nn.Module):
         channels, height, width = check_input_shape(input_shape, 3, "IMFDiT")
         if patch_size < 1 or height % patch_size or width % patch_size:
             raise ValueError(
-                f"IMFDiT input_shape {tuple(input_shape)}: height and width must be divisible by patch_size {patch_size}"
+                f"IMFDiT input_shape {tuple(input_shape)}: height and width must be divisible by "
+                f"patch_size {patch_size}"
             )
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
-            raise ValueError(f"IMFDiT hidden_size {hidden_size} must split into num_heads {num_heads} heads "
-                             f"of even size (rotary pairs)")
+            raise ValueError(
+                f"IMFDiT hidden_size {hidden_size} must split into num_heads {num_heads} heads "
+                f"of even size (rotary pairs)"
+            )
         if depth < 1 or not 0 <= aux_head_depth <= depth:
-            raise ValueError(f"IMFDiT needs depth >= 1 and 0 <= aux_head_depth <= depth, "
-                             f"got depth={depth}, aux_head_depth={aux_head_depth}")
-        counts = dict(num_class_tokens=num_class_tokens, num_omega_tokens=num_omega_tokens,
-                      num_interval_tokens=num_interval_tokens, num_time_tokens=num_time_tokens)
+            raise ValueError(
+                f"IMFDiT needs depth >= 1 and 0 <= aux_head_depth <= depth, "
+                f"got depth={depth}, aux_head_depth={aux_head_depth}"
+            )
+        counts = dict(
+            num_class_tokens=num_class_tokens,
+            num_omega_tokens=num_omega_tokens,
+            num_interval_tokens=num_interval_tokens,
+            num_time_tokens=num_time_tokens,
+        )
         bad = [f"{k}={v}" for k, v in counts.items() if v < 1]
         if bad:
             raise ValueError(f"IMFDiT token counts must be >= 1, got {', '.join(bad)}")
@@ -292,8 +303,9 @@ class IMFDiT(BlockFeatures, nn.Module):
 
         self.blocks = nn.ModuleList(IMFBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = IMFFinalLayer(hidden_size, patch_size, channels)
-        self.v_head = (AuxHead(hidden_size, num_heads, mlp_ratio, aux_head_depth, patch_size, channels)
-                       if aux_head else None)
+        self.v_head = (
+            AuxHead(hidden_size, num_heads, mlp_ratio, aux_head_depth, patch_size, channels) if aux_head else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -339,13 +351,16 @@ class IMFDiT(BlockFeatures, nn.Module):
             return bank if emb is None else bank + emb.unsqueeze(1)
 
         y_emb = self.y_embedder(y, batch, device) if self.y_embedder is not None else None
-        prefix = torch.cat([
-            group(self.class_tokens, y_emb),
-            group(self.omega_tokens, self.omega_embedder(1 - 1 / cond["omega"])),
-            group(self.t_min_tokens, self.t_min_embedder(cond["t_min"])),
-            group(self.t_max_tokens, self.t_max_embedder(cond["t_max"])),
-            group(self.time_tokens, self.h_embedder(h)),
-        ], dim=1)
+        prefix = torch.cat(
+            [
+                group(self.class_tokens, y_emb),
+                group(self.omega_tokens, self.omega_embedder(1 - 1 / cond["omega"])),
+                group(self.t_min_tokens, self.t_min_embedder(cond["t_min"])),
+                group(self.t_max_tokens, self.t_max_embedder(cond["t_max"])),
+                group(self.time_tokens, self.h_embedder(h)),
+            ],
+            dim=1,
+        )
         return torch.cat([prefix.to(patches.dtype), patches], dim=1)
 
     def _rope(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +369,9 @@ class IMFDiT(BlockFeatures, nn.Module):
 
     def _forward_all(self, x, t, h, y, blocks: list[int], cond, with_v: bool, with_u: bool = True):
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"IMFDiT built for per-sample shape {self.input_shape}, got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"IMFDiT built for per-sample shape {self.input_shape}, got input of shape {tuple(x.shape)}"
+            )
         batch_times(t, x.shape[0], x.device)  # t is not an input of this network; only its shape is checked
         if cond is None:  # _run called directly
             cond = self._resolve_cond(None, x)
@@ -387,18 +404,33 @@ class IMFDiT(BlockFeatures, nn.Module):
         u, _, feats = self._forward_all(x, t, h, y, blocks, cond, with_v=False)
         return u, feats
 
-    def forward_aux(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
-                    y: torch.Tensor | None = None, *, cond: Mapping[str, Any] | None = None,
-                    blocks: int | Iterable[int] = ()) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def forward_aux(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        h: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        *,
+        cond: Mapping[str, Any] | None = None,
+        blocks: int | Iterable[int] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(u, v, [features]): average velocity, auxiliary instantaneous velocity and the patch tokens
         after the requested blocks of the u path, all from one trunk pass."""
         if self.v_head is None:
             raise ValueError("IMFDiT was built without the auxiliary v-head (aux_head=False); forward_aux needs it")
-        return self._forward_all(x, t, h, y, resolve_blocks(blocks, self.num_blocks), self._resolve_cond(cond, x),
-                                 with_v=True)
+        return self._forward_all(
+            x, t, h, y, resolve_blocks(blocks, self.num_blocks), self._resolve_cond(cond, x), with_v=True
+        )
 
-    def forward_v(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
-                  y: torch.Tensor | None = None, *, cond: Mapping[str, Any] | None = None) -> torch.Tensor:
+    def forward_v(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        h: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        *,
+        cond: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
         """The v-head's instantaneous velocity alone: the trunk and the v-head, skipping the u-head
         (the same v as ``forward_aux``; what the training targets query, at h = 0)."""
         if self.v_head is None:
@@ -443,7 +475,7 @@ def _register_size(name: str, doc: str, default_shape: tuple[int, ...]) -> None:
 
 _SIZE_DOCS = {
     "imf_dit_b_2": "iMF-B/2: depth 12 (4 trunk + 8 u-head), width 768, 12 heads, patch 2; v-head 8 blocks "
-                   "(1000 classes at 4x32x32: 88.9M inference, 145.6M with the v-head).",
+    "(1000 classes at 4x32x32: 88.9M inference, 145.6M with the v-head).",
     "imf_dit_m_2": "iMF-M/2: depth 24 (16 + 8), width 768, 12 heads, patch 2 (173.9M inference, 230.6M training).",
     "imf_dit_l_2": "iMF-L/2: depth 32 (24 + 8), width 1024, 16 heads, patch 2 (409.1M inference, 509.8M training).",
     "imf_dit_xl_2": "iMF-XL/2: depth 48 (40 + 8), width 1024, 16 heads, patch 2 (610.4M inference, 711.1M training).",

@@ -3,10 +3,9 @@
 ``torch.func.jvp`` differentiates with respect to its inputs only, but it lifts every tensor an op
 meets to its level, and the built-in rules of ``addmm`` / ``convolution`` then receive the weight's
 and bias's tangents as *materialized zeros* and multiply by them: the tangent of y = x·Wᵀ + b costs
-dx·Wᵀ + x·0ᵀ + 0 — two matmuls and two additions where one matmul is the answer. Measured on the
-project's CPU (1 thread; x 1024 × 384, W 1536 × 384): primal 20 ms, primal + dx·Wᵀ 43 ms, the
-built-in JVP 75–100 ms, the rule below 41 ms; through a whole DiT-S/2 (4 × 32 × 32, batch 4) the
-MeanFlow JVP fell from 3.7× to 2.7× a plain forward.
+dx·Wᵀ + x·0ᵀ + 0 — two matmuls and two additions where one matmul is the answer, so a JVP through a
+net costs well over one primal plus one tangent pass (figures: docs/benchmarks.md, "MeanFlow's
+training step against flow matching").
 
 ``LinearWithJVP`` / ``Conv2dWithJVP`` are ``torch.autograd.Function``s whose ``jvp`` skips tangents
 that are absent (``set_materialize_grads(False)``: an input without a tangent arrives as ``None``, not
@@ -16,6 +15,7 @@ its block through them (a ``TorchFunctionMode``: any backbone, timm's layers inc
 changes); ``jvp_attention("fused")`` enters it. Outside that block nothing changes. The tangents and
 gradients equal the built-in ones (tests, float64, with and without weight tangents and autocast).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,9 +83,9 @@ class LinearWithJVP(torch.autograd.Function):
     def jvp(ctx, dx, dweight, dbias, _):
         x, weight = ctx.saved_tensors
         with _tangent_context(ctx):
-            out = _sum(None if dx is None else _linear(dx, weight),
-                       None if dweight is None else _linear(x, dweight),
-                       dbias)
+            out = _sum(
+                None if dx is None else _linear(dx, weight), None if dweight is None else _linear(x, dweight), dbias
+            )
             if out is None:
                 out = x.new_zeros((*x.shape[:-1], weight.shape[0]), dtype=ctx.out_dtype)
             return out.to(ctx.out_dtype)
@@ -115,20 +115,39 @@ class Conv2dWithJVP(torch.autograd.Function):
         # convolution_backward wants explicit per-dimension lists (string padding is resolved here).
         pad = _resolved_padding(padding, weight, dilation)
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x.to(work), weight.to(work), [weight.shape[0]] if ctx.bias_dtype is not None else None,
-            _pair(stride), pad, _pair(dilation), False, [0, 0], groups,
-            [bool(need_x), bool(need_w), bool(ctx.bias_dtype is not None and need_b)])
-        return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(weight.dtype),
-                None if gb is None else gb.to(ctx.bias_dtype), None, None, None, None, None)
+            grad,
+            x.to(work),
+            weight.to(work),
+            [weight.shape[0]] if ctx.bias_dtype is not None else None,
+            _pair(stride),
+            pad,
+            _pair(dilation),
+            False,
+            [0, 0],
+            groups,
+            [bool(need_x), bool(need_w), bool(ctx.bias_dtype is not None and need_b)],
+        )
+        return (
+            None if gx is None else gx.to(x.dtype),
+            None if gw is None else gw.to(weight.dtype),
+            None if gb is None else gb.to(ctx.bias_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     @staticmethod
     def jvp(ctx, dx, dweight, dbias, *_):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         with _tangent_context(ctx):
-            out = _sum(None if dx is None else _conv2d(dx, weight, None, stride, padding, dilation, groups),
-                       None if dweight is None else _conv2d(x, dweight, None, stride, padding, dilation, groups),
-                       None if dbias is None else dbias.view(1, -1, 1, 1))
+            out = _sum(
+                None if dx is None else _conv2d(dx, weight, None, stride, padding, dilation, groups),
+                None if dweight is None else _conv2d(x, dweight, None, stride, padding, dilation, groups),
+                None if dbias is None else dbias.view(1, -1, 1, 1),
+            )
             if out is None:
                 out = torch.zeros_like(_conv2d(x, weight, None, stride, padding, dilation, groups), dtype=ctx.out_dtype)
             return out.to(ctx.out_dtype)
@@ -163,8 +182,8 @@ class _LayerRules(TorchFunctionMode):
             return LinearWithJVP.apply(x, weight, bias, self.tangent_grad)
         if func is _conv2d:
             x, weight, bias, stride, padding, dilation, groups = _bind(
-                args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-                (None, 1, 0, 1, 1))
+                args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, 1, 0, 1, 1)
+            )
             return Conv2dWithJVP.apply(x, weight, bias, stride, padding, dilation, groups, self.tangent_grad)
         return func(*args, **kwargs)
 

@@ -3,6 +3,7 @@
 Notation: t is the time in [0, 1] (noise at t = 1), h = t - r the interval of the average velocity,
 y the class id (``num_classes`` is the null class used for classifier-free guidance dropout).
 """
+
 from __future__ import annotations
 
 import math
@@ -154,9 +155,16 @@ def batch_times(t: torch.Tensor | float, batch_size: int, device: torch.device) 
     return t
 
 
-def resolve_guidance(cond: Mapping[str, Any] | None, cond_keys: Sequence[str], batch_size: int,
-                     device: torch.device, dtype: torch.dtype = torch.float32, *, owner: str = "backbone",
-                     option: str = "guidance_conditions=True") -> dict[str, torch.Tensor] | None:
+def resolve_guidance(
+    cond: Mapping[str, Any] | None,
+    cond_keys: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    *,
+    owner: str = "backbone",
+    option: str = "guidance_conditions=True",
+) -> dict[str, torch.Tensor] | None:
     """Validate ``cond`` and return {key: (B,) tensor} for every key in ``cond_keys`` (None if there are none).
 
     ``cond`` is None or a dict with keys among ``cond_keys``; values are (B,) tensors, 0-d tensors or
@@ -165,18 +173,22 @@ def resolve_guidance(cond: Mapping[str, Any] | None, cond_keys: Sequence[str], b
     synchronise with the device). A backbone without ``cond_keys`` accepts only None or {}.
     """
     if cond is not None and not isinstance(cond, Mapping):
-        raise ValueError(f"cond must be None or a dict with keys among {', '.join(GUIDANCE_KEYS)}; "
-                         f"got {type(cond).__name__}")
+        raise ValueError(
+            f"cond must be None or a dict with keys among {', '.join(GUIDANCE_KEYS)}; got {type(cond).__name__}"
+        )
     cond = dict(cond or {})
     if not cond_keys:
         if cond:
-            raise ValueError(f"{owner} was not built with guidance conditions (build it with {option}); "
-                             f"got cond keys {', '.join(map(str, cond))}")
+            raise ValueError(
+                f"{owner} was not built with guidance conditions (build it with {option}); "
+                f"got cond keys {', '.join(map(str, cond))}"
+            )
         return None
     unknown = [k for k in cond if k not in cond_keys]
     if unknown:
-        raise ValueError(f"unknown cond key(s) {', '.join(map(repr, unknown))} for {owner}; "
-                         f"allowed: {', '.join(cond_keys)}")
+        raise ValueError(
+            f"unknown cond key(s) {', '.join(map(repr, unknown))} for {owner}; allowed: {', '.join(cond_keys)}"
+        )
     out = {}
     for key in cond_keys:
         value = cond.get(key, GUIDANCE_DEFAULTS[key])
@@ -203,10 +215,7 @@ def check_input_shape(input_shape: Sequence[int], ndim: int | tuple[int, ...], w
     """Validate a per-sample shape: positive ints with the allowed number of dimensions."""
     ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     shape = tuple(input_shape)
-    if (
-        len(shape) not in ndims
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
-    ):
+    if len(shape) not in ndims or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         want = " or ".join(f"{n}-D" for n in ndims)
         raise ValueError(f"{what} needs a {want} input_shape of positive ints, got {input_shape!r}")
     return shape
@@ -225,15 +234,17 @@ class TimeConditioned:
         self.h_embedder = TimestepEmbedder(width, frequency_size, time_scale)
         self.y_embedder = LabelEmbedder(num_classes, width) if num_classes > 0 else None
 
-    def add_guidance_embedders(self, enabled: bool, width: int, frequency_size: int, time_scale: float,
-                               normal_init: bool = False) -> None:
+    def add_guidance_embedders(
+        self, enabled: bool, width: int, frequency_size: int, time_scale: float, normal_init: bool = False
+    ) -> None:
         """Three more scalar embedders (1 − 1/ω, t_min, t_max) when ``enabled``, their last Linear at zero
         so a freshly built guided net computes exactly the unguided function."""
         self.cond_keys = GUIDANCE_KEYS if enabled else ()
         self.guidance_embedders = None
         if enabled:
             self.guidance_embedders = nn.ModuleDict(
-                {key: TimestepEmbedder(width, frequency_size, time_scale) for key in GUIDANCE_KEYS})
+                {key: TimestepEmbedder(width, frequency_size, time_scale) for key in GUIDANCE_KEYS}
+            )
             self.reset_guidance_embedders(normal_init)
 
     def reset_guidance_embedders(self, normal_init: bool = False) -> None:
@@ -243,8 +254,9 @@ class TimeConditioned:
             nn.init.zeros_(embedder.mlp[-1].weight)
             nn.init.zeros_(embedder.mlp[-1].bias)
 
-    def condition(self, t, h, y, batch_size: int, device: torch.device,
-                  cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def condition(
+        self, t, h, y, batch_size: int, device: torch.device, cond: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """c (B, width); ``cond`` is the resolved dict of (B,) tensors (guided nets only)."""
         t = batch_times(t, batch_size, device)
         h = torch.zeros_like(t) if h is None else batch_times(h, batch_size, device)
@@ -270,8 +282,15 @@ class BlockFeatures:
     # How to build the backbone with guidance conditions (named in the error for a stray ``cond``).
     guidance_option: str = "guidance_conditions=True"
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, *, cond: Mapping[str, Any] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        h: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        *,
+        cond: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
         """x (B, ...), t (B,), h = t - r (B,) or None, y (B,) or None -> like x.
 
         ``cond``: None or {"omega", "t_min", "t_max"} -> (B,) tensors or scalars (guided backbones
@@ -279,13 +298,21 @@ class BlockFeatures:
         """
         return self._run(x, t, h, y, [], self._resolve_cond(cond, x))[0]
 
-    def forward_features(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
-                         y: torch.Tensor | None = None, *, blocks: int | Iterable[int],
-                         cond: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        h: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        *,
+        blocks: int | Iterable[int],
+        cond: Mapping[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Output and the activations after each requested block (negative indices from the end)."""
         return self._run(x, t, h, y, resolve_blocks(blocks, self.num_blocks), self._resolve_cond(cond, x))
 
     def _resolve_cond(self, cond: Mapping[str, Any] | None, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
         dtype = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
-        return resolve_guidance(cond, self.cond_keys, x.shape[0], x.device, dtype,
-                                owner=type(self).__name__, option=self.guidance_option)
+        return resolve_guidance(
+            cond, self.cond_keys, x.shape[0], x.device, dtype, owner=type(self).__name__, option=self.guidance_option
+        )

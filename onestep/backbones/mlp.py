@@ -10,6 +10,7 @@ Hidden layer i (a feature for ``forward_features``) is the (B, width) activation
 With ``guidance_conditions=True`` c also gets emb_ω(1 − 1/ω) + emb_tmin(t_min) + emb_tmax(t_max)
 from ``cond``; their last Linear starts at zero (a fresh guided net equals the unguided one).
 """
+
 from __future__ import annotations
 
 import torch
@@ -111,8 +112,16 @@ def mlp_toy(
     steps). On eight_gaussians 1, 10 and 100 were all close, 10 slightly best by MMD.
     ``guidance_conditions``: also condition on the guidance scale and interval (``cond``).
     """
-    return MLP(input_shape, num_classes, width=width, depth=depth, time_scale=time_scale,
-               frequency_size=frequency_size, dropout=dropout, guidance_conditions=guidance_conditions)
+    return MLP(
+        input_shape,
+        num_classes,
+        width=width,
+        depth=depth,
+        time_scale=time_scale,
+        frequency_size=frequency_size,
+        dropout=dropout,
+        guidance_conditions=guidance_conditions,
+    )
 
 
 @BACKBONES.register("test_mlp", family="mlp")
@@ -123,5 +132,12 @@ def test_mlp(
     guidance_conditions: bool = False,
 ) -> MLP:
     """Tiny MLP for tests: width 32, depth 2."""
-    return MLP(input_shape, num_classes, width=32, depth=2, time_scale=time_scale, frequency_size=16,
-               guidance_conditions=guidance_conditions)
+    return MLP(
+        input_shape,
+        num_classes,
+        width=32,
+        depth=2,
+        time_scale=time_scale,
+        frequency_size=16,
+        guidance_conditions=guidance_conditions,
+    )

@@ -29,6 +29,7 @@ Blocks (for ``forward_features``) are the residual blocks in execution order: th
 skip-consuming blocks). A block's feature is its (B, C, H', W') output. ``encoder_blocks`` is the
 last block of the down path (before the middle blocks).
 """
+
 from __future__ import annotations
 
 import math
@@ -87,9 +88,20 @@ class UNetBlock(nn.Module):
     """Residual block with the embedding added after the first conv, optional up/down resampling and
     optional self-attention: x (B, C_in, H, W), emb (B, E) -> (B, C_out, H', W')."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *, up: bool = False,
-                 down: bool = False, attention: bool = False, num_heads: int = 1, dropout: float = 0.0,
-                 skip_scale: float = math.sqrt(0.5), eps: float = 1e-6):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        *,
+        up: bool = False,
+        down: bool = False,
+        attention: bool = False,
+        num_heads: int = 1,
+        dropout: float = 0.0,
+        skip_scale: float = math.sqrt(0.5),
+        eps: float = 1e-6,
+    ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.up, self.down = up, down
@@ -157,8 +169,9 @@ class UNet(BlockFeatures, nn.Module):
         if levels < 1 or num_res_blocks < 1 or model_channels < 1:
             raise ValueError("UNet needs at least one level, one res block per level and model_channels >= 1")
         if height != width or height % (2 ** (levels - 1)):
-            raise ValueError(f"UNet with {levels} levels needs square inputs divisible by {2 ** (levels - 1)}, "
-                             f"got {height}x{width}")
+            raise ValueError(
+                f"UNet with {levels} levels needs square inputs divisible by {2 ** (levels - 1)}, got {height}x{width}"
+            )
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
         self.input_shape = (channels, height, width)
@@ -168,8 +181,11 @@ class UNet(BlockFeatures, nn.Module):
         emb_channels = model_channels * channel_mult_emb
 
         def mapping() -> nn.Sequential:
-            return nn.Sequential(_xavier(nn.Linear(model_channels, emb_channels)), nn.SiLU(),
-                                 _xavier(nn.Linear(emb_channels, emb_channels)))
+            return nn.Sequential(
+                _xavier(nn.Linear(model_channels, emb_channels)),
+                nn.SiLU(),
+                _xavier(nn.Linear(emb_channels, emb_channels)),
+            )
 
         self.map_t = mapping()
         self.map_h = mapping()
@@ -223,8 +239,9 @@ class UNet(BlockFeatures, nn.Module):
         self.dec.append(block)
         self._dec_takes_skip.append(takes_skip)
 
-    def embedding(self, t, h, y, batch_size: int, device: torch.device,
-                  cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def embedding(
+        self, t, h, y, batch_size: int, device: torch.device, cond: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """emb = SiLU(map_t(PE(s·t)) + map_h(PE(s·h)) [+ E_y(y)] [+ guidance maps]): (B, emb_channels).
 
         ``cond`` is the resolved dict of (B,) tensors (guided nets only)."""
@@ -289,10 +306,19 @@ def unet(
     """DDPM++ U-Net with every architecture knob exposed (defaults: the CIFAR-10 configuration).
 
     ``guidance_conditions``: also condition on the guidance scale and interval (``cond``)."""
-    return UNet(input_shape, num_classes, model_channels=model_channels, channel_mult=tuple(channel_mult),
-                channel_mult_emb=channel_mult_emb, num_res_blocks=num_res_blocks,
-                attn_resolutions=tuple(attn_resolutions), dropout=dropout, num_heads=num_heads, time_scale=time_scale,
-                guidance_conditions=guidance_conditions)
+    return UNet(
+        input_shape,
+        num_classes,
+        model_channels=model_channels,
+        channel_mult=tuple(channel_mult),
+        channel_mult_emb=channel_mult_emb,
+        num_res_blocks=num_res_blocks,
+        attn_resolutions=tuple(attn_resolutions),
+        dropout=dropout,
+        num_heads=num_heads,
+        time_scale=time_scale,
+        guidance_conditions=guidance_conditions,
+    )
 
 
 @BACKBONES.register("unet_cifar", family="unet")
@@ -307,9 +333,18 @@ def unet_cifar(
 
     model_channels 128, channel_mult [2, 2, 2], 4 res blocks per level, attention at 16×16.
     Dropout: EDM 0.13, MeanFlow / ECT 0.2, iCT 0.3."""
-    return UNet(input_shape, num_classes, model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4,
-                num_res_blocks=4, attn_resolutions=(16,), dropout=dropout, time_scale=time_scale,
-                guidance_conditions=guidance_conditions)
+    return UNet(
+        input_shape,
+        num_classes,
+        model_channels=128,
+        channel_mult=(2, 2, 2),
+        channel_mult_emb=4,
+        num_res_blocks=4,
+        attn_resolutions=(16,),
+        dropout=dropout,
+        time_scale=time_scale,
+        guidance_conditions=guidance_conditions,
+    )
 
 
 @BACKBONES.register("test_unet", family="unet")
@@ -323,6 +358,15 @@ def test_unet(
     """Tiny U-Net for tests: model_channels 16, channel_mult [1, 2], 1 res block, attention at 4×4."""
     shape = tuple(input_shape)
     attn = (shape[-1] // 2,) if len(shape) == 3 else (4,)
-    return UNet(input_shape, num_classes, model_channels=16, channel_mult=(1, 2), channel_mult_emb=2,
-                num_res_blocks=1, attn_resolutions=attn, dropout=dropout, time_scale=time_scale,
-                guidance_conditions=guidance_conditions)
+    return UNet(
+        input_shape,
+        num_classes,
+        model_channels=16,
+        channel_mult=(1, 2),
+        channel_mult_emb=2,
+        num_res_blocks=1,
+        attn_resolutions=attn,
+        dropout=dropout,
+        time_scale=time_scale,
+        guidance_conditions=guidance_conditions,
+    )

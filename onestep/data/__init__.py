@@ -2,7 +2,8 @@
 
 Importing this package registers every dataset factory in ``onestep.registry.DATASETS``.
 """
-from .base import BatchStream, Dataset, TensorDataset
+
 from . import idx, images, toy  # noqa: F401  (registration side effects)
+from .base import BatchStream, Dataset, TensorDataset
 
 __all__ = ["BatchStream", "Dataset", "TensorDataset", "idx", "images", "toy"]

@@ -12,6 +12,7 @@ Every registered dataset factory returns a ``Dataset``:
 ``BatchStream`` turns a dataset into the batch for a given global ``step`` and rank as a pure
 function of (seed, step, rank): resuming or changing the world size needs no hidden sampler state.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,9 @@ class Dataset:
 class TensorDataset(Dataset):
     """A finite dataset held in memory as tensors (float32, or x's own dtype with ``keep_dtype``)."""
 
-    def __init__(self, x: Tensor, y: Tensor | None, *, num_classes: int, kind: str, name: str,
-                 keep_dtype: bool = False):
+    def __init__(
+        self, x: Tensor, y: Tensor | None, *, num_classes: int, kind: str, name: str, keep_dtype: bool = False
+    ):
         self.x = (x if keep_dtype else x.float()).contiguous()
         self.y = None if y is None else y.long().contiguous()
         self.shape = tuple(self.x.shape[1:])
@@ -76,14 +78,24 @@ class BatchStream:
     Generated data: a generator seeded from (seed, step, rank).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 allow_repeats: bool = False):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        allow_repeats: bool = False,
+    ):
         if batch_size % world_size:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the world size {world_size}")
         if dataset.size is not None and batch_size > dataset.size and not allow_repeats:
-            raise ValueError(f"train.batch_size={batch_size} is larger than the {dataset.size} examples of "
-                             f"'{dataset.name}', so a batch would repeat examples; lower it, or set "
-                             f"train.batch_with_repeats=true to allow that")
+            raise ValueError(
+                f"train.batch_size={batch_size} is larger than the {dataset.size} examples of "
+                f"'{dataset.name}', so a batch would repeat examples; lower it, or set "
+                f"train.batch_with_repeats=true to allow that"
+            )
         self.dataset = dataset
         self.global_batch = batch_size
         self.local_batch = batch_size // world_size

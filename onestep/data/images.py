@@ -10,6 +10,7 @@ the data; ``download: true`` fetches CIFAR-10 with torchvision where there is ne
 - ``mnist``, ``fashion_mnist``: IDX files in torchvision's layout (``onestep.data.idx``).
 - ``imagefolder``: ``ROOT/CLASS/*.png|jpg|...``, center-cropped and resized with PIL.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -155,8 +156,9 @@ def cifar10(root: str = "data", train: bool = True, download: bool = False, cond
 
             torchvision.datasets.CIFAR10(root, train=train, download=True)
         except Exception as exc:  # network or disk errors, reported as one line
-            raise ConfigError(f"dataset 'cifar10': download to {root} failed: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}") from None
+            raise ConfigError(
+                f"dataset 'cifar10': download to {root} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            ) from None
         folder = _cifar10_folder(root)
     if folder is None:
         raise DataNotFound(
@@ -188,8 +190,13 @@ def center_crop_resize(image, image_size: int):
 def image_files(folder: str | Path) -> list[Path]:
     """Image files (IMAGE_EXTENSIONS, any case) anywhere under ``folder``, sorted; hidden names skipped."""
     folder = Path(folder).expanduser()
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def class_folders(root: str | Path, what: str) -> tuple[list[Path], list[int], list[str]]:
@@ -223,8 +230,10 @@ def load_image(path: str | Path, image_size: int | None = None, mode: str = "RGB
                 im = center_crop_resize(im, image_size)
             arr = np.array(im, dtype=np.uint8)  # a writable copy
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a readable image ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'})") from None
+        raise ConfigError(
+            f"{path}: not a readable image ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'})"
+        ) from None
     return arr.reshape(arr.shape[0], arr.shape[1], -1)
 
 

@@ -29,6 +29,7 @@ With ``vae`` (a Hugging Face id such as ``stabilityai/sd-vae-ft-mse`` or a local
 ``decode(x) -> images (N, 3, H·f, W·f)`` in [-1, 1] (x in the model's coordinates); ``decodes_to_images`` tells the
 sampler and the evaluator. The VAE is loaded on first use only, so training never needs it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,15 +54,18 @@ def _open_shard(shard: Path):
     try:
         f = np.load(shard, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise ConfigError(f"{shard}: not a readable .npz shard ({type(exc).__name__}: {exc}); "
-                          f"re-encode it with tools/encode_latents.py") from None
+        raise ConfigError(
+            f"{shard}: not a readable .npz shard ({type(exc).__name__}: {exc}); "
+            f"re-encode it with tools/encode_latents.py"
+        ) from None
     try:
         yield f
     except ConfigError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise ConfigError(f"{shard}: corrupt .npz shard ({type(exc).__name__}: {exc}); "
-                          f"re-encode it with tools/encode_latents.py") from None
+        raise ConfigError(
+            f"{shard}: corrupt .npz shard ({type(exc).__name__}: {exc}); re-encode it with tools/encode_latents.py"
+        ) from None
     finally:
         f.close()
 
@@ -85,8 +89,9 @@ def npz_member_memmap(path: str | Path, key: str) -> np.memmap | None:
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         fh.seek(info.header_offset + 30 + name_len + extra_len)
         version = np.lib.format.read_magic(fh)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(
+            version
+        )
         if read_header is None:
             return None
         shape, fortran, dtype = read_header(fh)
@@ -132,8 +137,9 @@ class ShardRows:
         return out
 
 
-def read_latent_shards(root: str | Path, limit: int | None = None, flip: bool = False, mmap: bool = True
-                       ) -> tuple[ShardRows, torch.Tensor]:
+def read_latent_shards(
+    root: str | Path, limit: int | None = None, flip: bool = False, mmap: bool = True
+) -> tuple[ShardRows, torch.Tensor]:
     """Unscaled latents as ``ShardRows`` (N rows of (C, H, W), stored dtype) and labels (N,) int64
     from ROOT/*.npz.
 
@@ -144,8 +150,10 @@ def read_latent_shards(root: str | Path, limit: int | None = None, flip: bool = 
     root = Path(root).expanduser()
     shards = sorted(root.glob("*.npz")) if root.is_dir() else []
     if not shards:
-        raise DataNotFound(f"no latent shards (*.npz with 'latents' and 'labels') under {root}; "
-                                f"write them with tools/encode_latents.py")
+        raise DataNotFound(
+            f"no latent shards (*.npz with 'latents' and 'labels') under {root}; "
+            f"write them with tools/encode_latents.py"
+        )
 
     def load(shard: Path, f, key: str) -> np.ndarray:
         x = npz_member_memmap(shard, key) if mmap else None
@@ -164,8 +172,9 @@ def read_latent_shards(root: str | Path, limit: int | None = None, flip: bool = 
             if flip and FLIP_KEY in f:
                 xfs.append(load(shard, f, FLIP_KEY))
                 if xfs[-1].shape != xs[-1].shape:
-                    raise ConfigError(f"{shard}: '{FLIP_KEY}' has shape {tuple(xfs[-1].shape)}, "
-                                      f"'latents' {tuple(xs[-1].shape)}")
+                    raise ConfigError(
+                        f"{shard}: '{FLIP_KEY}' has shape {tuple(xfs[-1].shape)}, 'latents' {tuple(xs[-1].shape)}"
+                    )
         total += len(xs[-1])
         if limit is not None and total >= limit:
             break
@@ -173,8 +182,10 @@ def read_latent_shards(root: str | Path, limit: int | None = None, flip: bool = 
     if len(kinds) > 1:
         raise ConfigError(f"the shards under {root} mix latent shapes or dtypes ({sorted(kinds)})")
     if flip and xfs and len(xfs) != len(xs):
-        raise ConfigError(f"only {len(xfs)} of {len(xs)} shards under {root} have '{FLIP_KEY}'; "
-                          f"re-encode them all with --flip, or set data.flip=false")
+        raise ConfigError(
+            f"only {len(xfs)} of {len(xs)} shards under {root} have '{FLIP_KEY}'; "
+            f"re-encode them all with --flip, or set data.flip=false"
+        )
     if limit is not None and total > limit:  # trim the last shard read
         keep = len(xs[-1]) - (total - limit)
         xs[-1], ys[-1] = xs[-1][:keep], ys[-1][:keep]
@@ -195,17 +206,28 @@ class LatentDataset(Dataset):
     the ranks of a node share one copy in the page cache — and ``get`` returns float32 normalized
     latents: ``scale``·z, or (z − mean)/std per channel when ``mean`` and ``std`` are given."""
 
-    def __init__(self, rows: ShardRows, y: Tensor | None, *, num_classes: int, scale: float = SD_VAE_SCALE,
-                 name: str = "latents", vae: str | None = None, vae_batch_size: int = 32,
-                 mean: list[float] | None = None, std: list[float] | None = None):
+    def __init__(
+        self,
+        rows: ShardRows,
+        y: Tensor | None,
+        *,
+        num_classes: int,
+        scale: float = SD_VAE_SCALE,
+        name: str = "latents",
+        vae: str | None = None,
+        vae_batch_size: int = 32,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+    ):
         if y is not None and len(y) != len(rows):
             raise ValueError(f"{len(rows)} latents but {len(y)} labels")
         if (mean is None) != (std is None):
             raise ValueError("latent_mean and latent_std go together (one value per channel each)")
         channels = rows.row_shape[0]
         if mean is not None and (len(mean) != channels or len(std) != channels):
-            raise ValueError(f"latent_mean and latent_std need one value per channel ({channels}), got "
-                             f"{len(mean)} and {len(std)}")
+            raise ValueError(
+                f"latent_mean and latent_std need one value per channel ({channels}), got {len(mean)} and {len(std)}"
+            )
         if std is not None and not all(s > 0 for s in std):
             raise ValueError(f"latent_std values must be > 0, got {list(std)}")
         self.rows = rows
@@ -259,15 +281,19 @@ class LatentDataset(Dataset):
     def vae(self, device=None):
         """The ``onestep.data.vae.VAE`` (loaded once, fp32), moved to ``device`` when given."""
         if self.vae_name is None:
-            raise ConfigError("this latent dataset has no VAE; set data.vae (e.g. stabilityai/sd-vae-ft-mse "
-                              "or a local AutoencoderKL directory) to decode latents into images")
+            raise ConfigError(
+                "this latent dataset has no VAE; set data.vae (e.g. stabilityai/sd-vae-ft-mse "
+                "or a local AutoencoderKL directory) to decode latents into images"
+            )
         if self._vae is None:
             from onestep.data.vae import load_vae
 
             self._vae = load_vae(self.vae_name, device=device or "cpu", batch_size=self.vae_batch_size)
             if self._vae.latent_channels != self.shape[0]:
-                raise ConfigError(f"VAE '{self.vae_name}' has {self._vae.latent_channels} latent channels, "
-                                  f"the latents under data.root have {self.shape[0]}")
+                raise ConfigError(
+                    f"VAE '{self.vae_name}' has {self._vae.latent_channels} latent channels, "
+                    f"the latents under data.root have {self.shape[0]}"
+                )
         return self._vae.to(device) if device is not None else self._vae
 
     def decode(self, x: Tensor) -> Tensor:
@@ -283,16 +309,24 @@ class LatentDataset(Dataset):
 
     def describe_decoder(self) -> str:
         if self.mean is not None:
-            return (f"latents decoded by VAE {self.vae_name} (per-channel mean {self.mean}, "
-                    f"std {self.std})")
+            return f"latents decoded by VAE {self.vae_name} (per-channel mean {self.mean}, std {self.std})"
         return f"latents decoded by VAE {self.vae_name} (scale {self.scale:g})"
 
 
 @DATASETS.register("latents")
-def latents(root: str, num_classes: int = 1000, scale: float | None = None, limit: int | None = None,
-            conditional: bool = True, flip: bool = True, vae: str | None = None,
-            vae_batch_size: int = 32, mmap: bool = True, latent_mean: list[float] | None = None,
-            latent_std: list[float] | None = None) -> LatentDataset:
+def latents(
+    root: str,
+    num_classes: int = 1000,
+    scale: float | None = None,
+    limit: int | None = None,
+    conditional: bool = True,
+    flip: bool = True,
+    vae: str | None = None,
+    vae_batch_size: int = 32,
+    mmap: bool = True,
+    latent_mean: list[float] | None = None,
+    latent_std: list[float] | None = None,
+) -> LatentDataset:
     """Precomputed VAE latents from ROOT/*.npz shards (latents, labels[, latents_flip]), scaled by ``scale``.
 
     ``scale`` (default 0.18215, SD-VAE): x = scale·z. ``latent_mean``, ``latent_std`` (one value per
@@ -301,7 +335,8 @@ def latents(root: str, num_classes: int = 1000, scale: float | None = None, limi
     ``flip``: use the shards' flipped-image latents as extra examples. ``limit``: read at most this
     many images. ``mmap``: memory-map the (uncompressed) shards instead of reading them into each
     process's memory; ImageNet-256 with flips is ~21 GB of fp16 latents, which torchrun's ranks then
-    share through the page cache rather than each holding a copy. ``vae``: hub id or local directory of the AutoencoderKL that decodes samples
+    share through the page cache rather than each holding a copy. ``vae``: hub id or local directory of the
+    AutoencoderKL that decodes samples
     into images (sampling, FID); loaded lazily, decoding in chunks of ``vae_batch_size``."""
     if vae_batch_size < 1:
         raise ConfigError(f"dataset 'latents': key 'vae_batch_size' must be >= 1, got {vae_batch_size}")
@@ -317,8 +352,18 @@ def latents(root: str, num_classes: int = 1000, scale: float | None = None, limi
     if conditional and y.numel() and int(y.max()) >= num_classes:
         raise ConfigError(f"data.num_classes={num_classes} but the shards under {root} hold label {int(y.max())}")
     try:
-        return LatentDataset(x, y if conditional else None, num_classes=num_classes if conditional else 0,
-                             scale=SD_VAE_SCALE if scale is None else scale, name="latents", vae=vae,
-                             vae_batch_size=vae_batch_size, mean=latent_mean, std=latent_std)
+        return LatentDataset(
+            x,
+            y if conditional else None,
+            num_classes=num_classes if conditional else 0,
+            scale=SD_VAE_SCALE if scale is None else scale,
+            name="latents",
+            vae=vae,
+            vae_batch_size=vae_batch_size,
+            mean=latent_mean,
+            std=latent_std,
+        )
     except ValueError as exc:
-        raise ConfigError(f"dataset 'latents': {exc} (the shards under {root} have {x.row_shape[0]} channels)") from None
+        raise ConfigError(
+            f"dataset 'latents': {exc} (the shards under {root} have {x.row_shape[0]} channels)"
+        ) from None

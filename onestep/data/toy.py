@@ -5,6 +5,7 @@ Every set here is a ``ToyDataset``: ``size is None``, ``kind = "vector"``, ``num
 ``torch.Generator``, so the same seed gives the same points on every run and machine. All sets live
 roughly in [-4, 4]^2 so one plotting window and one backbone scale fit them all.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,9 +56,7 @@ def _non_negative(where: str, **values: float) -> None:
 # --------------------------------------------------------------------------------------- checkerboard
 
 # Cell indices (i, j) = (floor(x/2), floor(y/2)) of the 4x4 board on [-4, 4]^2 with i + j even.
-CHECKERBOARD_DARK_CELLS = tuple(
-    (i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0
-)
+CHECKERBOARD_DARK_CELLS = tuple((i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0)
 
 
 class Checkerboard(ToyDataset):
@@ -189,8 +188,11 @@ class Rings(ToyDataset):
         self.noise = noise
 
     def _sample(self, n, generator):
-        ring = torch.multinomial(self.radii / self.radii.sum(), n, replacement=True, generator=generator) \
-            if n > 0 else torch.zeros(0, dtype=torch.long)
+        ring = (
+            torch.multinomial(self.radii / self.radii.sum(), n, replacement=True, generator=generator)
+            if n > 0
+            else torch.zeros(0, dtype=torch.long)
+        )
         angle = 2 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
         r = self.radii[ring]
         points = torch.stack([r * angle.cos(), r * angle.sin()], dim=1)

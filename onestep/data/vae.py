@@ -3,7 +3,8 @@
 ``load_vae(name_or_path, device=, dtype=) -> VAE`` loads ``AutoencoderKL.from_pretrained`` from a
 Hugging Face id (default ``stabilityai/sd-vae-ft-mse``, read from the local Hugging Face cache
 without touching the network when it is there, downloaded only when it is missing and the hub is
-not offline) or from a local directory written by ``save_pretrained`` (``config.json`` + weights). diffusers is the optional extra
+not offline) or from a local directory written by ``save_pretrained`` (``config.json`` + weights).
+diffusers is the optional extra
 ``pip install 'onestep[vae]'``; without it, or without the weights, loading is a one-line
 ``ConfigError``.
 
@@ -12,6 +13,7 @@ sample), **unscaled**: multiply by the latent scale (SD-VAE 0.18215) to get the 
 coordinates. ``VAE.decode(latents unscaled) -> images (N, 3, H, W)`` in [-1, 1] (clamped). Both run
 in chunks of ``batch_size`` on the wrapper's device/dtype and return float32 on the input's device.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +40,12 @@ def autoencoder_class():
 
 def _looks_like_path(name: str) -> bool:
     """A local path rather than a hub id (``owner/name``)."""
-    return os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")) or name.count("/") > 1 \
+    return (
+        os.path.exists(os.path.expanduser(name))
+        or name.startswith((".", "/", "~"))
+        or name.count("/") > 1
         or "\\" in name
+    )
 
 
 def _hub_offline() -> bool:
@@ -54,21 +60,27 @@ def hub_snapshot(repo_id: str, cache_dir: str | None = None) -> Path:
     network at all), else downloaded (config.json and safetensors weights) unless the hub is offline."""
     from huggingface_hub import snapshot_download
 
-    hint = (f"run `huggingface-cli download {repo_id}` where there is network (it fills the cache), "
-            f"or pass a local directory")
+    hint = (
+        f"run `huggingface-cli download {repo_id}` where there is network (it fills the cache), "
+        f"or pass a local directory"
+    )
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
     except Exception as local_exc:
         if _hub_offline():
-            raise ConfigError(f"VAE '{repo_id}': not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                              f"downloading; {hint}") from None
+            raise ConfigError(
+                f"VAE '{repo_id}': not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading; {hint}"
+            ) from None
         try:
-            return Path(snapshot_download(repo_id, cache_dir=cache_dir,
-                                          allow_patterns=["config.json", "*.safetensors"]))
+            return Path(
+                snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=["config.json", "*.safetensors"])
+            )
         except Exception as exc:
-            raise ConfigError(f"VAE '{repo_id}': not in the local Hugging Face cache ({type(local_exc).__name__}) "
-                              f"and the download failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                              f"{hint}") from None
+            raise ConfigError(
+                f"VAE '{repo_id}': not in the local Hugging Face cache ({type(local_exc).__name__}) "
+                f"and the download failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                f"{hint}"
+            ) from None
 
 
 def load_autoencoder(name_or_path: str = DEFAULT_VAE, cache_dir: str | None = None):
@@ -77,22 +89,26 @@ def load_autoencoder(name_or_path: str = DEFAULT_VAE, cache_dir: str | None = No
     cls = autoencoder_class()
     path = Path(name_or_path).expanduser() if _looks_like_path(name_or_path) else hub_snapshot(name_or_path, cache_dir)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"VAE '{name_or_path}': {path} is not a directory with config.json and weights "
-                          f"(write one with AutoencoderKL.save_pretrained, or give a Hugging Face id "
-                          f"such as {DEFAULT_VAE})")
+        raise ConfigError(
+            f"VAE '{name_or_path}': {path} is not a directory with config.json and weights "
+            f"(write one with AutoencoderKL.save_pretrained, or give a Hugging Face id "
+            f"such as {DEFAULT_VAE})"
+        )
     try:
         model = cls.from_pretrained(str(path), low_cpu_mem_usage=False)
     except Exception as exc:
-        raise ConfigError(f"VAE '{name_or_path}': cannot load {path}: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200]}") from None
+        raise ConfigError(
+            f"VAE '{name_or_path}': cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     return model.eval().requires_grad_(False)
 
 
 class VAE:
     """Batched encode/decode around an ``AutoencoderKL`` on one device and dtype (see module doc)."""
 
-    def __init__(self, model, *, name: str = "", device="cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 32):
+    def __init__(
+        self, model, *, name: str = "", device="cpu", dtype: torch.dtype = torch.float32, batch_size: int = 32
+    ):
         if batch_size < 1:
             raise ConfigError(f"VAE batch_size must be >= 1, got {batch_size}")
         self.name = name
@@ -130,8 +146,9 @@ class VAE:
     def decode(self, latents: Tensor) -> Tensor:
         """Unscaled latents (N, C, h, w) -> images (N, 3, h·f, w·f) float32 in [-1, 1]."""
         if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
-            raise ValueError(f"VAE.decode wants latents (N, {self.latent_channels}, h, w), "
-                             f"got shape {tuple(latents.shape)}")
+            raise ValueError(
+                f"VAE.decode wants latents (N, {self.latent_channels}, h, w), got shape {tuple(latents.shape)}"
+            )
         out = []
         for chunk in latents.split(self.batch_size):
             x = self.model.decode(chunk.to(self.device, self.dtype)).sample
@@ -139,13 +156,24 @@ class VAE:
         return torch.cat(out)
 
 
-def load_vae(name_or_path: str = DEFAULT_VAE, *, device="cpu", dtype: str | torch.dtype = "fp32",
-             batch_size: int = 32, cache_dir: str | None = None) -> VAE:
+def load_vae(
+    name_or_path: str = DEFAULT_VAE,
+    *,
+    device="cpu",
+    dtype: str | torch.dtype = "fp32",
+    batch_size: int = 32,
+    cache_dir: str | None = None,
+) -> VAE:
     """Load the autoencoder (see ``load_autoencoder``) as a ``VAE`` on ``device`` in ``dtype``
     (fp32 | bf16 | fp16 or a torch dtype); encode/decode then run in chunks of ``batch_size``."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConfigError(f"VAE dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    return VAE(load_autoencoder(name_or_path, cache_dir), name=str(name_or_path), device=device, dtype=dtype,
-               batch_size=batch_size)
+    return VAE(
+        load_autoencoder(name_or_path, cache_dir),
+        name=str(name_or_path),
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+    )

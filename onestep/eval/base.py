@@ -15,6 +15,7 @@ declare what it needs, so the evaluator asks instead of guessing:
 ``implementation`` names the metric, its version and every setting that changes the number, so rows
 computed differently never share a column in ``onestep compare``.
 """
+
 from __future__ import annotations
 
 from torch import Tensor

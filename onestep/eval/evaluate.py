@@ -13,6 +13,7 @@ as network inputs: ``guidance`` (one ω or a list: a sweep, one set of rows per 
 ``guidance_interval``; every row records ``guidance`` (ω, or None when none was given: the model's
 own ω = 1 on [0, 1]) and ``guidance_interval`` ([t_min, t_max] or None).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,9 +30,11 @@ from onestep.registry import METRICS, ConfigError
 from onestep.sampling import with_guidance
 from onestep.utils.distributed import broadcast_object, current
 
-DEFAULT_METRICS = {"vector": ["sliced_wasserstein", "energy_distance"],
-                   "image": ["fid", "isc"],
-                   "latent": ["sliced_wasserstein"]}
+DEFAULT_METRICS = {
+    "vector": ["sliced_wasserstein", "energy_distance"],
+    "image": ["fid", "isc"],
+    "latent": ["sliced_wasserstein"],
+}
 
 
 def decodes_to_images(dataset) -> bool:
@@ -89,17 +92,35 @@ def split_reference(dataset, split: str) -> tuple[Any, str]:
 
 def _check_kind(metric: Metric, name: str, dataset, kind: str) -> None:
     if kind not in metric.kinds:
-        hint = (": set data.vae (a Hugging Face id or a local AutoencoderKL directory) to score decoded images"
-                if kind == "latent" and "image" in metric.kinds else "")
-        raise ConfigError(f"metric '{name}' scores {' or '.join(metric.kinds)} data; the data '{dataset.name}' is "
-                          f"{kind} data{hint}")
+        hint = (
+            ": set data.vae (a Hugging Face id or a local AutoencoderKL directory) to score decoded images"
+            if kind == "latent" and "image" in metric.kinds
+            else ""
+        )
+        raise ConfigError(
+            f"metric '{name}' scores {' or '.join(metric.kinds)} data; the data '{dataset.name}' is {kind} data{hint}"
+        )
 
 
-def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list | None, num_samples: int,
-                   seed: int, batch_size: int, device, step: int, weights: str,
-                   reference_seed: int = 12345, reference: Any = None,
-                   feature_extractor: str | None = None, guidance: float | list[float] | None = None,
-                   guidance_interval: list[float] | tuple[float, float] | None = None) -> list[dict[str, Any]]:
+def evaluate_model(
+    objective,
+    net,
+    dataset,
+    *,
+    nfes: list[int],
+    metrics: list | None,
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    device,
+    step: int,
+    weights: str,
+    reference_seed: int = 12345,
+    reference: Any = None,
+    feature_extractor: str | None = None,
+    guidance: float | list[float] | None = None,
+    guidance_interval: list[float] | tuple[float, float] | None = None,
+) -> list[dict[str, Any]]:
     """Rows {step, nfe, metric, value, num_samples, implementation, reference, guidance, ...} for every
     guidance value, nfe and metric spec (a name or {name, **options}). ``reference``: what streaming
     metrics compare against instead of the training set (needed for decoded latents).
@@ -127,29 +148,61 @@ def evaluate_model(objective, net, dataset, *, nfes: list[int], metrics: list | 
         gen_s = 0.0
         if in_memory:
             t0 = time.perf_counter()
-            samples, labels = generate(objective, net, dataset, num_samples=num_samples, nfe=nfe, seed=seed,
-                                       batch_size=batch_size, device=device, cond=cond)
+            samples, labels = generate(
+                objective,
+                net,
+                dataset,
+                num_samples=num_samples,
+                nfe=nfe,
+                seed=seed,
+                batch_size=batch_size,
+                device=device,
+                cond=cond,
+            )
             gen_s = time.perf_counter() - t0
         for name, metric in built:
             t0 = time.perf_counter()
             if metric.streaming:
-                value, desc, impl = _streamed(metric, name, objective, net, dataset, nfe=nfe, seed=seed,
-                                              num_samples=num_samples, device=device, reference=reference, cond=cond)
+                value, desc, impl = _streamed(
+                    metric,
+                    name,
+                    objective,
+                    net,
+                    dataset,
+                    nfe=nfe,
+                    seed=seed,
+                    num_samples=num_samples,
+                    device=device,
+                    reference=reference,
+                    cond=cond,
+                )
             else:
-                ref, desc = references.get(metric.reference_split, (None, None)) if metric.needs_reference else \
-                    (None, "none (needs no reference)")
+                ref, desc = (
+                    references.get(metric.reference_split, (None, None))
+                    if metric.needs_reference
+                    else (None, "none (needs no reference)")
+                )
                 value = float(metric(samples, ref, labels if metric.needs_labels else None))
                 impl = metric.implementation
             elapsed = time.perf_counter() - t0 + (0.0 if metric.streaming else gen_s)
-            rows.append({
-                "step": step, "nfe": nfe, "metric": name, "value": value,
-                "num_samples": num_samples, "implementation": impl,
-                "reference": desc, "higher_is_better": metric.higher_is_better,
-                "grid": grid, "weights": weights, "seed": seed,
-                "samples_per_s": round(num_samples / max(elapsed, 1e-9), 1),
-                "guidance": None if omega is None else float(omega),
-                "guidance_interval": None if cond is None else [cond["t_min"], cond["t_max"]],
-            })
+            rows.append(
+                {
+                    "step": step,
+                    "nfe": nfe,
+                    "metric": name,
+                    "value": value,
+                    "num_samples": num_samples,
+                    "implementation": impl,
+                    "reference": desc,
+                    "higher_is_better": metric.higher_is_better,
+                    "grid": grid,
+                    "weights": weights,
+                    "seed": seed,
+                    "samples_per_s": round(num_samples / max(elapsed, 1e-9), 1),
+                    "guidance": None if omega is None else float(omega),
+                    "guidance_interval": None if cond is None else [cond["t_min"], cond["t_max"]],
+                }
+            )
     return rows
 
 
@@ -165,21 +218,28 @@ def _in_memory_references(dataset, metrics, num_samples: int, reference_seed: in
             out[split] = split_reference(dataset, split)
             continue
         ref, _ = dataset.reference(num_samples, seed=reference_seed)
-        out[None] = (ref, f"{dataset.name}: {ref.shape[0]} fresh samples (seed {reference_seed})"
-                     if dataset.size is None else f"{dataset.name}: {ref.shape[0]} of {dataset.size} data samples")
+        out[None] = (
+            ref,
+            f"{dataset.name}: {ref.shape[0]} fresh samples (seed {reference_seed})"
+            if dataset.size is None
+            else f"{dataset.name}: {ref.shape[0]} of {dataset.size} data samples",
+        )
     return out
 
 
-def evaluate_real(dataset, *, split: str, metrics: list | None, num_samples: int, seed: int,
-                  reference_seed: int = 12345) -> list[dict[str, Any]]:
+def evaluate_real(
+    dataset, *, split: str, metrics: list | None, num_samples: int, seed: int, reference_seed: int = 12345
+) -> list[dict[str, Any]]:
     """The floor: rows for ``num_samples`` real images of ``split`` (a seeded subset, with their true
     labels) scored by the in-memory metrics exactly as a model's samples are (``--reference real:SPLIT``)."""
     specs = list(metrics) if metrics else default_metrics(dataset)
     built = [(metric_name(s), build_metric(s, None, dataset)) for s in specs]
     for name, metric in built:
         if metric.streaming:
-            raise ConfigError(f"--reference real:{split} scores real images with the in-memory metrics; "
-                              f"'{name}' is a streaming (torch-fidelity) metric")
+            raise ConfigError(
+                f"--reference real:{split} scores real images with the in-memory metrics; "
+                f"'{name}' is a streaming (torch-fidelity) metric"
+            )
         _check_kind(metric, name, dataset, dataset.kind)
     real = dataset.load_split(split, conditional=True) if hasattr(dataset, "load_split") else dataset
     n = min(num_samples, real.size)
@@ -190,23 +250,57 @@ def evaluate_real(dataset, *, split: str, metrics: list | None, num_samples: int
     references = _in_memory_references(dataset, built, num_samples, reference_seed)
     rows = []
     for name, metric in built:
-        ref, desc = references.get(metric.reference_split, (None, None)) if metric.needs_reference else \
-            (None, "none (needs no reference)")
+        ref, desc = (
+            references.get(metric.reference_split, (None, None))
+            if metric.needs_reference
+            else (None, "none (needs no reference)")
+        )
         value = float(metric(samples, ref, labels if metric.needs_labels else None))
-        rows.append({"step": None, "nfe": 0, "metric": name, "value": value, "num_samples": n,
-                     "implementation": metric.implementation, "reference": desc,
-                     "higher_is_better": metric.higher_is_better, "weights": f"real:{split}", "seed": seed})
+        rows.append(
+            {
+                "step": None,
+                "nfe": 0,
+                "metric": name,
+                "value": value,
+                "num_samples": n,
+                "implementation": metric.implementation,
+                "reference": desc,
+                "higher_is_better": metric.higher_is_better,
+                "weights": f"real:{split}",
+                "seed": seed,
+            }
+        )
     return rows
 
 
-def _streamed(metric: Metric, name: str, objective, net, dataset, *, nfe: int, seed: int, num_samples: int, device,
-              reference: Any = None, cond: dict | None = None) -> tuple[float, str, str]:
+def _streamed(
+    metric: Metric,
+    name: str,
+    objective,
+    net,
+    dataset,
+    *,
+    nfe: int,
+    seed: int,
+    num_samples: int,
+    device,
+    reference: Any = None,
+    cond: dict | None = None,
+) -> tuple[float, str, str]:
     """Samples generated batch by batch straight into the metric (VAE-decoded first for latent data);
     the reference is ``reference`` or else the whole training set. Returns (value, reference,
     implementation)."""
     decoded = decodes_to_images(dataset)
-    fn = model_generator_fn(objective, net, dataset, nfe=nfe, seed=seed, device=device,
-                            transform=dataset.decode if decoded else None, cond=cond)
+    fn = model_generator_fn(
+        objective,
+        net,
+        dataset,
+        nfe=nfe,
+        seed=seed,
+        device=device,
+        transform=dataset.decode if decoded else None,
+        cond=cond,
+    )
     implementation = metric.implementation
     if decoded:
         implementation += f"; {dataset.describe_decoder()}"
@@ -216,9 +310,11 @@ def _streamed(metric: Metric, name: str, objective, net, dataset, *, nfe: int, s
         if reference is not None:
             ref, desc = reference, fidelity.describe_reference(reference, metric.name, res)
         elif decoded:
-            raise ConfigError(f"metric '{name}' on VAE-decoded latents needs reference images: pass --reference "
-                              f"FOLDER|STATS.npz|DATASET to onestep eval (or set eval.reference), e.g. an ImageNet "
-                              f"folder, statistics from tools/fid_stats.py, or ADM's VIRTUAL_imagenet256_labeled.npz")
+            raise ConfigError(
+                f"metric '{name}' on VAE-decoded latents needs reference images: pass --reference "
+                f"FOLDER|STATS.npz|DATASET to onestep eval (or set eval.reference), e.g. an ImageNet "
+                f"folder, statistics from tools/fid_stats.py, or ADM's VIRTUAL_imagenet256_labeled.npz"
+            )
         else:
             ref, cache_name = dataset, fidelity.reference_cache_name(dataset.name, res)
             desc = f"{dataset.name}: all {dataset.size} training images at {res}px"

@@ -6,6 +6,7 @@ itself):
 in float64; the matrix square roots are symmetric eigen-decompositions (eigenvalues clipped at 0),
 which equals tr((Σ1 Σ2)^½) without complex arithmetic.
 """
+
 from __future__ import annotations
 
 import torch

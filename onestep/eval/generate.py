@@ -5,6 +5,7 @@ and on any number of ranks. ``onestep sample``, ``onestep eval``, ``onestep.gene
 torch-fidelity's generator all go through ``sample_indices``. ``cond`` (guidance scale and interval
 as network inputs, ``sampling.guidance_cond``) goes to every sampling step.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -17,8 +18,9 @@ from onestep.utils.distributed import gather_batch
 from onestep.utils.seeding import sample_seed, seeded_noise
 
 
-def labels_of(indices: list[int], num_classes: int, class_id: int | None = None,
-              labels: Tensor | None = None) -> Tensor | None:
+def labels_of(
+    indices: list[int], num_classes: int, class_id: int | None = None, labels: Tensor | None = None
+) -> Tensor | None:
     """The classes of samples ``indices``: ``labels[i]`` when given, else ``class_id``, else i % C
     (None for unconditional data)."""
     y = balanced_labels(indices, num_classes)
@@ -30,8 +32,19 @@ def labels_of(indices: list[int], num_classes: int, class_id: int | None = None,
 
 
 @torch.no_grad()
-def sample_indices(objective, net, dataset, indices: list[int], *, nfe: int, seed: int, device,
-                   class_id: int | None = None, labels: Tensor | None = None, cond: dict | None = None) -> Tensor:
+def sample_indices(
+    objective,
+    net,
+    dataset,
+    indices: list[int],
+    *,
+    nfe: int,
+    seed: int,
+    device,
+    class_id: int | None = None,
+    labels: Tensor | None = None,
+    cond: dict | None = None,
+) -> Tensor:
     """Samples number ``indices`` (float, on ``device``): noise and any re-noising seeded per sample,
     class i % C (or ``class_id``, or ``labels[i]``) for conditional data. Sample i does not depend on
     its batch."""
@@ -41,22 +54,46 @@ def sample_indices(objective, net, dataset, indices: list[int], *, nfe: int, see
     return sample(objective, net, noise, None if y is None else y.to(device), nfe=nfe, seeds=seeds, cond=cond).float()
 
 
-def per_rank_sampler(objective, net, dataset, *, nfe: int, seed: int, device, class_id: int | None = None,
-                     transform: Callable[[Tensor], Tensor] | None = None, labels: Tensor | None = None,
-                     cond: dict | None = None) -> Callable[[list[int]], Tensor]:
+def per_rank_sampler(
+    objective,
+    net,
+    dataset,
+    *,
+    nfe: int,
+    seed: int,
+    device,
+    class_id: int | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    labels: Tensor | None = None,
+    cond: dict | None = None,
+) -> Callable[[list[int]], Tensor]:
     """``fn(indices) -> samples`` (then ``transform``) for ``distributed.gather_batch``."""
+
     def one_rank(idx: list[int]) -> Tensor:
-        x = sample_indices(objective, net, dataset, idx, nfe=nfe, seed=seed, device=device, class_id=class_id,
-                           labels=labels, cond=cond)
+        x = sample_indices(
+            objective, net, dataset, idx, nfe=nfe, seed=seed, device=device, class_id=class_id, labels=labels, cond=cond
+        )
         return x if transform is None else transform(x)
 
     return one_rank
 
 
 @torch.no_grad()
-def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, batch_size: int,
-             device, class_id: int | None = None, transform=None, labels: Tensor | None = None,
-             cond: dict | None = None) -> tuple[Tensor, Tensor | None]:
+def generate(
+    objective,
+    net,
+    dataset,
+    *,
+    num_samples: int,
+    nfe: int,
+    seed: int,
+    batch_size: int,
+    device,
+    class_id: int | None = None,
+    transform=None,
+    labels: Tensor | None = None,
+    cond: dict | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """num_samples samples in batches; returns (samples on CPU, labels or None). ``transform``
     maps each batch on the device before it moves to the CPU (e.g. VAE decoding to uint8).
     ``labels`` (num_samples,): the class of each sample (instead of i % C or ``class_id``).
@@ -66,8 +103,18 @@ def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, 
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
         if labels.numel() != num_samples:
             raise ValueError(f"got {labels.numel()} labels for {num_samples} samples")
-    one_rank = per_rank_sampler(objective, net, dataset, nfe=nfe, seed=seed, device=device, class_id=class_id,
-                                transform=transform, labels=labels, cond=cond)
+    one_rank = per_rank_sampler(
+        objective,
+        net,
+        dataset,
+        nfe=nfe,
+        seed=seed,
+        device=device,
+        class_id=class_id,
+        transform=transform,
+        labels=labels,
+        cond=cond,
+    )
     outs, ys = [], []
     for start in range(0, num_samples, batch_size):
         idx = list(range(start, min(start + batch_size, num_samples)))
@@ -78,16 +125,26 @@ def generate(objective, net, dataset, *, num_samples: int, nfe: int, seed: int, 
     return torch.cat(outs), (torch.cat(ys) if ys else None)
 
 
-def model_generator_fn(objective, net, dataset, *, nfe: int, seed: int, device=None,
-                       class_id: int | None = None, transform: Callable[[Tensor], Tensor] | None = None,
-                       cond: dict | None = None) -> Callable[[Tensor], Tensor]:
+def model_generator_fn(
+    objective,
+    net,
+    dataset,
+    *,
+    nfe: int,
+    seed: int,
+    device=None,
+    class_id: int | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    cond: dict | None = None,
+) -> Callable[[Tensor], Tensor]:
     """A ``generator_fn(indices) -> samples (B, C, H, W) in [-1, 1]`` for torch-fidelity that
     reproduces ``generate``: sample i as ``sample_indices`` makes it, then ``transform`` (e.g. VAE
     decoding). Under torchrun every rank must call it with the same indices: the ranks split each
     batch and all-gather it (``distributed.gather_batch``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    one_rank = per_rank_sampler(objective, net, dataset, nfe=nfe, seed=seed, device=device, class_id=class_id,
-                                transform=transform, cond=cond)
+    one_rank = per_rank_sampler(
+        objective, net, dataset, nfe=nfe, seed=seed, device=device, class_id=class_id, transform=transform, cond=cond
+    )
 
     def generator_fn(indices: Tensor) -> Tensor:
         return gather_batch(one_rank, [int(i) for i in indices])

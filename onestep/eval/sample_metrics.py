@@ -7,6 +7,7 @@ toy sets, pixels for images). Arithmetic is float64 on the inputs' device; pairw
 computed in row chunks of 128 MiB, so N = M = 20k in 64 dims peaks near 1 GiB of CPU memory.
 
 """
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,9 @@ def _prepare(samples: Tensor, reference: Tensor, name: str, min_samples: int) ->
             f"{name}: samples have shape {tuple(samples.shape[1:])} but reference has {tuple(reference.shape[1:])}"
         )
     if len(x) < min_samples or len(y) < min_samples:
-        raise ValueError(f"{name}: needs at least {min_samples} samples and reference points, got {len(x)} and {len(y)}")
+        raise ValueError(
+            f"{name}: needs at least {min_samples} samples and reference points, got {len(x)} and {len(y)}"
+        )
     if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
         raise ValueError(f"{name}: samples or reference contain NaN or inf")
     return x, y
@@ -209,8 +212,10 @@ class _KNNMetric(SampleMetric):
             from onestep.eval.classifiers import SPECS
 
             if classifier not in SPECS:
-                raise ConfigError(f"metric '{self.name}': key 'classifier' must be one of {', '.join(sorted(SPECS))}, "
-                                  f"got {classifier!r}")
+                raise ConfigError(
+                    f"metric '{self.name}': key 'classifier' must be one of {', '.join(sorted(SPECS))}, "
+                    f"got {classifier!r}"
+                )
             self.kinds, self.reference_split = ("image",), "test"
 
     def _classifier(self):
@@ -273,21 +278,27 @@ def _check_k(name: str, k: int) -> None:
 
 @METRICS.register("precision")
 def precision(k: int = 3, classifier: str | None = None) -> Precision:
-    """k-NN precision of samples against the reference (higher is better). ``classifier``: in that reference classifier's feature space."""
+    """k-NN precision of samples against the reference (higher is better).
+
+    ``classifier``: in that reference classifier's feature space."""
     _check_k("precision", k)
     return Precision(k, classifier)
 
 
 @METRICS.register("recall")
 def recall(k: int = 3, classifier: str | None = None) -> Recall:
-    """k-NN recall of samples against the reference (higher is better). ``classifier``: in that reference classifier's feature space."""
+    """k-NN recall of samples against the reference (higher is better).
+
+    ``classifier``: in that reference classifier's feature space."""
     _check_k("recall", k)
     return Recall(k, classifier)
 
 
 @METRICS.register("coverage")
 def coverage(k: int = 5, classifier: str | None = None) -> Coverage:
-    """Coverage of the reference k-NN balls by samples (higher is better). ``classifier``: in that reference classifier's feature space."""
+    """Coverage of the reference k-NN balls by samples (higher is better).
+
+    ``classifier``: in that reference classifier's feature space."""
     _check_k("coverage", k)
     return Coverage(k, classifier)
 

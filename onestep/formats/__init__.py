@@ -25,6 +25,7 @@ position-layout permutation, the SiT time-flip fold), ``vp`` (DiT's DDPM schedul
 ``resolve`` (specs where a checkpoint is taken: teacher, init, sampling), ``base`` (the format
 interface and spec-level functions).
 """
+
 from .base import CheckpointFormat, as_spec, describe, get_format, init_state, load_teacher
 from .data import ModelData, ModelLatents
 from .export import export_model, model_card
@@ -36,8 +37,31 @@ from .teachers import SiTTeacher
 from .vp import VPEpsilonTeacher
 
 __all__ = [
-    "CheckpointFormat", "CheckpointSpec", "parse_spec", "as_spec", "get_format", "load_teacher", "init_state",
-    "describe", "DiTFormat", "SiTFormat", "RepaSiTFormat", "OnestepFormat", "VPEpsilonTeacher", "SiTTeacher",
-    "LoadedRun", "load_run", "read_onestep", "is_export", "export_model", "model_card", "ModelData", "ModelLatents",
-    "open_model", "resolve_teacher", "recipe_teacher", "init_weights", "spec_note",
+    "CheckpointFormat",
+    "CheckpointSpec",
+    "parse_spec",
+    "as_spec",
+    "get_format",
+    "load_teacher",
+    "init_state",
+    "describe",
+    "DiTFormat",
+    "SiTFormat",
+    "RepaSiTFormat",
+    "OnestepFormat",
+    "VPEpsilonTeacher",
+    "SiTTeacher",
+    "LoadedRun",
+    "load_run",
+    "read_onestep",
+    "is_export",
+    "export_model",
+    "model_card",
+    "ModelData",
+    "ModelLatents",
+    "open_model",
+    "resolve_teacher",
+    "recipe_teacher",
+    "init_weights",
+    "spec_note",
 ]

@@ -14,6 +14,7 @@ F = 256 time frequencies, M = 4·D MLP width, C_out = C, or 2·C with a learned 
 The head count is not in the shapes: the standard widths give it (S 384/6, B 768/12, L 1024/16,
 XL 1152/16), other widths need it explicitly.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,15 @@ import torch
 from ..registry import ConfigError
 from .reading import block_indices
 
-__all__ = ["OfficialArch", "STANDARD_HEADS", "infer_arch", "expected_shapes", "check_state", "official_pos_embed",
-           "check_pos_embed"]
+__all__ = [
+    "OfficialArch",
+    "STANDARD_HEADS",
+    "infer_arch",
+    "expected_shapes",
+    "check_state",
+    "official_pos_embed",
+    "check_pos_embed",
+]
 
 STANDARD_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
 _SIZE_NAMES = "S 384/6, B 768/12, L 1024/16, XL 1152/16"
@@ -59,9 +67,15 @@ class OfficialArch:
     def dit_kwargs(self) -> dict:
         """Arguments of onestep's ``DiT`` for the same network (time_scale 1: the raw time input)."""
         return dict(
-            input_shape=self.input_shape, num_classes=self.num_classes, patch_size=self.patch_size,
-            depth=self.depth, hidden_size=self.hidden_size, num_heads=self.num_heads,
-            mlp_ratio=self.mlp_hidden / self.hidden_size, time_scale=1.0, frequency_size=self.frequency_size,
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+            patch_size=self.patch_size,
+            depth=self.depth,
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_hidden / self.hidden_size,
+            time_scale=1.0,
+            frequency_size=self.frequency_size,
         )
 
 
@@ -78,15 +92,23 @@ def _get(state: dict[str, torch.Tensor], key: str, ndim: int, expected: str, whe
     return shape
 
 
-def infer_arch(state: dict[str, torch.Tensor], where: str, *, num_heads: int | None = None,
-               default_heads: int | None = None, out_factors: tuple[int, ...] = (1, 2)) -> OfficialArch:
+def infer_arch(
+    state: dict[str, torch.Tensor],
+    where: str,
+    *,
+    num_heads: int | None = None,
+    default_heads: int | None = None,
+    out_factors: tuple[int, ...] = (1, 2),
+) -> OfficialArch:
     """Read the architecture from the shapes (module docstring); ``out_factors``: allowed C_out / C.
 
     Heads: ``num_heads`` if given, else the standard size's, else ``default_heads``, else an error.
     """
     d, c, p, p2 = _get(state, "x_embedder.proj.weight", 4, "[D, C, p, p]", where)
     if p != p2:
-        raise ConfigError(f"{where}: key 'x_embedder.proj.weight' has shape {_shape((d, c, p, p2))}, expected [D, C, p, p]")
+        raise ConfigError(
+            f"{where}: key 'x_embedder.proj.weight' has shape {_shape((d, c, p, p2))}, expected [D, C, p, p]"
+        )
     _, n, _ = _get(state, "pos_embed", 3, f"[1, N, {d}]", where)
     grid = math.isqrt(n)
     if grid * grid != n:
@@ -100,52 +122,81 @@ def infer_arch(state: dict[str, torch.Tensor], where: str, *, num_heads: int | N
     out_rows, _ = _get(state, "final_layer.linear.weight", 2, f"[p²·C_out, {d}]", where)
     allowed = " or ".join(f"[{p * p * c * f}, {d}]" for f in out_factors)
     if out_rows % (p * p) or out_rows // (p * p) not in [c * f for f in out_factors]:
-        raise ConfigError(f"{where}: key 'final_layer.linear.weight' has shape {_shape(state['final_layer.linear.weight'].shape)}, "
-                          f"expected {allowed} (output channels {' or '.join(str(c * f) for f in out_factors)})")
+        raise ConfigError(
+            f"{where}: key 'final_layer.linear.weight' has shape {_shape(state['final_layer.linear.weight'].shape)}, "
+            f"expected {allowed} (output channels {' or '.join(str(c * f) for f in out_factors)})"
+        )
     if rows < 2:
-        raise ConfigError(f"{where}: key 'y_embedder.embedding_table.weight' has {rows} rows; expected K + 1 (K classes + null)")
+        raise ConfigError(
+            f"{where}: key 'y_embedder.embedding_table.weight' has {rows} rows; expected K + 1 (K classes + null)"
+        )
     if freq % 2:
         raise ConfigError(f"{where}: key 't_embedder.mlp.0.weight' has an odd frequency size {freq}")
     if num_heads is None:
         num_heads = STANDARD_HEADS.get(d, default_heads)
         if num_heads is None:
-            raise ConfigError(f"{where}: width {d} is not a standard DiT/SiT size ({_SIZE_NAMES}); give the head "
-                              f"count (num_heads=..., or the spec suffix '#heads=N')")
+            raise ConfigError(
+                f"{where}: width {d} is not a standard DiT/SiT size ({_SIZE_NAMES}); give the head "
+                f"count (num_heads=..., or the spec suffix '#heads=N')"
+            )
     if num_heads < 1 or d % num_heads:
         raise ConfigError(f"{where}: {num_heads} heads do not divide the width {d}")
     if int(d * (mlp_hidden / d)) != mlp_hidden:
         raise ConfigError(f"{where}: MLP width {mlp_hidden} is not representable as int(D * mlp_ratio) for D = {d}")
     has_projectors = any(k.startswith("projectors.") for k in state)
-    return OfficialArch(hidden_size=d, depth=indices[-1] + 1, num_heads=num_heads, patch_size=p, in_channels=c,
-                        out_channels=out_rows // (p * p), grid_size=grid, num_classes=rows - 1,
-                        mlp_hidden=mlp_hidden, frequency_size=freq, has_projectors=has_projectors)
+    return OfficialArch(
+        hidden_size=d,
+        depth=indices[-1] + 1,
+        num_heads=num_heads,
+        patch_size=p,
+        in_channels=c,
+        out_channels=out_rows // (p * p),
+        grid_size=grid,
+        num_classes=rows - 1,
+        mlp_hidden=mlp_hidden,
+        frequency_size=freq,
+        has_projectors=has_projectors,
+    )
 
 
 def expected_shapes(arch: OfficialArch) -> dict[str, tuple[int, ...]]:
     """Every key of the official network (projectors excluded) and its shape, in module order."""
     d, m, p = arch.hidden_size, arch.mlp_hidden, arch.patch_size
     shapes: dict[str, tuple[int, ...]] = {
-        "x_embedder.proj.weight": (d, arch.in_channels, p, p), "x_embedder.proj.bias": (d,),
-        "t_embedder.mlp.0.weight": (d, arch.frequency_size), "t_embedder.mlp.0.bias": (d,),
-        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+        "x_embedder.proj.weight": (d, arch.in_channels, p, p),
+        "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, arch.frequency_size),
+        "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d),
+        "t_embedder.mlp.2.bias": (d,),
         "y_embedder.embedding_table.weight": (arch.num_classes + 1, d),
-        "pos_embed": (1, arch.grid_size ** 2, d),
+        "pos_embed": (1, arch.grid_size**2, d),
     }
     for i in range(arch.depth):
-        for name, shape in (("attn.qkv", (3 * d, d)), ("attn.proj", (d, d)), ("mlp.fc1", (m, d)),
-                            ("mlp.fc2", (d, m)), ("adaLN_modulation.1", (6 * d, d))):
+        for name, shape in (
+            ("attn.qkv", (3 * d, d)),
+            ("attn.proj", (d, d)),
+            ("mlp.fc1", (m, d)),
+            ("mlp.fc2", (d, m)),
+            ("adaLN_modulation.1", (6 * d, d)),
+        ):
             shapes[f"blocks.{i}.{name}.weight"] = shape
             shapes[f"blocks.{i}.{name}.bias"] = shape[:1]
     out = p * p * arch.out_channels
-    shapes.update({
-        "final_layer.linear.weight": (out, d), "final_layer.linear.bias": (out,),
-        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
-    })
+    shapes.update(
+        {
+            "final_layer.linear.weight": (out, d),
+            "final_layer.linear.bias": (out,),
+            "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+            "final_layer.adaLN_modulation.1.bias": (2 * d,),
+        }
+    )
     return shapes
 
 
-def check_state(state: dict[str, torch.Tensor], arch: OfficialArch, where: str, *,
-                allow_projectors: bool = False) -> None:
+def check_state(
+    state: dict[str, torch.Tensor], arch: OfficialArch, where: str, *, allow_projectors: bool = False
+) -> None:
     """One ConfigError line for the first missing, mis-shaped or unexpected key."""
     shapes = expected_shapes(arch)
     for key, shape in shapes.items():
@@ -160,10 +211,14 @@ def check_state(state: dict[str, torch.Tensor], arch: OfficialArch, where: str, 
             continue
         if key.startswith("projectors."):
             if not allow_projectors:
-                raise ConfigError(f"{where}: unexpected key '{key}' {_shape(value.shape)}: a REPA projector "
-                                  f"(use the 'repa_sit' format)")
+                raise ConfigError(
+                    f"{where}: unexpected key '{key}' {_shape(value.shape)}: a REPA projector "
+                    f"(use the 'repa_sit' format)"
+                )
             if key.endswith(".0.weight") and value.ndim == 2 and value.shape[1] != arch.hidden_size:
-                raise ConfigError(f"{where}: key '{key}' has shape {_shape(value.shape)}, expected [*, {arch.hidden_size}]")
+                raise ConfigError(
+                    f"{where}: key '{key}' has shape {_shape(value.shape)}, expected [*, {arch.hidden_size}]"
+                )
             continue
         raise ConfigError(f"{where}: unexpected key '{key}' {_shape(value.shape)}")
 
@@ -191,5 +246,7 @@ def check_pos_embed(state: dict[str, torch.Tensor], arch: OfficialArch, where: s
     reference = official_pos_embed(arch.hidden_size, arch.grid_size)
     deviation = (state["pos_embed"][0].double() - reference).abs().max().item()
     if not deviation <= atol:
-        raise ConfigError(f"{where}: key 'pos_embed' is not the fixed 2-D sin-cos table of the official code "
-                          f"(max deviation {deviation:.3g} > {atol:g})")
+        raise ConfigError(
+            f"{where}: key 'pos_embed' is not the fixed 2-D sin-cos table of the official code "
+            f"(max deviation {deviation:.3g} > {atol:g})"
+        )

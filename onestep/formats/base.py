@@ -14,6 +14,7 @@ A format (registered in ``onestep.registry.FORMATS`` under its name) is a class 
 
 A plain path (no ``FORMAT:`` prefix) is the ``onestep`` format (``as_spec``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -25,8 +26,17 @@ from torch import nn
 from ..registry import FORMATS, ConfigError
 from .spec import CheckpointSpec, parse_spec
 
-__all__ = ["CheckpointFormat", "get_format", "as_spec", "resolve_spec", "DEFAULT_FORMAT", "load_teacher", "init_state",
-           "describe", "check_backbone_state"]
+__all__ = [
+    "CheckpointFormat",
+    "get_format",
+    "as_spec",
+    "resolve_spec",
+    "DEFAULT_FORMAT",
+    "load_teacher",
+    "init_state",
+    "describe",
+    "check_backbone_state",
+]
 
 
 class CheckpointFormat:
@@ -41,8 +51,9 @@ class CheckpointFormat:
     def describe(self) -> str:
         return inspect.getdoc(type(self)) or self.name
 
-    def load_teacher(self, path: str, *, num_heads: int | None = None, dtype: torch.dtype | None = None,
-                     **options) -> nn.Module:
+    def load_teacher(
+        self, path: str, *, num_heads: int | None = None, dtype: torch.dtype | None = None, **options
+    ) -> nn.Module:
         raise NotImplementedError
 
     def init_state(self, path: str, backbone: nn.Module, *, num_heads: int | None = None) -> dict[str, torch.Tensor]:
@@ -73,14 +84,16 @@ def as_spec(spec: str | os.PathLike | CheckpointSpec) -> CheckpointSpec:
     parsed = parse_spec(spec)
     if parsed is None:
         if not isinstance(spec, str) or not spec:
-            raise ConfigError(f"{spec!r} is not a checkpoint: expected a path or FORMAT:PATH; formats: "
-                              f"{', '.join(FORMATS.names())}")
+            raise ConfigError(
+                f"{spec!r} is not a checkpoint: expected a path or FORMAT:PATH; formats: {', '.join(FORMATS.names())}"
+            )
         parsed = CheckpointSpec(DEFAULT_FORMAT, spec)
     return parsed
 
 
-def resolve_spec(spec: str | os.PathLike | CheckpointSpec, num_heads: int | None = None
-                 ) -> tuple[CheckpointFormat, str, int | None]:
+def resolve_spec(
+    spec: str | os.PathLike | CheckpointSpec, num_heads: int | None = None
+) -> tuple[CheckpointFormat, str, int | None]:
     """(format, path, heads) from a spec string (a plain path is the onestep format); the spec's
     ``#heads=`` and ``num_heads`` must agree."""
     parsed = as_spec(spec)
@@ -90,14 +103,17 @@ def resolve_spec(spec: str | os.PathLike | CheckpointSpec, num_heads: int | None
     return get_format(parsed.format), parsed.path, heads if heads is not None else num_heads
 
 
-def load_teacher(spec: str | CheckpointSpec, *, num_heads: int | None = None, dtype: torch.dtype | None = None,
-                 **options) -> nn.Module:
+def load_teacher(
+    spec: str | CheckpointSpec, *, num_heads: int | None = None, dtype: torch.dtype | None = None, **options
+) -> nn.Module:
     """``load_teacher("sit:SiT-XL-2-256x256.pt")``: the frozen velocity teacher of a checkpoint."""
     fmt, path, heads = resolve_spec(spec, num_heads)
     return fmt.load_teacher(path, num_heads=heads, dtype=dtype, **options)
 
 
-def init_state(spec: str | CheckpointSpec, backbone: nn.Module, *, num_heads: int | None = None) -> dict[str, torch.Tensor]:
+def init_state(
+    spec: str | CheckpointSpec, backbone: nn.Module, *, num_heads: int | None = None
+) -> dict[str, torch.Tensor]:
     """Weights for ``backbone`` that make ``backbone(z, t, 0, y)`` the checkpoint's velocity."""
     fmt, path, heads = resolve_spec(spec, num_heads)
     return fmt.init_state(path, backbone, num_heads=heads)
@@ -108,16 +124,19 @@ def describe(name: str) -> str:
     return get_format(name).describe()
 
 
-def check_backbone_state(state: dict[str, torch.Tensor], backbone: nn.Module, where: str,
-                         source: str = "the converted file") -> dict[str, torch.Tensor]:
+def check_backbone_state(
+    state: dict[str, torch.Tensor], backbone: nn.Module, where: str, source: str = "the converted file"
+) -> dict[str, torch.Tensor]:
     """``state`` cast to the backbone's dtypes; one ConfigError line for the first key that differs."""
     own = backbone.state_dict()
     for key, value in own.items():
         if key not in state:
             raise ConfigError(f"{where}: the backbone has '{key}' {list(value.shape)}, {source} does not")
         if state[key].shape != value.shape:
-            raise ConfigError(f"{where}: size mismatch at '{key}': {list(state[key].shape)} in the file vs "
-                              f"{list(value.shape)} in the backbone")
+            raise ConfigError(
+                f"{where}: size mismatch at '{key}': {list(state[key].shape)} in the file vs "
+                f"{list(value.shape)} in the backbone"
+            )
     for key, value in state.items():
         if key not in own:
             raise ConfigError(f"{where}: {source} has '{key}' {list(value.shape)}, the backbone does not")

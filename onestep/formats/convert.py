@@ -22,6 +22,7 @@
 * h_embedder (absent from the official files): first Linear = the file's t_embedder first
   Linear, last Linear zero, so emb_h ≡ 0 and h has no effect until trained.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,15 @@ from ..backbones.dit import DiT
 from ..backbones.layers import sincos_pos_embed_2d
 from .arch import OfficialArch
 
-__all__ = ["official_to_onestep", "residual_permutation", "permute_residual", "fold_time_flip", "negate_output",
-           "build_dit", "time_flip_matrix"]
+__all__ = [
+    "official_to_onestep",
+    "residual_permutation",
+    "permute_residual",
+    "fold_time_flip",
+    "negate_output",
+    "build_dit",
+    "time_flip_matrix",
+]
 
 
 def residual_permutation(dim: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ stand in for the dataset then: same ``shape``, ``num_classes``, ``kind``, ``name
 ``decode`` through a VAE (``data.vae`` or ``--vae``), but no examples (``size`` is None and asking
 for data, e.g. a metric's reference, is one ConfigError line saying why there is none).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,10 @@ __all__ = ["ModelData", "ModelLatents", "stand_in_data", "set_vae"]
 
 
 def _no_data(name: str, reason: str) -> ConfigError:
-    return ConfigError(f"the data of this model ('{name}') is not available ({reason}); metrics that compare "
-                       f"against data need --reference, or the data itself")
+    return ConfigError(
+        f"the data of this model ('{name}') is not available ({reason}); metrics that compare "
+        f"against data need --reference, or the data itself"
+    )
 
 
 class ModelData(Dataset):
@@ -44,8 +47,17 @@ class ModelData(Dataset):
 class ModelLatents(LatentDataset):
     """Latent data without examples: ``decode`` works when a VAE is named (module docstring)."""
 
-    def __init__(self, shape: tuple[int, ...], num_classes: int, *, scale: float = SD_VAE_SCALE, vae: str | None = None,
-                 name: str = "latents", reason: str = "no data", vae_batch_size: int = 32):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        num_classes: int,
+        *,
+        scale: float = SD_VAE_SCALE,
+        vae: str | None = None,
+        name: str = "latents",
+        reason: str = "no data",
+        vae_batch_size: int = 32,
+    ):
         self.rows = None
         self.y = None
         self.shape = tuple(int(s) for s in shape)
@@ -78,8 +90,15 @@ def stand_in_data(shape, num_classes: int, *, data: dict, reason: str) -> Datase
     VAE; other data with three dimensions is image data, else vector data."""
     name = str(data.get("name", "data"))
     if name == "latents":
-        return ModelLatents(shape, num_classes, scale=float(data.get("scale", SD_VAE_SCALE)), vae=data.get("vae"),
-                            name=name, reason=reason, vae_batch_size=int(data.get("vae_batch_size", 32)))
+        return ModelLatents(
+            shape,
+            num_classes,
+            scale=float(data.get("scale", SD_VAE_SCALE)),
+            vae=data.get("vae"),
+            name=name,
+            reason=reason,
+            vae_batch_size=int(data.get("vae_batch_size", 32)),
+        )
     return ModelData(shape, num_classes, kind="image" if len(tuple(shape)) == 3 else "vector", name=name, reason=reason)
 
 

@@ -9,10 +9,10 @@
 reading only safetensors and YAML. Training state (optimizer, EMA target, an objective's own
 parameters) is not exported: an export samples, teaches and initialises, it does not resume.
 """
+
 from __future__ import annotations
 
 import json
-
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +26,15 @@ from ..utils import yamlio
 from ..utils.rundir import RunDir, run_of_checkpoint, write_text_atomic
 from ..utils.version import versions
 from .base import DEFAULT_FORMAT, as_spec
-from .onestep import EXPORT_CARD, EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_MANIFEST, EXPORT_WEIGHTS, file_sha256, read_onestep
+from .onestep import (
+    EXPORT_CARD,
+    EXPORT_CONFIG,
+    EXPORT_FORMAT,
+    EXPORT_MANIFEST,
+    EXPORT_WEIGHTS,
+    file_sha256,
+    read_onestep,
+)
 
 __all__ = ["export_model", "model_card"]
 
@@ -54,8 +62,10 @@ def export_model(source: str | Path, out: str | Path, *, ema: bool = True, force
     file (module docstring). A non-empty ``out`` is refused unless ``force``."""
     spec = as_spec(source)
     if spec.format != DEFAULT_FORMAT:
-        raise ConfigError(f"export takes an onestep run directory or checkpoint, not a '{spec.format}' checkpoint "
-                          f"(sample or distil it instead)")
+        raise ConfigError(
+            f"export takes an onestep run directory or checkpoint, not a '{spec.format}' checkpoint "
+            f"(sample or distil it instead)"
+        )
     source = spec.path
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -69,8 +79,12 @@ def export_model(source: str | Path, out: str | Path, *, ema: bool = True, force
     meta = dict(raw.get("meta") or {})
     step = ckpt.step
     meta["export"] = {
-        "format": EXPORT_FORMAT, "step": step, "weights": ckpt.weights_name, "source": str(ckpt.path),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+        "format": EXPORT_FORMAT,
+        "step": step,
+        "weights": ckpt.weights_name,
+        "source": str(ckpt.path),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
     }
     meta.setdefault("parameters", sum(v.numel() for v in ckpt.weights.values()))
     raw["meta"] = meta
@@ -79,17 +93,21 @@ def export_model(source: str | Path, out: str | Path, *, ema: bool = True, force
     run = _source_run(ckpt.path, ckpt.kind)
     rows = run.read_metrics() if run is not None else []
     out.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(tensors, out / EXPORT_WEIGHTS,
-                      {"format": EXPORT_FORMAT, "step": str(step), "weights": ckpt.weights_name})
+    _save_safetensors(
+        tensors, out / EXPORT_WEIGHTS, {"format": EXPORT_FORMAT, "step": str(step), "weights": ckpt.weights_name}
+    )
     write_text_atomic(out / EXPORT_CONFIG, yamlio.safe_dump(raw))
     write_text_atomic(out / EXPORT_CARD, model_card(raw, rows, name=out.name, run_name=run.name if run else None))
-    write_text_atomic(out / EXPORT_MANIFEST, json.dumps({name: file_sha256(out / name)
-                                                         for name in (EXPORT_WEIGHTS, EXPORT_CONFIG)}, indent=1) + "\n")
+    write_text_atomic(
+        out / EXPORT_MANIFEST,
+        json.dumps({name: file_sha256(out / name) for name in (EXPORT_WEIGHTS, EXPORT_CONFIG)}, indent=1) + "\n",
+    )
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # The model card.
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -126,15 +144,15 @@ def model_card(raw: dict[str, Any], rows: list[dict[str, Any]], *, name: str, ru
         "|---|---|",
         f"| objective | `{objective.get('name')}` ({_options(objective, ('name', 'teacher'))}) |",
         f"| backbone | `{backbone.get('name')}`, {f'{params:,} parameters' if params else 'parameters unknown'} |",
-        f"| data | `{data.get('name')}` ({_options(data)}); sample shape {shape}, "
-        f"{classes or 'no'} classes |",
+        f"| data | `{data.get('name')}` ({_options(data)}); sample shape {shape}, {classes or 'no'} classes |",
     ]
     if objective.get("teacher"):
         lines.append(f"| teacher | `{objective.get('teacher')}` (guidance {objective.get('teacher_guidance', 1.0)}) |")
     if train.get("init_from"):
         lines.append(f"| initialised from | `{train.get('init_from')}` |")
     lines += [
-        f"| training | {export.get('step', '?')} steps of {train.get('steps', '?')}, batch {train.get('batch_size', '?')}, "
+        f"| training | {export.get('step', '?')} steps of {train.get('steps', '?')}, "
+        f"batch {train.get('batch_size', '?')}, "
         f"lr {_fmt(train.get('lr', '?'))}, EMA decay {_fmt(train.get('ema_decay', '?'))}, seed {raw.get('seed', 0)} |",
         f"| weights | {weights} |",
         f"| exported from | {'run `' + run_name + '`, ' if run_name else ''}`{export.get('source', '?')}` |",
@@ -157,7 +175,9 @@ def model_card(raw: dict[str, Any], rows: list[dict[str, Any]], *, name: str, ru
     ]
     if latents:
         lines += [
-            "Samples are latents (scale " + _fmt(data.get("scale", 0.18215)) + "): "
+            "Samples are latents (scale "
+            + _fmt(data.get("scale", 0.18215))
+            + "): "
             + (f"decoded by the VAE `{data['vae']}`" if data.get("vae") else "pass `--vae NAME_OR_DIR` to decode them")
             + "; `--latents` writes the raw latents.",
             "",
@@ -183,9 +203,11 @@ def model_card(raw: dict[str, Any], rows: list[dict[str, Any]], *, name: str, ru
             "|---:|---:|---|---:|---:|---|---:|",
         ]
         for r in rows:
-            lines.append(f"| {r.get('step', '?')} | {r.get('nfe', '?')} | {r.get('metric', '?')} | "
-                         f"{_fmt(r.get('value', float('nan')))} | {r.get('num_samples', '?')} | "
-                         f"{r.get('weights', '?')} | {r.get('seed', '?')} |")
+            lines.append(
+                f"| {r.get('step', '?')} | {r.get('nfe', '?')} | {r.get('metric', '?')} | "
+                f"{_fmt(r.get('value', float('nan')))} | {r.get('num_samples', '?')} | "
+                f"{r.get('weights', '?')} | {r.get('seed', '?')} |"
+            )
         lines += ["", "Implementations and references:", ""]
         seen = []
         for r in rows:

@@ -5,6 +5,7 @@ the time input and the output mean, which is what each format maps to onestep's 
 v(z_t, t) (t = 1 noise, v = e − x, x = 0.18215 × SD-VAE latent in all three). Note that DiT and
 SiT files have identical keys: only the format name tells their conventions apart.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ class OfficialFormat(CheckpointFormat):
     def prepare(self, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
         return state
 
-    def read(self, path: str, num_heads: int | None = None, default_heads: int | None = None
-             ) -> tuple[dict[str, torch.Tensor], OfficialArch]:
+    def read(
+        self, path: str, num_heads: int | None = None, default_heads: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], OfficialArch]:
         """The validated official state dict of ``path`` and its architecture (heads: ``infer_arch``)."""
         where = self.where(path)
         state = self.prepare(read_checkpoint(path, where), where)
@@ -45,8 +47,9 @@ class OfficialFormat(CheckpointFormat):
         """onestep DiT weights whose net(z, t, 0, y) is v(z_t, t) (formats that are velocities)."""
         raise NotImplementedError
 
-    def load_teacher(self, path: str, *, num_heads: int | None = None, dtype: torch.dtype | None = None,
-                     **options) -> nn.Module:
+    def load_teacher(
+        self, path: str, *, num_heads: int | None = None, dtype: torch.dtype | None = None, **options
+    ) -> nn.Module:
         if options:
             raise ConfigError(f"{self.where(path)}: unknown teacher option(s) {', '.join(options)}")
         state, arch = self.read(path, num_heads)
@@ -55,17 +58,23 @@ class OfficialFormat(CheckpointFormat):
     def init_state(self, path: str, backbone: nn.Module, *, num_heads: int | None = None) -> dict[str, torch.Tensor]:
         where = self.where(path)
         if not isinstance(backbone, DiT):
-            raise ConfigError(f"{where}: initialisation needs an onestep DiT backbone (dit_*), got {type(backbone).__name__}")
+            raise ConfigError(
+                f"{where}: initialisation needs an onestep DiT backbone (dit_*), got {type(backbone).__name__}"
+            )
         own_heads = backbone.blocks[0].attn.num_heads
         state, arch = self.read(path, num_heads, default_heads=own_heads)
         if arch.num_heads != own_heads:
             raise ConfigError(f"{where}: the file's network has {arch.num_heads} heads, the backbone {own_heads}")
         if tuple(backbone.input_shape) != arch.input_shape:
-            raise ConfigError(f"{where}: the file's input shape is {list(arch.input_shape)}, the backbone's "
-                              f"{list(backbone.input_shape)}")
+            raise ConfigError(
+                f"{where}: the file's input shape is {list(arch.input_shape)}, the backbone's "
+                f"{list(backbone.input_shape)}"
+            )
         if backbone.t_embedder.time_scale != 1.0:
-            raise ConfigError(f"{where}: the backbone has time_scale {backbone.t_embedder.time_scale:g}; "
-                              f"the converted weights read the raw time (time_scale 1)")
+            raise ConfigError(
+                f"{where}: the backbone has time_scale {backbone.t_embedder.time_scale:g}; "
+                f"the converted weights read the raw time (time_scale 1)"
+            )
         return check_backbone_state(self.velocity_state(state, arch), backbone, where)
 
 
@@ -82,8 +91,9 @@ class DiTFormat(OfficialFormat):
     name = "dit"
     can_init = False
 
-    def load_teacher(self, path: str, *, num_heads: int | None = None, dtype: torch.dtype | None = None,
-                     **options) -> nn.Module:
+    def load_teacher(
+        self, path: str, *, num_heads: int | None = None, dtype: torch.dtype | None = None, **options
+    ) -> nn.Module:
         if options:
             raise ConfigError(f"{self.where(path)}: unknown teacher option(s) {', '.join(options)}")
         state, arch = self.read(path, num_heads)
@@ -93,8 +103,10 @@ class DiTFormat(OfficialFormat):
         raise ConfigError(self.init_refusal(path))
 
     def init_refusal(self, path: str) -> str:
-        return (f"{self.where(path)}: a DiT checkpoint cannot initialise a velocity backbone (an ε-model on a "
-                f"VP schedule is not a velocity network); use it as a teacher")
+        return (
+            f"{self.where(path)}: a DiT checkpoint cannot initialise a velocity backbone (an ε-model on a "
+            f"VP schedule is not a velocity network); use it as a teacher"
+        )
 
 
 @FORMATS.register("sit")
@@ -113,8 +125,9 @@ class SiTFormat(OfficialFormat):
     def velocity_state(self, state, arch):
         return negate_output(fold_time_flip(official_to_onestep(state, arch)))
 
-    def load_teacher(self, path: str, *, num_heads: int | None = None, dtype: torch.dtype | None = None,
-                     fold: bool = True, **options) -> nn.Module:
+    def load_teacher(
+        self, path: str, *, num_heads: int | None = None, dtype: torch.dtype | None = None, fold: bool = True, **options
+    ) -> nn.Module:
         if fold:
             return super().load_teacher(path, num_heads=num_heads, dtype=dtype, **options)
         if options:

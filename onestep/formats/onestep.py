@@ -18,11 +18,11 @@ ones; a file without EMA weights gives its raw ones either way). A plain path wi
 not here, a stand-in with its shape, classes, latent scale and VAE: ``formats.data``), backbone,
 objective (without its teacher), step.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,22 @@ from .base import CheckpointFormat, check_backbone_state
 from .data import stand_in_data
 from .teachers import freeze
 
-__all__ = ["EXPORT_WEIGHTS", "EXPORT_CONFIG", "EXPORT_MANIFEST", "EXPORT_CARD", "file_sha256", "EXPORT_FORMAT", "LoadedRun", "OnestepCheckpoint",
-           "OnestepFormat", "is_export", "read_onestep", "config_of", "build_net", "load_run"]
+__all__ = [
+    "EXPORT_WEIGHTS",
+    "EXPORT_CONFIG",
+    "EXPORT_MANIFEST",
+    "EXPORT_CARD",
+    "file_sha256",
+    "EXPORT_FORMAT",
+    "LoadedRun",
+    "OnestepCheckpoint",
+    "OnestepFormat",
+    "is_export",
+    "read_onestep",
+    "config_of",
+    "build_net",
+    "load_run",
+]
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -108,8 +122,10 @@ def _check_manifest(path: Path) -> None:
         raise ConfigError(f"{manifest}: not a readable export manifest ({type(exc).__name__}: {exc})") from None
     for name, digest in sums.items():
         if name in (EXPORT_WEIGHTS, EXPORT_CONFIG) and file_sha256(path / name) != digest:
-            raise ConfigError(f"{path / name}: does not match its sha256 in {EXPORT_MANIFEST} (the file is corrupt "
-                              f"or was changed after export)")
+            raise ConfigError(
+                f"{path / name}: does not match its sha256 in {EXPORT_MANIFEST} (the file is corrupt "
+                f"or was changed after export)"
+            )
 
 
 def _read_export(path: Path, use_ema: bool) -> OnestepCheckpoint:
@@ -121,8 +137,10 @@ def _read_export(path: Path, use_ema: bool) -> OnestepCheckpoint:
     export = (raw.get("meta") or {}).get("export") or {}
     weights_name = str(export.get("weights", "ema"))
     if not use_ema and weights_name == "ema":
-        raise ConfigError(f"{path}: this export holds only the EMA weights (it was exported without --no-ema); "
-                          f"the raw weights are in the run it came from")
+        raise ConfigError(
+            f"{path}: this export holds only the EMA weights (it was exported without --no-ema); "
+            f"the raw weights are in the run it came from"
+        )
     try:
         weights = load_file(str(path / EXPORT_WEIGHTS), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -136,8 +154,10 @@ def read_onestep(path: str | Path, *, use_ema: bool = True) -> OnestepCheckpoint
     if is_export(path):
         return _read_export(path, use_ema)
     if path.is_dir() and not RunDir(path).last_checkpoint.is_file() and (path / EXPORT_CONFIG).is_file():
-        raise ConfigError(f"{path}: neither a run directory (no {RunDir.CHECKPOINTS}/{RunDir.LAST}) nor an export "
-                          f"(no {EXPORT_WEIGHTS})")
+        raise ConfigError(
+            f"{path}: neither a run directory (no {RunDir.CHECKPOINTS}/{RunDir.LAST}) nor an export "
+            f"(no {EXPORT_WEIGHTS})"
+        )
     ckpt = resolve_checkpoint(path)
     state = read_checkpoint_file(ckpt)
     use = "ema" if use_ema and state.get("ema") is not None else "model"
@@ -167,8 +187,12 @@ def _data(cfg: Config, net: nn.Module) -> Dataset:
     try:
         return build_dataset(cfg)
     except DataNotFound as exc:
-        return stand_in_data(tuple(net.input_shape), int(getattr(net, "num_classes", 0) or 0), data=cfg.data,
-                             reason=str(exc).splitlines()[0])
+        return stand_in_data(
+            tuple(net.input_shape),
+            int(getattr(net, "num_classes", 0) or 0),
+            data=cfg.data,
+            reason=str(exc).splitlines()[0],
+        )
 
 
 def load_run(path: str | Path, *, use_ema: bool = True, device: Any = "cpu") -> LoadedRun:
@@ -179,8 +203,10 @@ def load_run(path: str | Path, *, use_ema: bool = True, device: Any = "cpu") -> 
     net = build_net(ckpt, cfg)
     dataset = _data(cfg, net)
     if tuple(dataset.shape) != tuple(net.input_shape):
-        raise ConfigError(f"{path}: the backbone takes shape {tuple(net.input_shape)} but the data "
-                          f"'{dataset.name}' now has shape {tuple(dataset.shape)}")
+        raise ConfigError(
+            f"{path}: the backbone takes shape {tuple(net.input_shape)} but the data "
+            f"'{dataset.name}' now has shape {tuple(dataset.shape)}"
+        )
     net.to(device).eval().requires_grad_(False)
     return LoadedRun(cfg, net, build_objective(cfg, dataset), dataset, ckpt.step, ckpt.path, str(path), "onestep")
 
@@ -204,8 +230,15 @@ class OnestepFormat(CheckpointFormat):
     def where(self, path: str) -> str:
         return str(path)
 
-    def load_teacher(self, path: str, *, num_heads: int | None = None, dtype: torch.dtype | None = None,
-                     use_ema: bool = True, **options) -> nn.Module:
+    def load_teacher(
+        self,
+        path: str,
+        *,
+        num_heads: int | None = None,
+        dtype: torch.dtype | None = None,
+        use_ema: bool = True,
+        **options,
+    ) -> nn.Module:
         if options:
             raise ConfigError(f"{path}: unknown teacher option(s) {', '.join(options)}")
         if num_heads is not None:
@@ -213,11 +246,12 @@ class OnestepFormat(CheckpointFormat):
         net = build_net(read_onestep(path, use_ema=use_ema))
         return freeze(net if dtype is None else net.to(dtype))
 
-    def init_state(self, path: str, backbone: nn.Module, *, num_heads: int | None = None,
-                   use_ema: bool = True) -> dict[str, torch.Tensor]:
+    def init_state(
+        self, path: str, backbone: nn.Module, *, num_heads: int | None = None, use_ema: bool = True
+    ) -> dict[str, torch.Tensor]:
         if num_heads is not None:
             raise ConfigError(f"{path}: heads= is for public checkpoints; an onestep run knows its own backbone")
         ckpt = read_onestep(path, use_ema=use_ema)
-        return check_backbone_state(ckpt.weights, backbone, f"{path}: weights do not fit this backbone",
-                                    source="the checkpoint")
-
+        return check_backbone_state(
+            ckpt.weights, backbone, f"{path}: weights do not fit this backbone", source="the checkpoint"
+        )

@@ -11,6 +11,7 @@ Wrappers: a raw state dict is used as is; ``{"ema": ..., "model": ...}`` (the Di
 ``train.py`` checkpoints) gives ``"ema"``, as the official samplers do for user checkpoints;
 ``{"model": ...}`` alone gives ``"model"``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
 
 

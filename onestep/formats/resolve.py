@@ -13,6 +13,7 @@ Every place accepts ``FORMAT:PATH[#heads=N]`` or a plain path (the ``onestep`` f
 * ``spec_note(spec, ...)``: what ``onestep validate`` / ``train --dry-run`` say about a spec whose
   file is not there (a note; training makes it an error).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,14 +29,19 @@ from .base import as_spec, resolve_spec
 from .data import ModelLatents, set_vae
 from .onestep import LoadedRun, load_run
 
-__all__ = ["PUBLIC_LATENT_SCALE", "resolve_teacher", "recipe_teacher", "init_weights", "open_model",
-           "spec_note"]
+__all__ = ["PUBLIC_LATENT_SCALE", "resolve_teacher", "recipe_teacher", "init_weights", "open_model", "spec_note"]
 
 PUBLIC_LATENT_SCALE = SD_VAE_SCALE  # DiT, SiT and REPA all train on 0.18215 × SD-VAE latents
 
 
-def resolve_teacher(spec: Any, dataset: Dataset | None = None, *, use_ema: bool = True, device: Any = "cpu",
-                    where: str = "objective.teacher") -> nn.Module:
+def resolve_teacher(
+    spec: Any,
+    dataset: Dataset | None = None,
+    *,
+    use_ema: bool = True,
+    device: Any = "cpu",
+    where: str = "objective.teacher",
+) -> nn.Module:
     """The frozen teacher of ``spec`` on ``device``; with ``dataset``, its input shape and class
     count must be the data's."""
     fmt, path, heads = resolve_spec(spec)
@@ -86,8 +92,13 @@ def open_model(spec: Any, *, device: Any = "cpu", ema: bool = True, vae: str | N
         if not ema:
             raise ConfigError(f"{spec}: --no-ema is for onestep runs; a public checkpoint gives one set of weights")
         net = fmt.load_teacher(path, num_heads=heads).to(device)
-        data = ModelLatents(tuple(net.input_shape), int(net.num_classes), scale=PUBLIC_LATENT_SCALE,
-                            name=f"{fmt.name} latents", reason=f"a public {fmt.name} checkpoint carries no data")
+        data = ModelLatents(
+            tuple(net.input_shape),
+            int(net.num_classes),
+            scale=PUBLIC_LATENT_SCALE,
+            name=f"{fmt.name} latents",
+            reason=f"a public {fmt.name} checkpoint carries no data",
+        )
         run = LoadedRun(None, net, OBJECTIVES.build("flow_matching"), data, None, Path(path), str(spec), fmt.name)
     run.spec, run.format = str(spec), fmt.name
     set_vae(run.dataset, vae)

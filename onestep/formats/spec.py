@@ -10,6 +10,7 @@ Examples: ``sit:/ckpt/SiT-XL-2-256x256.pt``, ``repa_sit:last.pt``, ``dit:weights
   ``#`` is part of the path). Options: ``heads=N`` (attention heads, for widths that are not a
   standard DiT/SiT size).
 """
+
 from __future__ import annotations
 
 import re

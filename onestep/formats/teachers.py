@@ -6,6 +6,7 @@ v(z_t, t) = −SiT(z_t, 1 − t)[:C]. ``SiTTeacher`` computes exactly that from 
 network; the ``sit`` format's default teacher instead folds the flip and the sign into the
 weights (``convert.fold_time_flip``, ``convert.negate_output``), giving a plain onestep DiT.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,9 @@ class SiTTeacher(nn.Module):
         self.encoder_blocks = tuple(getattr(net, "encoder_blocks", ()))
         freeze(self)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         tau = 1 - batch_times(t, x.shape[0], x.device)
         return -self.net(x, tau, None, y)
 

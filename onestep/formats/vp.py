@@ -34,6 +34,7 @@ batched call, null class = num_classes) equals v computed from ε̂ guided on al
 DiT's released sampler guides only channels 0–2 ("for exact reproducibility") and leaves
 channel 3 unguided; this teacher follows the standard formula on all four.
 """
+
 from __future__ import annotations
 
 import math
@@ -109,7 +110,7 @@ class VPEpsilonTeacher(nn.Module):
         lam = log_snr(t).clamp(table[-1], table[0])
         k = ddpm_index(t, table)
         work = torch.promote_types(x.dtype, torch.float32)
-        scale = torch.sqrt((1 - t) ** 2 + t ** 2)
+        scale = torch.sqrt((1 - t) ** 2 + t**2)
         a, b = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
         shape = (-1,) + (1,) * (x.ndim - 1)
         col = lambda c: c.to(work).reshape(shape)  # noqa: E731
@@ -126,8 +127,9 @@ class VPEpsilonTeacher(nn.Module):
         v = torch.where(col(t) <= 0.5, v_low, v_high)
         return v.to(x.dtype), features
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """z_t (B, C, H, W), t (B,) -> v (B, C, H, W). ``h`` is ignored."""
         return self._run(x, t, y, [])[0]
 

@@ -8,6 +8,7 @@ and ``close()``. ``jsonl`` (stats.jsonl in the run directory) is always on: it i
 that ``onestep compare`` and ``onestep plot`` read. ``tensorboard`` and ``wandb`` are optional extras
 (``pip install "onestep[tensorboard]"``, ``"onestep[wandb]"``); wandb honours ``WANDB_MODE=offline``.
 """
+
 from onestep.loggers import base, jsonl, tensorboard, wandb  # noqa: F401  (registers the loggers)
 from onestep.loggers.base import Logger, open_loggers
 

@@ -1,4 +1,5 @@
 """The logger protocol and the fan-out the training loop talks to."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """``jsonl``: stats.jsonl in the run directory, one JSON object per logged step (always on)."""
+
 from __future__ import annotations
 
 import json

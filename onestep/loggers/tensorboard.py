@@ -1,6 +1,7 @@
 """``tensorboard``: an event file under RUN/tensorboard (needs the ``tensorboard`` package:
 ``pip install "onestep[tensorboard]"``). Training rows become scalars under their own names,
 evaluation rows ``eval/<metric>@<nfe>`` at their step, previews images."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,10 @@ class TensorBoardLogger(Logger):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("train.loggers: 'tensorboard' needs the tensorboard package; "
-                              "pip install \"onestep[tensorboard]\" (or remove it from train.loggers)") from None
+            raise ConfigError(
+                "train.loggers: 'tensorboard' needs the tensorboard package; "
+                'pip install "onestep[tensorboard]" (or remove it from train.loggers)'
+            ) from None
         self.writer = SummaryWriter(log_dir=str(run.path / self.subdir), flush_secs=self.flush_secs)
 
     def log_row(self, row):

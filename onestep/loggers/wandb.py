@@ -2,6 +2,7 @@
 run lives in RUN/wandb; ``WANDB_MODE=offline`` (or ``mode: offline``) needs no network or account.
 Training rows are logged at their step, evaluation rows as ``eval/<metric>@<nfe>``, the resolved
 config as the run config."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -13,8 +14,13 @@ from onestep.registry import LOGGERS, ConfigError
 class WandbLogger(Logger):
     name = "wandb"
 
-    def __init__(self, project: str = "onestep", entity: str | None = None, mode: str | None = None,
-                 tags: list[str] | None = None):
+    def __init__(
+        self,
+        project: str = "onestep",
+        entity: str | None = None,
+        mode: str | None = None,
+        tags: list[str] | None = None,
+    ):
         self.project, self.entity, self.mode, self.tags = project, entity, mode, tags
         self.run = None
 
@@ -22,12 +28,22 @@ class WandbLogger(Logger):
         try:
             import wandb
         except ImportError:
-            raise ConfigError("train.loggers: 'wandb' needs the wandb package; pip install \"onestep[wandb]\" "
-                              "(or remove it from train.loggers)") from None
+            raise ConfigError(
+                "train.loggers: 'wandb' needs the wandb package; pip install \"onestep[wandb]\" "
+                "(or remove it from train.loggers)"
+            ) from None
         (run.path / "wandb").mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, tags=self.tags,
-                              dir=str(run.path), name=run.name, config=config, resume="allow" if resumed else None,
-                              id=None)
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            mode=self.mode,
+            tags=self.tags,
+            dir=str(run.path),
+            name=run.name,
+            config=config,
+            resume="allow" if resumed else None,
+            id=None,
+        )
 
     def log_row(self, row):
         self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
@@ -48,8 +64,12 @@ class WandbLogger(Logger):
 
 
 @LOGGERS.register("wandb")
-def wandb(project: str = "onestep", entity: str | None = None,
-          mode: Literal["online", "offline", "disabled"] | None = None, tags: list[str] | None = None) -> WandbLogger:
+def wandb(
+    project: str = "onestep",
+    entity: str | None = None,
+    mode: Literal["online", "offline", "disabled"] | None = None,
+    tags: list[str] | None = None,
+) -> WandbLogger:
     """Weights & Biases (the wandb extra); mode offline needs no network (or set WANDB_MODE=offline)."""
     if not project:
         raise ConfigError("logger 'wandb': project must be a non-empty string")

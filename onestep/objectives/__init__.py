@@ -1,4 +1,5 @@
 """Objectives: the paper's math. Importing this package registers them in ``OBJECTIVES``."""
+
 from onestep.objectives.base import LossOutput, Objective
 from onestep.objectives.common import adaptive_weight, batch_time, cfg_velocity, expand_time, interpolate, velocity
 from onestep.objectives.consistency import ConsistencyDistillation, ConsistencyTraining
@@ -11,9 +12,26 @@ from onestep.objectives.scm import SCM
 from onestep.objectives.time_sampling import logit_normal, sample_t_r, uniform
 
 __all__ = [
-    "LossOutput", "Objective", "batch_time", "expand_time", "interpolate",
-    "FlowMatching", "MeanFlow", "adaptive_weight", "cfg_velocity", "velocity",
-    "meanflow_jvp", "meanflow_target", "logit_normal", "sample_t_r", "uniform",
-    "ConsistencyTraining", "ConsistencyDistillation", "EasyConsistencyTuning", "consistency_fn", "SCM",
-    "ImprovedMeanFlow", "imf_jvp",
+    "LossOutput",
+    "Objective",
+    "batch_time",
+    "expand_time",
+    "interpolate",
+    "FlowMatching",
+    "MeanFlow",
+    "adaptive_weight",
+    "cfg_velocity",
+    "velocity",
+    "meanflow_jvp",
+    "meanflow_target",
+    "logit_normal",
+    "sample_t_r",
+    "uniform",
+    "ConsistencyTraining",
+    "ConsistencyDistillation",
+    "EasyConsistencyTuning",
+    "consistency_fn",
+    "SCM",
+    "ImprovedMeanFlow",
+    "imf_jvp",
 ]

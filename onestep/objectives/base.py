@@ -3,6 +3,7 @@
 Notation and the shared math (the path z_t = (1 − t)·x + t·e, the adaptive weight, labels and
 guidance) are in ``onestep.objectives.common``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,12 +46,32 @@ class Objective:
     #: True if ``sample_step`` takes ``cond`` (guidance scale and interval as network inputs).
     accepts_cond: bool = False
 
-    def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
-        """Per-sample loss (B,) for data x and labels y at training step ``step``.
+    def loss(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        step: int,
+        feature_blocks: tuple[int, ...] = (),
+        target_net: nn.Module | None = None,
+    ) -> LossOutput:
+        """The objective's per-sample training loss on one batch.
 
-        ``target_net``: the loop's EMA copy of the network, passed only to objectives that declare
-        one through ``target_decay``.
+        Args:
+            net: the backbone being trained (called as ``net(x_t, t, r, y, **cond)``).
+            x: a data batch (B, *data_shape) in the data's coordinates (pixels in [-1, 1] or latents).
+            y: class labels (B,) int64, or None for unconditional data. Objectives that fold
+                classifier-free guidance into training drop labels themselves.
+            step: the optimizer step about to be taken (curricula are pure functions of it).
+            feature_blocks: indices of the blocks whose activations a regularizer (the dispersive
+                loss) needs from the gradient-carrying forward.
+            target_net: the loop's EMA copy of the network, passed only to objectives that declare
+                one through ``target_decay``.
+
+        Returns:
+            ``LossOutput``: ``loss`` (B,) unreduced (the loop averages it), ``features`` (one tensor
+            per requested block, in that order) and ``logs`` (the objective's diagnostics).
         """
         raise NotImplementedError
 
@@ -64,8 +85,20 @@ class Objective:
 
     @torch.no_grad()
     def sample_step(self, net: nn.Module, x: Tensor, t: Tensor, r: Tensor, y: Tensor | None) -> Tensor:
-        """Move samples from time t to time r < t (t, r scalars or (B,)). Objectives with
-        ``accepts_cond`` also take ``cond`` ({"omega", "t_min", "t_max"}, passed to the network)."""
+        """One sampler step: move samples from time t to an earlier time r.
+
+        Args:
+            net: the trained backbone.
+            x: samples at time t, (B, *data_shape); at t = 1 the output of ``prior``.
+            t: the current time, a scalar tensor or (B,).
+            r: the target time (r < t), a scalar tensor or (B,); r = 0 ends at data.
+            y: class labels (B,) or None. Objectives with ``accepts_cond`` also take ``cond``
+                ({"omega", "t_min", "t_max"}, passed to the network).
+
+        Returns:
+            The samples at time r, same shape as ``x``. ``time_grid(nfe)`` gives the times a
+            sampler steps through; one step from 1 to 0 is one-step sampling.
+        """
         raise NotImplementedError
 
     def time_grid(self, nfe: int) -> Tensor:

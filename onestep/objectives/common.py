@@ -21,6 +21,7 @@ the reference set's finite size (v̂ → E[v | z_t] as the batch grows; exact at
 lower variance where many x_j explain z_i (small data dimension, large t); in high dimension the
 weights fall onto j = i and v̂ is v again.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,19 +31,29 @@ from torch import Tensor, nn
 
 from onestep.utils.distributed import all_gather_rows, current
 
-
 # ----------------------------------------------------------------------------------------------
 # Checks (one-line ValueErrors naming the option and what is allowed).
 
-def check_range(name: str, value: float, low: float | None = None, high: float | None = None, *,
-                low_open: bool = False, high_open: bool = False) -> None:
+
+def check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """Raise ValueError naming ``name`` and the allowed interval if ``value`` lies outside it."""
-    bad = (low is not None and (value <= low if low_open else value < low)) or \
-          (high is not None and (value >= high if high_open else value > high))
+    bad = (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and (value >= high if high_open else value > high)
+    )
     if bad:
         left = "-inf" if low is None else f"{low:g}"
         right = "inf" if high is None else f"{high:g}"
-        interval = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+        interval = (
+            f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+        )
         raise ValueError(f"{name} must be in {interval}, got {value}")
 
 
@@ -59,6 +70,7 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Times and the path.
+
 
 def expand_time(t: Tensor | float, x: Tensor) -> Tensor:
     """Broadcast a (B,) or scalar time against x of shape (B, ...) -> (B, 1, ..., 1)."""
@@ -92,6 +104,7 @@ def interpolate(x: Tensor, e: Tensor, t: Tensor | float) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Losses, labels, guidance, velocities.
 
+
 def sum_squares(diff: Tensor) -> Tensor:
     """(B, ...) -> (B,) sum of squares over all non-batch elements, in float32 or wider."""
     diff = diff.float() if diff.dtype in (torch.float16, torch.bfloat16) else diff
@@ -116,8 +129,9 @@ def num_classes_of(net: nn.Module) -> int:
     return int(getattr(net, "num_classes", 0) or 0)
 
 
-def drop_labels(y: Tensor | None, num_classes: int, class_dropout: float,
-                generator: torch.Generator | None = None) -> Tensor | None:
+def drop_labels(
+    y: Tensor | None, num_classes: int, class_dropout: float, generator: torch.Generator | None = None
+) -> Tensor | None:
     """Replace each label by the null id ``num_classes`` with probability ``class_dropout``.
 
     Unconditional (num_classes = 0), no labels, or class_dropout = 0: returned unchanged.
@@ -148,8 +162,15 @@ def check_guidance_interval(name: str, interval: Any) -> tuple[float, float] | N
     return lo, hi
 
 
-def guided_output(net: nn.Module, x: Tensor, t: Tensor, h: Tensor, y: Tensor | None,
-                  guidance_scale: float = 1.0, interval: tuple[float, float] | None = None) -> Tensor:
+def guided_output(
+    net: nn.Module,
+    x: Tensor,
+    t: Tensor,
+    h: Tensor,
+    y: Tensor | None,
+    guidance_scale: float = 1.0,
+    interval: tuple[float, float] | None = None,
+) -> Tensor:
     """net(x, t, h, y) with classifier-free guidance out(∅) + w·(out(c) − out(∅)).
 
     One batched call for cond + uncond; plain call when w = 1, no labels or unconditional net.
@@ -176,14 +197,21 @@ VELOCITY_ESTIMATES = ("conditional", "batch_posterior")
 
 def check_velocity_estimate(name: str) -> None:
     if name not in VELOCITY_ESTIMATES:
-        raise ValueError(f"velocity_estimate must be one of {', '.join(map(repr, VELOCITY_ESTIMATES))}; "
-                         f"got {name!r}")
+        raise ValueError(f"velocity_estimate must be one of {', '.join(map(repr, VELOCITY_ESTIMATES))}; got {name!r}")
 
 
 @torch.no_grad()
-def batch_posterior_velocity(x: Tensor, e: Tensor, t: Tensor, labels: Tensor | None = None,
-                             query_labels: Tensor | None = None, null_class: int | None = None, *,
-                             reference: Tensor | None = None, offset: int = 0) -> Tensor:
+def batch_posterior_velocity(
+    x: Tensor,
+    e: Tensor,
+    t: Tensor,
+    labels: Tensor | None = None,
+    query_labels: Tensor | None = None,
+    null_class: int | None = None,
+    *,
+    reference: Tensor | None = None,
+    offset: int = 0,
+) -> Tensor:
     """The batch's estimate of E[v | z_t] at z_i = (1 − t_i) x_i + t_i e_i (module docstring), like x.
 
     The reference set is ``reference`` (N, ...) whose rows ``offset .. offset + B`` are x itself (the
@@ -193,19 +221,23 @@ def batch_posterior_velocity(x: Tensor, e: Tensor, t: Tensor, labels: Tensor | N
     (e_i − x_i) + (x_i − Σ_j w_ij x_j) / t_i, which is e_i − x_i exactly where t_i = 0.
     """
     if x.shape != e.shape or t.shape != x.shape[:1]:
-        raise ValueError(f"batch_posterior_velocity: x, e must share a shape and t be (B,); got "
-                         f"{tuple(x.shape)}, {tuple(e.shape)}, {tuple(t.shape)}")
+        raise ValueError(
+            f"batch_posterior_velocity: x, e must share a shape and t be (B,); got "
+            f"{tuple(x.shape)}, {tuple(e.shape)}, {tuple(t.shape)}"
+        )
     xf, ef, tt = x.flatten(1).double(), e.flatten(1).double(), t.double().to(x.device)
     ref = xf if reference is None else reference.flatten(1).double()
     if ref.shape[1] != xf.shape[1] or not 0 <= offset <= ref.shape[0] - xf.shape[0]:
-        raise ValueError(f"batch_posterior_velocity: reference {tuple(ref.shape)} must hold x {tuple(xf.shape)} "
-                         f"at rows {offset}..{offset + xf.shape[0]}")
+        raise ValueError(
+            f"batch_posterior_velocity: reference {tuple(ref.shape)} must hold x {tuple(xf.shape)} "
+            f"at rows {offset}..{offset + xf.shape[0]}"
+        )
     a = 1.0 - tt
     z = a[:, None] * xf + tt[:, None] * ef
     t_safe = tt.clamp_min(1e-12)
     # log N(z_i; a_i x_j, t_i² I) up to a per-row constant: (a_i z_i·x_j − ½ a_i² ||x_j||²) / t_i².
     logits = torch.addr(z @ ref.T, a, (ref * ref).sum(1), alpha=-0.5)
-    logits.mul_((a / t_safe ** 2)[:, None])
+    logits.mul_((a / t_safe**2)[:, None])
     if labels is not None and query_labels is not None:
         other = labels[None, :] != query_labels[:, None]
         if null_class is not None:
@@ -219,8 +251,9 @@ def batch_posterior_velocity(x: Tensor, e: Tensor, t: Tensor, labels: Tensor | N
     return v_hat.to(x.dtype).view_as(x)
 
 
-def target_velocity(estimate: str, x: Tensor, e: Tensor, t: Tensor, labels: Tensor | None,
-                    query_labels: Tensor | None, num_classes: int) -> Tensor | None:
+def target_velocity(
+    estimate: str, x: Tensor, e: Tensor, t: Tensor, labels: Tensor | None, query_labels: Tensor | None, num_classes: int
+) -> Tensor | None:
     """The velocity an objective regresses: None for "conditional" (the caller's e − x), else the
     batch-posterior estimate, per class for conditional nets (``labels`` before class dropout,
     ``query_labels`` after it)."""
@@ -232,13 +265,20 @@ def target_velocity(estimate: str, x: Tensor, e: Tensor, t: Tensor, labels: Tens
     # estimate what one process with B does); equal per-rank batch sizes, as the loop guarantees.
     reference = all_gather_rows(x.detach())
     labels = None if labels is None else all_gather_rows(labels)
-    return batch_posterior_velocity(x, e, t, labels, query_labels, num_classes or None,
-                                    reference=reference, offset=current().rank * x.shape[0])
+    return batch_posterior_velocity(
+        x, e, t, labels, query_labels, num_classes or None, reference=reference, offset=current().rank * x.shape[0]
+    )
 
 
 @torch.no_grad()
-def velocity(net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | None = None,
-             guidance_scale: float = 1.0, interval: tuple[float, float] | None = None) -> Tensor:
+def velocity(
+    net: nn.Module,
+    z: Tensor,
+    t: Tensor | float,
+    y: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    interval: tuple[float, float] | None = None,
+) -> Tensor:
     """No-grad instantaneous velocity v_θ(z, t) = net(z, t, h=0, y), optionally guided (only for t
     in ``interval`` when given). (B, ...)."""
     t = batch_time(t, z)

@@ -57,6 +57,7 @@ Multi-step sampling: x_0 = f_θ(x_t, t); if r > 0, re-noise with fresh noise: x_
 ``prior(noise) = t(σ_max)·noise``: z at t(σ_max) is x_σ = σ_max·e scaled by (1 − t), as the
 papers' samplers start (the data part, (1 − t)·x ≈ 0.012·x, is dropped).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,11 +68,30 @@ import torch
 from torch import Tensor, nn
 
 from onestep.objectives.base import LossOutput, Objective, register_objective
-from onestep.objectives.common import (batch_time, check_choice, check_guidance_interval, check_range, drop_labels,
-                                       expand_time, interpolate, num_classes_of, sum_squares)
-from onestep.objectives.consistency_math import (SIGMA_MID, consistency_fn, ema_decay_mu, euler_step, heun_step,
-                                                 ict_huber_c, karras_sigmas, lognormal_grid_weights, num_scales,
-                                                 pseudo_huber, sigma_to_t)
+from onestep.objectives.common import (
+    batch_time,
+    check_choice,
+    check_guidance_interval,
+    check_range,
+    drop_labels,
+    expand_time,
+    interpolate,
+    num_classes_of,
+    sum_squares,
+)
+from onestep.objectives.consistency_math import (
+    SIGMA_MID,
+    consistency_fn,
+    ema_decay_mu,
+    euler_step,
+    heun_step,
+    ict_huber_c,
+    karras_sigmas,
+    lognormal_grid_weights,
+    num_scales,
+    pseudo_huber,
+    sigma_to_t,
+)
 from onestep.registry import ConfigError
 
 __all__ = ["ConsistencyTraining", "ConsistencyDistillation"]
@@ -79,6 +99,7 @@ __all__ = ["ConsistencyTraining", "ConsistencyDistillation"]
 
 # ----------------------------------------------------------------------------------------------
 # Shared machinery.
+
 
 @contextlib.contextmanager
 def replayable_rng(device: torch.device):
@@ -95,8 +116,18 @@ class Consistency(Objective):
     uses_jvp = False
     stochastic_sampling = True  # multi-step sampling re-noises between steps
 
-    def __init__(self, *, metric: str, huber_c: float | None, sigma_min: float, sigma_max: float, rho: float,
-                 sigma_mid: float, class_dropout: float, interval: str):
+    def __init__(
+        self,
+        *,
+        metric: str,
+        huber_c: float | None,
+        sigma_min: float,
+        sigma_max: float,
+        rho: float,
+        sigma_mid: float,
+        class_dropout: float,
+        interval: str,
+    ):
         if metric not in ("pseudo_huber", "l2"):
             raise ValueError(f"metric must be one of 'pseudo_huber', 'l2'; got {metric!r}")
         if interval not in ("t", "zero"):
@@ -125,9 +156,21 @@ class Consistency(Objective):
         c = ict_huber_c(delta[0].numel()) if self.huber_c is None else self.huber_c
         return pseudo_huber(delta, c)
 
-    def pair_loss(self, net: nn.Module, target_net: nn.Module, x: Tensor, y: Tensor | None, *,
-                  z_hi: Tensor, t_hi: Tensor, z_lo: Tensor | None, t_lo: Tensor, weight: Tensor,
-                  feature_blocks: tuple[int, ...], logs: dict[str, float]) -> LossOutput:
+    def pair_loss(
+        self,
+        net: nn.Module,
+        target_net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        z_hi: Tensor,
+        t_hi: Tensor,
+        z_lo: Tensor | None,
+        t_lo: Tensor,
+        weight: Tensor,
+        feature_blocks: tuple[int, ...],
+        logs: dict[str, float],
+    ) -> LossOutput:
         """weight · d(f_θ(z_hi, t_hi), sg f_θ⁻(z_lo, t_lo)); where t_lo <= 0 (or z_lo is None) the target is x."""
         # Stop-gradient target first, on a fork of the RNG (same dropout mask as the online pass).
         data_target = t_lo <= 0
@@ -181,8 +224,15 @@ class Consistency(Objective):
         return torch.tensor([sigma_to_t(s) for s in sigmas] + [0.0], dtype=torch.float32)
 
     @torch.no_grad()
-    def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float,
-                    y: Tensor | None, noise: Tensor | None = None) -> Tensor:
+    def sample_step(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        t: Tensor | float,
+        r: Tensor | float,
+        y: Tensor | None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
         """x_0 = f_θ(x_t, t); where r > 0 re-noise: x_r = (1 − r)·x_0 + r·e', e' ~ N(0, I) fresh
         (``noise`` if given, else drawn from the global RNG)."""
         t, r = batch_time(t, x), batch_time(r, x)
@@ -194,8 +244,9 @@ class Consistency(Objective):
         return torch.where(r_ > 0, (1 - r_) * x0 + r_ * e, x0)
 
     # -- pairs on the Karras grid --------------------------------------------------------------
-    def grid_pairs(self, n: int, num: int, index_dist: str, P_mean: float, P_std: float,
-                   device: torch.device) -> tuple[Tensor, Tensor]:
+    def grid_pairs(
+        self, n: int, num: int, index_dist: str, P_mean: float, P_std: float, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
         """(σ_lo, σ_hi), each (n,) float64 on device: adjacent points of a ``num``-point Karras grid,
         the index drawn from ``index_dist`` ("lognormal" or "uniform")."""
         sigmas = karras_sigmas(num, self.sigma_min, self.sigma_max, self.rho)
@@ -207,7 +258,6 @@ class Consistency(Objective):
         return sigmas[index].to(device), sigmas[index + 1].to(device)
 
 
-
 def pair_weights(kind: str, sigma_lo: Tensor, sigma_hi: Tensor) -> Tensor:
     """Per-pair loss weight: 1/(σ_hi − σ_lo) ("inverse_delta", iCT) or 1 ("uniform", CT/CD)."""
     if kind == "inverse_delta":
@@ -217,6 +267,7 @@ def pair_weights(kind: str, sigma_lo: Tensor, sigma_hi: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Consistency training.
+
 
 @register_objective("consistency_training")
 class ConsistencyTraining(Consistency):
@@ -241,16 +292,37 @@ class ConsistencyTraining(Consistency):
         interval: h given to the net: "t" (MeanFlow's r = 0 map) or "zero" (flow-matching velocity).
     """
 
-    def __init__(self, total_steps: int, schedule: Literal["ict", "ct"] = "ict", s0: int | None = None,
-                 s1: int | None = None, target: Literal["sg", "ema"] = "sg", mu0: float = 0.9,
-                 metric: Literal["pseudo_huber", "l2"] = "pseudo_huber", huber_c: float | None = None,
-                 index_dist: Literal["lognormal", "uniform"] | None = None,
-                 weighting: Literal["inverse_delta", "uniform"] | None = None,
-                 P_mean: float = -1.1, P_std: float = 2.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 rho: float = 7.0, sigma_mid: float = SIGMA_MID, class_dropout: float = 0.1,
-                 interval: Literal["t", "zero"] = "t"):
-        super().__init__(metric=metric, huber_c=huber_c, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                         sigma_mid=sigma_mid, class_dropout=class_dropout, interval=interval)
+    def __init__(
+        self,
+        total_steps: int,
+        schedule: Literal["ict", "ct"] = "ict",
+        s0: int | None = None,
+        s1: int | None = None,
+        target: Literal["sg", "ema"] = "sg",
+        mu0: float = 0.9,
+        metric: Literal["pseudo_huber", "l2"] = "pseudo_huber",
+        huber_c: float | None = None,
+        index_dist: Literal["lognormal", "uniform"] | None = None,
+        weighting: Literal["inverse_delta", "uniform"] | None = None,
+        P_mean: float = -1.1,
+        P_std: float = 2.0,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        sigma_mid: float = SIGMA_MID,
+        class_dropout: float = 0.1,
+        interval: Literal["t", "zero"] = "t",
+    ):
+        super().__init__(
+            metric=metric,
+            huber_c=huber_c,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            rho=rho,
+            sigma_mid=sigma_mid,
+            class_dropout=class_dropout,
+            interval=interval,
+        )
         check_choice("schedule", schedule, ("ict", "ct"))
         check_choice("target", target, ("sg", "ema"))
         check_choice("index_dist", index_dist, ("lognormal", "uniform", None))
@@ -282,8 +354,16 @@ class ConsistencyTraining(Consistency):
         """μ(step) with ``target="ema"``; None with ``target="sg"``."""
         return self.ema_decay(step) if self.target == "ema" else None
 
-    def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
+    def loss(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        step: int,
+        feature_blocks: tuple[int, ...] = (),
+        target_net: nn.Module | None = None,
+    ) -> LossOutput:
         """Per-sample consistency-training loss (B,)."""
         # Grid size from the curriculum; adjacent pair (σ_i, σ_{i+1}) per sample.
         num = self.num_scales(step)
@@ -299,13 +379,24 @@ class ConsistencyTraining(Consistency):
         logs = {"num_scales": float(num)}
         if self.target == "ema":
             logs["target_decay"] = self.ema_decay(step)
-        return self.pair_loss(net, target_net, x, y, z_hi=z_hi, t_hi=t_hi, z_lo=z_lo, t_lo=t_lo,
-                              weight=pair_weights(self.weighting, sigma_lo, sigma_hi), feature_blocks=feature_blocks,
-                              logs=logs)
+        return self.pair_loss(
+            net,
+            target_net,
+            x,
+            y,
+            z_hi=z_hi,
+            t_hi=t_hi,
+            z_lo=z_lo,
+            t_lo=t_lo,
+            weight=pair_weights(self.weighting, sigma_lo, sigma_hi),
+            feature_blocks=feature_blocks,
+            logs=logs,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Consistency distillation.
+
 
 @register_objective("consistency_distillation")
 class ConsistencyDistillation(Consistency):
@@ -333,16 +424,38 @@ class ConsistencyDistillation(Consistency):
             ``consistency_training`` (the EMA decay is the constant mu0).
     """
 
-    def __init__(self, teacher: Callable[..., Tensor] | None = None, solver: Literal["heun", "euler"] = "heun",
-                 teacher_guidance: float = 1.0, teacher_guidance_interval: list[float] | None = None,
-                 num_scales: int = 18, target: Literal["sg", "ema"] = "sg",
-                 mu0: float = 0.95, metric: Literal["pseudo_huber", "l2"] = "pseudo_huber",
-                 huber_c: float | None = None, index_dist: Literal["lognormal", "uniform"] = "lognormal",
-                 weighting: Literal["inverse_delta", "uniform"] = "inverse_delta", P_mean: float = -1.1,
-                 P_std: float = 2.0, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                 sigma_mid: float = SIGMA_MID, class_dropout: float = 0.1, interval: Literal["t", "zero"] = "t"):
-        super().__init__(metric=metric, huber_c=huber_c, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                         sigma_mid=sigma_mid, class_dropout=class_dropout, interval=interval)
+    def __init__(
+        self,
+        teacher: Callable[..., Tensor] | None = None,
+        solver: Literal["heun", "euler"] = "heun",
+        teacher_guidance: float = 1.0,
+        teacher_guidance_interval: list[float] | None = None,
+        num_scales: int = 18,
+        target: Literal["sg", "ema"] = "sg",
+        mu0: float = 0.95,
+        metric: Literal["pseudo_huber", "l2"] = "pseudo_huber",
+        huber_c: float | None = None,
+        index_dist: Literal["lognormal", "uniform"] = "lognormal",
+        weighting: Literal["inverse_delta", "uniform"] = "inverse_delta",
+        P_mean: float = -1.1,
+        P_std: float = 2.0,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        sigma_mid: float = SIGMA_MID,
+        class_dropout: float = 0.1,
+        interval: Literal["t", "zero"] = "t",
+    ):
+        super().__init__(
+            metric=metric,
+            huber_c=huber_c,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            rho=rho,
+            sigma_mid=sigma_mid,
+            class_dropout=class_dropout,
+            interval=interval,
+        )
         if teacher is not None and not callable(teacher):
             raise ValueError(f"teacher must be a callable net(z, t, h, y) or None, got {type(teacher).__name__}")
         check_choice("solver", solver, ("heun", "euler"))
@@ -369,15 +482,26 @@ class ConsistencyDistillation(Consistency):
         step_fn = heun_step if self.solver == "heun" else euler_step
         return step_fn(self.teacher, z, t, r, y, self.teacher_guidance, self.teacher_guidance_interval)
 
-    def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
+    def loss(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        step: int,
+        feature_blocks: tuple[int, ...] = (),
+        target_net: nn.Module | None = None,
+    ) -> LossOutput:
         """Per-sample consistency-distillation loss (B,)."""
         if self.teacher is None:
-            raise ConfigError("consistency_distillation needs a teacher: set objective.teacher to a flow_matching "
-                              "run directory or checkpoint")
+            raise ConfigError(
+                "consistency_distillation needs a teacher: set objective.teacher to a flow_matching "
+                "run directory or checkpoint"
+            )
         # Adjacent grid pair per sample; z at the upper time.
-        sigma_lo, sigma_hi = self.grid_pairs(x.shape[0], self.num_scales, self.index_dist, self.P_mean, self.P_std,
-                                             x.device)
+        sigma_lo, sigma_hi = self.grid_pairs(
+            x.shape[0], self.num_scales, self.index_dist, self.P_mean, self.P_std, x.device
+        )
         t_lo, t_hi = sigma_to_t(sigma_lo).to(x.dtype), sigma_to_t(sigma_hi).to(x.dtype)
         e = torch.randn_like(x)
         z_hi = interpolate(x, e, t_hi)
@@ -387,6 +511,16 @@ class ConsistencyDistillation(Consistency):
         # One teacher ODE step down to the lower time.
         z_lo = self.teacher_step(z_hi, t_hi, t_lo, y_teacher)
         target_net = self.target_of(net, target_net)
-        return self.pair_loss(net, target_net, x, y, z_hi=z_hi, t_hi=t_hi, z_lo=z_lo, t_lo=t_lo,
-                              weight=pair_weights(self.weighting, sigma_lo, sigma_hi), feature_blocks=feature_blocks,
-                              logs={})
+        return self.pair_loss(
+            net,
+            target_net,
+            x,
+            y,
+            z_hi=z_hi,
+            t_hi=t_hi,
+            z_lo=z_lo,
+            t_lo=t_lo,
+            weight=pair_weights(self.weighting, sigma_lo, sigma_hi),
+            feature_blocks=feature_blocks,
+            logs={},
+        )

@@ -5,6 +5,7 @@ metric, ECT's r(t) mapping, the consistency function and one-step teacher ODE so
 Notation: x data, e ~ N(0, I) noise, t in [0, 1] (noise at t = 1), z_t = (1 − t) x + t e; EDM's
 σ-parametrization x_σ = x + σ e maps to it by σ = t / (1 − t), z_t = (1 − t)·x_σ.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,22 @@ from torch import Tensor, nn
 from onestep.objectives.common import batch_time, expand_time, num_classes_of, sum_squares, velocity
 
 __all__ = [
-    "karras_sigmas", "sigma_to_t", "t_to_sigma", "ict_num_scales", "ct_num_scales", "num_scales", "ema_decay_mu",
-    "lognormal_grid_weights", "pseudo_huber", "ict_huber_c", "ect_r", "euler_step", "heun_step",
-    "consistency_fn", "ICT_HUBER_SCALE", "SIGMA_MID",
+    "karras_sigmas",
+    "sigma_to_t",
+    "t_to_sigma",
+    "ict_num_scales",
+    "ct_num_scales",
+    "num_scales",
+    "ema_decay_mu",
+    "lognormal_grid_weights",
+    "pseudo_huber",
+    "ict_huber_c",
+    "ect_r",
+    "euler_step",
+    "heun_step",
+    "consistency_fn",
+    "ICT_HUBER_SCALE",
+    "SIGMA_MID",
 ]
 
 ICT_HUBER_SCALE = 0.00054
@@ -56,7 +70,7 @@ def ict_num_scales(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
 def ct_num_scales(k: int, K: int, s0: int = 2, s1: int = 150) -> int:
     """The original CT curriculum N(k) = ⌈√(k/K·((s1+1)² − s0²) + s0²) − 1⌉ + 1 (k clipped to K)."""
     frac = min(max(k, 0), K) / K
-    return int(math.ceil(math.sqrt(frac * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1)) + 1
+    return int(math.ceil(math.sqrt(frac * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1)) + 1
 
 
 def num_scales(k: int, K: int, s0: int, s1: int, schedule: str) -> int:
@@ -101,8 +115,15 @@ def ect_r(sigma_t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float 
     return (sigma_t * (1 - q ** (-(stage + 1)) * n)).clamp(min=0)
 
 
-def consistency_fn(net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | None = None, *,
-                   interval: str = "t", features: tuple[int, ...] = ()) -> Tensor | tuple[Tensor, list[Tensor]]:
+def consistency_fn(
+    net: nn.Module,
+    z: Tensor,
+    t: Tensor | float,
+    y: Tensor | None = None,
+    *,
+    interval: str = "t",
+    features: tuple[int, ...] = (),
+) -> Tensor | tuple[Tensor, list[Tensor]]:
     """f_θ(z, t) = z − t·F_θ(z, t, h, y), h = t (interval "t") or 0 ("zero"); f(z, 0) = z.
 
     z (B, ...), t scalar or (B,). With ``features`` returns (f, [activations of those blocks]).
@@ -117,16 +138,30 @@ def consistency_fn(net: nn.Module, z: Tensor, t: Tensor | float, y: Tensor | Non
     return z - expand_time(t, z) * net(z, t, h, y).to(z.dtype)
 
 
-def euler_step(teacher: nn.Module, z: Tensor, t: Tensor | float, r: Tensor | float, y: Tensor | None = None,
-               guidance_scale: float = 1.0, interval: tuple[float, float] | None = None) -> Tensor:
+def euler_step(
+    teacher: nn.Module,
+    z: Tensor,
+    t: Tensor | float,
+    r: Tensor | float,
+    y: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    interval: tuple[float, float] | None = None,
+) -> Tensor:
     """One Euler step of dz/dt = v_φ(z, t) from t to r: z_r = z − (t − r)·v_φ(z, t). No grad.
     ``interval``: guidance only where the evaluated time lies in it (``common.guided_output``)."""
     t, r = batch_time(t, z), batch_time(r, z)
     return z - expand_time(t - r, z) * velocity(teacher, z, t, y, guidance_scale, interval).to(z.dtype)
 
 
-def heun_step(teacher: nn.Module, z: Tensor, t: Tensor | float, r: Tensor | float, y: Tensor | None = None,
-              guidance_scale: float = 1.0, interval: tuple[float, float] | None = None) -> Tensor:
+def heun_step(
+    teacher: nn.Module,
+    z: Tensor,
+    t: Tensor | float,
+    r: Tensor | float,
+    y: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    interval: tuple[float, float] | None = None,
+) -> Tensor:
     """One Heun step from t to r: z̃ = z − (t − r)·v(z, t), z_r = z − (t − r)·(v(z, t) + v(z̃, r))/2. No grad."""
     t, r = batch_time(t, z), batch_time(r, z)
     dt = expand_time(t - r, z)

@@ -7,6 +7,7 @@ then mapped to onestep's t = σ / (1 + σ); σ_r ≤ 0 means the target is the d
 (the un-squared ℓ2 norm). The consistency function, sampler and time grid are the consistency
 family's (``onestep.objectives.consistency``).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -41,13 +42,33 @@ class EasyConsistencyTuning(Consistency):
         class_dropout: probability of the null label (conditional nets only).
     """
 
-    def __init__(self, stage_steps: int = 25_000, q: float = 2.0, mapping_k: float = 8.0, mapping_b: float = 1.0,
-                 P_mean: float = -1.1, P_std: float = 2.0, huber_c: float = 0.0,
-                 weighting: Literal["inverse_delta", "uniform"] = "inverse_delta", sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, rho: float = 7.0, sigma_mid: float = SIGMA_MID,
-                 class_dropout: float = 0.1, interval: Literal["t", "zero"] = "zero"):
-        super().__init__(metric="pseudo_huber", huber_c=huber_c, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                         sigma_mid=sigma_mid, class_dropout=class_dropout, interval=interval)
+    def __init__(
+        self,
+        stage_steps: int = 25_000,
+        q: float = 2.0,
+        mapping_k: float = 8.0,
+        mapping_b: float = 1.0,
+        P_mean: float = -1.1,
+        P_std: float = 2.0,
+        huber_c: float = 0.0,
+        weighting: Literal["inverse_delta", "uniform"] = "inverse_delta",
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        sigma_mid: float = SIGMA_MID,
+        class_dropout: float = 0.1,
+        interval: Literal["t", "zero"] = "zero",
+    ):
+        super().__init__(
+            metric="pseudo_huber",
+            huber_c=huber_c,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            rho=rho,
+            sigma_mid=sigma_mid,
+            class_dropout=class_dropout,
+            interval=interval,
+        )
         if not isinstance(stage_steps, int) or stage_steps < 1:
             raise ValueError(f"stage_steps must be an int >= 1, got {stage_steps!r}")
         check_range("q", q, 1.0, low_open=True)
@@ -61,8 +82,16 @@ class EasyConsistencyTuning(Consistency):
     def stage(self, step: int) -> int:
         return step // self.stage_steps
 
-    def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
+    def loss(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        step: int,
+        feature_blocks: tuple[int, ...] = (),
+        target_net: nn.Module | None = None,
+    ) -> LossOutput:
         """Per-sample ECT loss (B,)."""
         # σ_t ~ lognormal, σ_r from the stage's mapping (float64), then to t.
         stage = self.stage(step)
@@ -74,6 +103,16 @@ class EasyConsistencyTuning(Consistency):
         z_t, z_r = interpolate(x, e, t), interpolate(x, e, r)
         y = drop_labels(y, num_classes_of(net), self.class_dropout)
         # r <= 0: the target is the data (pair_loss handles it).
-        return self.pair_loss(net, net, x, y, z_hi=z_t, t_hi=t, z_lo=z_r, t_lo=r,
-                              weight=pair_weights(self.weighting, sigma_r, sigma_t), feature_blocks=feature_blocks,
-                              logs={"stage": float(stage), "data_target_fraction": float((sigma_r <= 0).float().mean())})
+        return self.pair_loss(
+            net,
+            net,
+            x,
+            y,
+            z_hi=z_t,
+            t_hi=t,
+            z_lo=z_r,
+            t_lo=r,
+            weight=pair_weights(self.weighting, sigma_r, sigma_t),
+            feature_blocks=feature_blocks,
+            logs={"stage": float(stage), "data_target_fraction": float((sigma_r <= 0).float().mean())},
+        )

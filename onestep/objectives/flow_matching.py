@@ -18,6 +18,7 @@ v_θ = v(∅) + w · (v(c) − v(∅)), w = ``guidance_scale`` (1 = no guidance)
 Velocity estimate (``velocity_estimate``): "conditional" regresses v = e − x, the paper's target;
 "batch_posterior" the batch's estimate of E[v | z_t] (``onestep.objectives.common``).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -26,14 +27,25 @@ import torch
 from torch import Tensor, nn
 
 from onestep.objectives.base import LossOutput, Objective, register_objective
-from onestep.objectives.common import (adaptive_weight, batch_time, check_adaptive, check_range,
-                                       check_velocity_estimate, drop_labels, expand_time, interpolate,
-                                       num_classes_of, sum_squares, target_velocity, velocity)
+from onestep.objectives.common import (
+    adaptive_weight,
+    batch_time,
+    check_adaptive,
+    check_range,
+    check_velocity_estimate,
+    drop_labels,
+    expand_time,
+    interpolate,
+    num_classes_of,
+    sum_squares,
+    target_velocity,
+    velocity,
+)
 from onestep.objectives.time_sampling import TimeDist, sample_time
-
 
 # ----------------------------------------------------------------------------------------------
 # Objective.
+
 
 @register_objective("flow_matching")
 class FlowMatching(Objective):
@@ -51,10 +63,17 @@ class FlowMatching(Objective):
 
     uses_jvp = False
 
-    def __init__(self, time_dist: Literal["logit_normal", "uniform"] = "logit_normal", mean_t: float = 0.0,
-                 std_t: float = 1.0, adaptive_p: float = 0.0, adaptive_c: float = 0.01,
-                 class_dropout: float = 0.1, guidance_scale: float = 1.0,
-                 velocity_estimate: Literal["conditional", "batch_posterior"] = "conditional"):
+    def __init__(
+        self,
+        time_dist: Literal["logit_normal", "uniform"] = "logit_normal",
+        mean_t: float = 0.0,
+        std_t: float = 1.0,
+        adaptive_p: float = 0.0,
+        adaptive_c: float = 0.01,
+        class_dropout: float = 0.1,
+        guidance_scale: float = 1.0,
+        velocity_estimate: Literal["conditional", "batch_posterior"] = "conditional",
+    ):
         if time_dist not in ("logit_normal", "uniform"):
             raise ValueError(f"time_dist must be one of 'logit_normal', 'uniform'; got {time_dist!r}")
         check_range("std_t", std_t, 0.0, low_open=True)
@@ -69,8 +88,16 @@ class FlowMatching(Objective):
         self.guidance_scale = float(guidance_scale)
         self.velocity_estimate = velocity_estimate
 
-    def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
+    def loss(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        step: int,
+        feature_blocks: tuple[int, ...] = (),
+        target_net: nn.Module | None = None,
+    ) -> LossOutput:
         """Per-sample flow-matching loss (B,), features from the same forward."""
         # Sample t and noise.
         t = sample_time(x.shape[0], dist=self.time_dist, mean=self.mean_t, std=self.std_t, device=x.device)
@@ -80,8 +107,17 @@ class FlowMatching(Objective):
         v = target_velocity(self.velocity_estimate, x, e, t, y_kept, y, num_classes_of(net))
         return self.loss_given(net, x, y, e=e, t=t, v=v, feature_blocks=feature_blocks)
 
-    def loss_given(self, net: nn.Module, x: Tensor, y: Tensor | None, *, e: Tensor, t: Tensor,
-                   v: Tensor | None = None, feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+    def loss_given(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        e: Tensor,
+        t: Tensor,
+        v: Tensor | None = None,
+        feature_blocks: tuple[int, ...] = (),
+    ) -> LossOutput:
         """The loss for given noise e (like x), times t (B,) and (already dropped) labels y; ``v`` is
         the velocity to regress (default the conditional e − x)."""
         if num_classes_of(net) == 0:
@@ -108,8 +144,7 @@ class FlowMatching(Objective):
         return velocity(net, z, t, y, self.guidance_scale)
 
     @torch.no_grad()
-    def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float,
-                    y: Tensor | None) -> Tensor:
+    def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float, y: Tensor | None) -> Tensor:
         """Euler step x_r = x_t − (t − r)·v_θ(x_t, t, h=0, y)."""
         t, r = batch_time(t, x), batch_time(r, x)
         return x - expand_time(t - r, x) * self.velocity(net, x, t, y)

@@ -29,6 +29,7 @@ When r = t the correction vanishes and the loss is plain flow matching on those 
 
 Sampling: z_r = z_t − (t − r)·u_θ(z_t, t, h = t − r, y); one step is x = e − u_θ(e, t=1, h=1).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,10 +40,24 @@ from torch import Tensor, nn
 
 from onestep.backbones.attention import JVP_KERNELS, jvp_attention
 from onestep.objectives.base import LossOutput, Objective, register_objective
-from onestep.objectives.common import (adaptive_weight, batch_time, cfg_velocity, check_adaptive, check_choice,
-                                       check_guidance_interval, check_range, check_velocity_estimate, drop_labels,
-                                       eager_module, expand_time, interpolate, num_classes_of, sum_squares,
-                                       target_velocity, velocity)
+from onestep.objectives.common import (
+    adaptive_weight,
+    batch_time,
+    cfg_velocity,
+    check_adaptive,
+    check_choice,
+    check_guidance_interval,
+    check_range,
+    check_velocity_estimate,
+    drop_labels,
+    eager_module,
+    expand_time,
+    interpolate,
+    num_classes_of,
+    sum_squares,
+    target_velocity,
+    velocity,
+)
 from onestep.objectives.time_sampling import check_ratio, sample_t_r
 
 __all__ = ["MeanFlow", "meanflow_target", "meanflow_jvp", "adaptive_weight", "cfg_velocity", "jvp_context"]
@@ -58,10 +73,12 @@ def jvp_context(kernel: str = "fused") -> contextlib.AbstractContextManager:
 
 def has_active_dropout(net: nn.Module) -> bool:
     """Whether a forward of ``net`` in its current mode draws a random dropout mask."""
+
     def active(m: nn.Module) -> bool:
         attn_drop = getattr(m, "attn_drop", 0.0)  # attention dropout kept as a probability
-        return (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or \
-            (isinstance(attn_drop, float) and attn_drop > 0)
+        return (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or (
+            isinstance(attn_drop, float) and attn_drop > 0
+        )
 
     return net.training and any(active(m) for m in net.modules())
 
@@ -74,8 +91,16 @@ def meanflow_target(v: Tensor, dudt: Tensor, t: Tensor, r: Tensor) -> Tensor:
     return v - h * dudt
 
 
-def meanflow_jvp(net: nn.Module, z: Tensor, t: Tensor, h: Tensor, v: Tensor, y: Tensor | None,
-                 feature_blocks: tuple[int, ...] = (), kernel: str = "fused") -> tuple[Tensor, Tensor, list[Tensor]]:
+def meanflow_jvp(
+    net: nn.Module,
+    z: Tensor,
+    t: Tensor,
+    h: Tensor,
+    v: Tensor,
+    y: Tensor | None,
+    feature_blocks: tuple[int, ...] = (),
+    kernel: str = "fused",
+) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(u_θ(z, t, h, y), du/dt, features) from one ``torch.func.jvp`` along (v, 1, 1) in (z, t, h).
 
     u and the features keep their graph to the parameters; du/dt is the directional derivative
@@ -86,6 +111,7 @@ def meanflow_jvp(net: nn.Module, z: Tensor, t: Tensor, h: Tensor, v: Tensor, y: 
     ones = torch.ones_like(t)
     blocks = tuple(feature_blocks)
     if blocks:
+
         def fn(z_: Tensor, t_: Tensor, h_: Tensor) -> tuple[Tensor, list[Tensor]]:
             out, feats = net.forward_features(z_, t_, h_, y, blocks=blocks)
             return out, list(feats)
@@ -152,18 +178,32 @@ class MeanFlow(Objective):
 
     uses_jvp = True
 
-    def __init__(self, mean_t: float = -0.4, std_t: float = 1.0, mean_r: float = -0.4, std_r: float = 1.0,
-                 ratio_r_neq_t: float = 0.25, pairing: Literal["sort", "clip"] = "sort",
-                 time_dist: Literal["logit_normal", "uniform"] = "logit_normal",
-                 adaptive_p: float = 1.0, adaptive_c: float = 0.01, class_dropout: float = 0.1,
-                 cfg_omega: float = 1.0, cfg_kappa: float = 0.0, cfg_t_start: float = 0.0,
-                 cfg_t_end: float = 1.0, target_fp32: bool = True, jvp_only_r_neq_t: bool = True,
-                 jvp_pass: Literal["joint", "separate"] = "joint",
-                 jvp_kernel: Literal["fused", "explicit", "sdpa_math"] = "fused",
-                 jvp_tangent: Literal["sample", "model"] = "sample",
-                 teacher: Callable[..., Tensor] | None = None, teacher_guidance: float = 1.0,
-                 teacher_guidance_interval: list[float] | None = None,
-                 velocity_estimate: Literal["conditional", "batch_posterior"] = "conditional"):
+    def __init__(
+        self,
+        mean_t: float = -0.4,
+        std_t: float = 1.0,
+        mean_r: float = -0.4,
+        std_r: float = 1.0,
+        ratio_r_neq_t: float = 0.25,
+        pairing: Literal["sort", "clip"] = "sort",
+        time_dist: Literal["logit_normal", "uniform"] = "logit_normal",
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 0.01,
+        class_dropout: float = 0.1,
+        cfg_omega: float = 1.0,
+        cfg_kappa: float = 0.0,
+        cfg_t_start: float = 0.0,
+        cfg_t_end: float = 1.0,
+        target_fp32: bool = True,
+        jvp_only_r_neq_t: bool = True,
+        jvp_pass: Literal["joint", "separate"] = "joint",
+        jvp_kernel: Literal["fused", "explicit", "sdpa_math"] = "fused",
+        jvp_tangent: Literal["sample", "model"] = "sample",
+        teacher: Callable[..., Tensor] | None = None,
+        teacher_guidance: float = 1.0,
+        teacher_guidance_interval: list[float] | None = None,
+        velocity_estimate: Literal["conditional", "batch_posterior"] = "conditional",
+    ):
         check_ratio(ratio_r_neq_t)
         check_choice("pairing", pairing, ("sort", "clip"))
         check_choice("time_dist", time_dist, ("logit_normal", "uniform"))
@@ -198,8 +238,10 @@ class MeanFlow(Objective):
         self.teacher_guidance_interval = check_guidance_interval("teacher_guidance_interval", teacher_guidance_interval)
         check_velocity_estimate(velocity_estimate)
         if teacher is not None and velocity_estimate != "conditional":
-            raise ValueError(f"velocity_estimate={velocity_estimate!r} cannot be combined with a teacher: the "
-                             "teacher's velocity already replaces e − x; use 'conditional'")
+            raise ValueError(
+                f"velocity_estimate={velocity_estimate!r} cannot be combined with a teacher: the "
+                "teacher's velocity already replaces e − x; use 'conditional'"
+            )
         self.velocity_estimate = velocity_estimate
 
     @property
@@ -207,15 +249,33 @@ class MeanFlow(Objective):
         """ω / (1 − κ): the guidance scale the trained one-step model imitates."""
         return self.cfg_omega / (1.0 - self.cfg_kappa)
 
-    def sample_t_r(self, n: int, device: torch.device | str | None = None,
-                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample_t_r(
+        self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(t, r), each (n,) float32, from this objective's sampler settings."""
-        return sample_t_r(n, mean_t=self.mean_t, std_t=self.std_t, mean_r=self.mean_r, std_r=self.std_r,
-                          ratio_r_neq_t=self.ratio_r_neq_t, pairing=self.pairing, dist=self.time_dist,
-                          generator=generator, device=device)
+        return sample_t_r(
+            n,
+            mean_t=self.mean_t,
+            std_t=self.std_t,
+            mean_r=self.mean_r,
+            std_r=self.std_r,
+            ratio_r_neq_t=self.ratio_r_neq_t,
+            pairing=self.pairing,
+            dist=self.time_dist,
+            generator=generator,
+            device=device,
+        )
 
-    def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
+    def loss(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        step: int,
+        feature_blocks: tuple[int, ...] = (),
+        target_net: nn.Module | None = None,
+    ) -> LossOutput:
         """Per-sample MeanFlow loss (B,), features from the JVP's primal pass."""
         # Sample t >= r and noise.
         t, r = self.sample_t_r(x.shape[0], device=x.device)
@@ -225,8 +285,18 @@ class MeanFlow(Objective):
         v = target_velocity(self.velocity_estimate, x, e, t, y_kept, y, num_classes_of(net))
         return self.loss_given(net, x, y, e=e, t=t, r=r, v=v, feature_blocks=feature_blocks)
 
-    def loss_given(self, net: nn.Module, x: Tensor, y: Tensor | None, *, e: Tensor, t: Tensor, r: Tensor,
-                   v: Tensor | None = None, feature_blocks: tuple[int, ...] = ()) -> LossOutput:
+    def loss_given(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        e: Tensor,
+        t: Tensor,
+        r: Tensor,
+        v: Tensor | None = None,
+        feature_blocks: tuple[int, ...] = (),
+    ) -> LossOutput:
         """The loss for given noise e (like x), times t, r (B,) and (already dropped) labels y; ``v`` is
         the velocity standing for e − x (default e − x itself)."""
         if num_classes_of(net) == 0:
@@ -236,10 +306,14 @@ class MeanFlow(Objective):
         # The target side (guided velocity, tangent, JVP) in float32 with autocast off; the plain
         # forward of the r = t samples keeps the ambient autocast (bf16 training stays bf16 there).
         device_type = x.device.type
-        ambient = (torch.autocast(device_type=device_type, dtype=torch.get_autocast_dtype(device_type))
-                   if torch.is_autocast_enabled(device_type) else contextlib.nullcontext())
-        precision = (torch.autocast(device_type=device_type, enabled=False) if self.target_fp32
-                     else contextlib.nullcontext())
+        ambient = (
+            torch.autocast(device_type=device_type, dtype=torch.get_autocast_dtype(device_type))
+            if torch.is_autocast_enabled(device_type)
+            else contextlib.nullcontext()
+        )
+        precision = (
+            torch.autocast(device_type=device_type, enabled=False) if self.target_fp32 else contextlib.nullcontext()
+        )
         with precision:
             x, e = x.to(dtype), e.to(dtype)
             t, r = t.to(device=x.device, dtype=dtype), r.to(device=x.device, dtype=dtype)
@@ -250,8 +324,11 @@ class MeanFlow(Objective):
             v_tilde, guided, guided_outputs = self.guided_velocity(net, z, t, v, y, return_outputs=True)
             # The tangent velocity: ṽ, or the net's own (no-grad) velocity estimate where r != t
             # (reusing the guided samples' u_θ(·|c), u_θ(·|∅) computed for ṽ).
-            v_tangent = (v_tilde if self.jvp_tangent == "sample"
-                         else self.model_tangent(net, z, t, r, y, v_tilde, guided_outputs=guided_outputs))
+            v_tangent = (
+                v_tilde
+                if self.jvp_tangent == "sample"
+                else self.model_tangent(net, z, t, r, y, v_tilde, guided_outputs=guided_outputs)
+            )
             # u and du/dt from a JVP along (v_tangent, 1, 1) in (z, t, h).
             u, dudt, features = self.u_and_dudt(net, z, t, r, v_tangent, y, feature_blocks, plain_precision=ambient)
         # Stop-gradient target, in float32.
@@ -264,8 +341,17 @@ class MeanFlow(Objective):
             logs["guided_fraction"] = float(guided.float().mean())
         return LossOutput(loss=loss, features=features, logs=logs)
 
-    def u_and_dudt(self, net: nn.Module, z: Tensor, t: Tensor, r: Tensor, v: Tensor, y: Tensor | None,
-                   feature_blocks: tuple[int, ...] = (), plain_precision=None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def u_and_dudt(
+        self,
+        net: nn.Module,
+        z: Tensor,
+        t: Tensor,
+        r: Tensor,
+        v: Tensor,
+        y: Tensor | None,
+        feature_blocks: tuple[int, ...] = (),
+        plain_precision=None,
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """u_θ (with graph), du/dt and features for the batch.
 
         With ``jvp_only_r_neq_t`` the JVP runs only on the samples with r ≠ t (25 % by default) and a
@@ -284,14 +370,14 @@ class MeanFlow(Objective):
             return None if a is None else a[idx]
 
         # JVP on the r != t samples.
-        u_j, dudt_j, feats_j = meanflow_jvp(net, z[idx_j], t[idx_j], (t - r)[idx_j], v[idx_j], take(y, idx_j),
-                                            feature_blocks, self.jvp_kernel)
+        u_j, dudt_j, feats_j = meanflow_jvp(
+            net, z[idx_j], t[idx_j], (t - r)[idx_j], v[idx_j], take(y, idx_j), feature_blocks, self.jvp_kernel
+        )
         # Plain forward (h = 0) on the r == t samples, under ``plain_precision`` (the caller's autocast).
         z_p, t_p, y_p = z[idx_p], t[idx_p], take(y, idx_p)
         with plain_precision if plain_precision is not None else contextlib.nullcontext():
             if feature_blocks:
-                u_p, feats_p = net.forward_features(z_p, t_p, torch.zeros_like(t_p), y_p,
-                                                    blocks=tuple(feature_blocks))
+                u_p, feats_p = net.forward_features(z_p, t_p, torch.zeros_like(t_p), y_p, blocks=tuple(feature_blocks))
             else:
                 u_p, feats_p = net(z_p, t_p, torch.zeros_like(t_p), y_p), []
         # Back to batch order.
@@ -301,17 +387,26 @@ class MeanFlow(Objective):
         features = [torch.cat([a, b.to(a.dtype)])[inverse] for a, b in zip(feats_j, feats_p)]
         return u, dudt, features
 
-    def u_and_dudt_separate(self, net: nn.Module, z: Tensor, t: Tensor, r: Tensor, v: Tensor, y: Tensor | None,
-                            feature_blocks: tuple[int, ...] = (), plain_precision=None
-                            ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def u_and_dudt_separate(
+        self,
+        net: nn.Module,
+        z: Tensor,
+        t: Tensor,
+        r: Tensor,
+        v: Tensor,
+        y: Tensor | None,
+        feature_blocks: tuple[int, ...] = (),
+        plain_precision=None,
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """``jvp_pass="separate"``: du/dt from a graph-free JVP on the r ≠ t samples (all samples when
         ``jvp_only_r_neq_t`` is off), then u and the features of every sample from one batched plain
         forward with h = t − r, under ``plain_precision``."""
         index = (t != r).nonzero().squeeze(1) if self.jvp_only_r_neq_t else torch.arange(t.shape[0], device=t.device)
         h = t - r
         with torch.no_grad():
-            _, dudt_j, _ = meanflow_jvp(net, z[index], t[index], h[index], v[index],
-                                        None if y is None else y[index], (), self.jvp_kernel)
+            _, dudt_j, _ = meanflow_jvp(
+                net, z[index], t[index], h[index], v[index], None if y is None else y[index], (), self.jvp_kernel
+            )
         dudt = torch.zeros_like(z, dtype=dudt_j.dtype).index_copy(0, index, dudt_j)
         with plain_precision if plain_precision is not None else contextlib.nullcontext():
             if feature_blocks:
@@ -320,8 +415,16 @@ class MeanFlow(Objective):
             return net(z, t, h, y), dudt, []
 
     @torch.no_grad()
-    def model_tangent(self, net: nn.Module, z: Tensor, t: Tensor, r: Tensor, y: Tensor | None,
-                      v_tilde: Tensor, guided_outputs: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    def model_tangent(
+        self,
+        net: nn.Module,
+        z: Tensor,
+        t: Tensor,
+        r: Tensor,
+        y: Tensor | None,
+        v_tilde: Tensor,
+        guided_outputs: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> Tensor:
         """ṽ with the samples where r ≠ t replaced by the net's velocity u_θ(z, t, 0, y), mixed for
         guided samples as ṽ is: (ω + κ)·u_θ(·|c) + (1 − ω − κ)·u_θ(·|∅).
 
@@ -358,8 +461,9 @@ class MeanFlow(Objective):
         return v_tilde.index_copy(0, index, own)
 
     @torch.no_grad()
-    def guided_velocity(self, net: nn.Module, z: Tensor, t: Tensor, v: Tensor,
-                        y: Tensor | None, return_outputs: bool = False) -> tuple:
+    def guided_velocity(
+        self, net: nn.Module, z: Tensor, t: Tensor, v: Tensor, y: Tensor | None, return_outputs: bool = False
+    ) -> tuple:
         """ṽ (like v) and the (B,) mask of guided samples (None when guidance is off); with
         ``return_outputs`` also (index, u_θ(·|c), u_θ(·|∅)) of the guided samples (or None).
 
@@ -367,8 +471,11 @@ class MeanFlow(Objective):
         [cfg_t_start, cfg_t_end]) get ω·base + κ·u_θ(z, t, 0 | c) + (1 − ω − κ)·u_θ(z, t, 0 | ∅).
         """
         # Replace v by the teacher velocity when distilling.
-        base = v if self.teacher is None else velocity(self.teacher, z, t, y, self.teacher_guidance,
-                                                                 self.teacher_guidance_interval).to(v.dtype)
+        base = (
+            v
+            if self.teacher is None
+            else velocity(self.teacher, z, t, y, self.teacher_guidance, self.teacher_guidance_interval).to(v.dtype)
+        )
         num_classes = num_classes_of(net)
         if (self.cfg_omega == 1.0 and self.cfg_kappa == 0.0) or num_classes == 0 or y is None:
             return (base, None, None) if return_outputs else (base, None)
@@ -379,16 +486,19 @@ class MeanFlow(Objective):
             return (base, guided, None) if return_outputs else (base, guided)
         # One batched call: conditional and null-class u_θ(z, t, h=0).
         zi, ti, yi = z[index], t[index], y[index]
-        out = net(torch.cat([zi, zi]), torch.cat([ti, ti]), torch.zeros_like(torch.cat([ti, ti])),
-                  torch.cat([yi, torch.full_like(yi, num_classes)]))
+        out = net(
+            torch.cat([zi, zi]),
+            torch.cat([ti, ti]),
+            torch.zeros_like(torch.cat([ti, ti])),
+            torch.cat([yi, torch.full_like(yi, num_classes)]),
+        )
         u_cond, u_uncond = out.to(v.dtype).chunk(2)
         mixed = cfg_velocity(base[index], u_cond, u_uncond, self.cfg_omega, self.cfg_kappa)
         out = base.index_copy(0, index, mixed), guided
         return (*out, (index, u_cond, u_uncond)) if return_outputs else out
 
     @torch.no_grad()
-    def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float,
-                    y: Tensor | None) -> Tensor:
+    def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float, y: Tensor | None) -> Tensor:
         """z_r = z_t − (t − r)·u_θ(z_t, t, h = t − r, y)."""
         t, r = batch_time(t, x), batch_time(r, x)
         if num_classes_of(net) == 0:

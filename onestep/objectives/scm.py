@@ -43,6 +43,7 @@ Sampling: ``prior(noise) = t(ϑ_max)·noise`` (x_{ϑ_max} = σ_d sin ϑ_max·e, 
 ≈ 0.006·x dropped, as the papers start), each step x̂ = f(z_t), then re-noising with fresh noise to
 the next time: x_{ϑ'} = cos ϑ'·x̂ + sin ϑ'·σ_d·e', i.e. z_r = (1 − r)·x̂ + r·e' in onestep's frame.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,16 +54,39 @@ import torch
 from torch import Tensor, nn
 
 from onestep.objectives.base import LossOutput, Objective, register_objective
-from onestep.objectives.common import (batch_time, check_choice, check_guidance_interval, check_range, drop_labels,
-                                       eager_module, expand_time, num_classes_of, velocity)
+from onestep.objectives.common import (
+    batch_time,
+    check_choice,
+    check_guidance_interval,
+    check_range,
+    drop_labels,
+    eager_module,
+    expand_time,
+    num_classes_of,
+    velocity,
+)
 from onestep.objectives.consistency import replayable_rng
 from onestep.objectives.meanflow import jvp_context
 from onestep.registry import ConfigError
 
 __all__ = [
-    "trig_to_t", "t_to_trig", "trig_scale", "sigma_to_trig", "trig_to_sigma", "velocity_to_trigflow",
-    "trigflow_to_velocity", "trigflow_denoise", "trig_forward", "conditional_trig_velocity", "scm_jvp",
-    "scm_tangent", "normalize_tangent", "tangent_warmup", "trig_time_proposal", "scm_loss", "TrigWeightHead",
+    "trig_to_t",
+    "t_to_trig",
+    "trig_scale",
+    "sigma_to_trig",
+    "trig_to_sigma",
+    "velocity_to_trigflow",
+    "trigflow_to_velocity",
+    "trigflow_denoise",
+    "trig_forward",
+    "conditional_trig_velocity",
+    "scm_jvp",
+    "scm_tangent",
+    "normalize_tangent",
+    "tangent_warmup",
+    "trig_time_proposal",
+    "scm_loss",
+    "TrigWeightHead",
     "SCM",
 ]
 
@@ -72,6 +96,7 @@ THETA_MID = 1.1
 
 # ----------------------------------------------------------------------------------------------
 # Pure functions: time maps and conversions.
+
 
 def trig_to_t(theta: Tensor, sigma_d: float = SIGMA_DATA) -> Tensor:
     """t(ϑ) = σ_d sin ϑ / (cos ϑ + σ_d sin ϑ): the onestep time with TrigFlow's SNR at ϑ."""
@@ -130,9 +155,16 @@ def conditional_trig_velocity(x: Tensor, z: Tensor, theta: Tensor) -> Tensor:
     return cos * z - sin * x
 
 
-def trig_forward(net: nn.Module, x_theta: Tensor, theta: Tensor, y: Tensor | None = None, *,
-                 sigma_d: float = SIGMA_DATA, interval: str = "zero",
-                 features: tuple[int, ...] = ()) -> Tensor | tuple[Tensor, list[Tensor]]:
+def trig_forward(
+    net: nn.Module,
+    x_theta: Tensor,
+    theta: Tensor,
+    y: Tensor | None = None,
+    *,
+    sigma_d: float = SIGMA_DATA,
+    interval: str = "zero",
+    features: tuple[int, ...] = (),
+) -> Tensor | tuple[Tensor, list[Tensor]]:
     """F_θ(x_ϑ, ϑ) from a backbone read as a velocity: v = net(k x_ϑ, t(ϑ), h, y), h = 0 ("zero") or
     t(ϑ) ("t"), converted by ``velocity_to_trigflow``. Differentiable in x_ϑ and ϑ (the JVP goes
     through the conversion). With ``features`` returns (F, [activations])."""
@@ -150,27 +182,75 @@ def trig_forward(net: nn.Module, x_theta: Tensor, theta: Tensor, y: Tensor | Non
 # ----------------------------------------------------------------------------------------------
 # Pure functions: the training signal.
 
+
 @torch.no_grad()
-def scm_jvp(net: nn.Module, x_theta: Tensor, theta: Tensor, dxdt: Tensor, y: Tensor | None = None, *,
-            sigma_d: float = SIGMA_DATA, interval: str = "zero", kernel: str = "fused") -> tuple[Tensor, Tensor]:
+def scm_jvp(
+    net: nn.Module,
+    x_theta: Tensor,
+    theta: Tensor,
+    dxdt: Tensor,
+    y: Tensor | None = None,
+    *,
+    sigma_d: float = SIGMA_DATA,
+    interval: str = "zero",
+    kernel: str = "fused",
+) -> tuple[Tensor, Tensor]:
     """(F⁻, cos ϑ sin ϑ·dF⁻/dϑ) from one ``torch.func.jvp`` of (x_ϑ, ϑ) ↦ F⁻ with the pre-multiplied
     tangents (cos ϑ sin ϑ·dx/dϑ, cos ϑ sin ϑ) (the JVP rearrangement), no grad, on the eager module,
     attention through ``jvp_attention(kernel, tangent_grad=False)``. dF/dϑ is the total derivative
     along the trajectory: ∂_x F·dx/dϑ + ∂_ϑ F."""
+    F, jvp, _ = scm_joint_jvp(net, x_theta, theta, dxdt, y, sigma_d=sigma_d, interval=interval, kernel=kernel)
+    return F, jvp
+
+
+def scm_joint_jvp(
+    net: nn.Module,
+    x_theta: Tensor,
+    theta: Tensor,
+    dxdt: Tensor,
+    y: Tensor | None = None,
+    *,
+    sigma_d: float = SIGMA_DATA,
+    interval: str = "zero",
+    kernel: str = "fused",
+    features: tuple[int, ...] = (),
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """``scm_jvp`` in the caller's grad mode: (F_θ, cos ϑ sin ϑ·dF_θ/dϑ, activations of ``features``).
+    With grad enabled the primal F_θ and the activations keep their graph to the parameters (the
+    online pass of the loss), while the tangent is computed without one (``tangent_grad=False``) and
+    comes back detached: one pass gives the gradient-carrying F_θ and the stop-gradient target's
+    tangent."""
     net = eager_module(net)
     if num_classes_of(net) == 0:
         y = None
     cs = torch.cos(theta) * torch.sin(theta)
-
-    def fn(x_: Tensor, theta_: Tensor) -> Tensor:
-        return trig_forward(net, x_, theta_, y, sigma_d=sigma_d, interval=interval)
-
+    tangents = (expand_time(cs, dxdt) * dxdt, cs)
+    blocks = tuple(features)
     with jvp_context(kernel):
-        return torch.func.jvp(fn, (x_theta, theta), (expand_time(cs, dxdt) * dxdt, cs))
+        if blocks:
+
+            def fn_features(x_: Tensor, theta_: Tensor) -> tuple[Tensor, list[Tensor]]:
+                return trig_forward(net, x_, theta_, y, sigma_d=sigma_d, interval=interval, features=blocks)
+
+            F, jvp, feats = torch.func.jvp(fn_features, (x_theta, theta), tangents, has_aux=True)
+            return F, jvp.detach(), list(feats)
+
+        def fn(x_: Tensor, theta_: Tensor) -> Tensor:
+            return trig_forward(net, x_, theta_, y, sigma_d=sigma_d, interval=interval)
+
+        F, jvp = torch.func.jvp(fn, (x_theta, theta), tangents)
+    return F, jvp.detach(), []
 
 
-def scm_tangent(F_minus: Tensor, dxdt: Tensor, x_theta: Tensor, jvp_scaled: Tensor, theta: Tensor,
-                sigma_d: float = SIGMA_DATA, r: float = 1.0) -> Tensor:
+def scm_tangent(
+    F_minus: Tensor,
+    dxdt: Tensor,
+    x_theta: Tensor,
+    jvp_scaled: Tensor,
+    theta: Tensor,
+    sigma_d: float = SIGMA_DATA,
+    r: float = 1.0,
+) -> Tensor:
     """g = −cos²ϑ·(σ_d F⁻ − dx/dϑ) − r·(cos ϑ sin ϑ·x_ϑ + σ_d·J), J = cos ϑ sin ϑ·dF⁻/dϑ (``scm_jvp``).
 
     Unnormalized; like x_ϑ. r = 0 leaves only the first term (tangent warm-up)."""
@@ -199,24 +279,34 @@ def tangent_warmup(step: int, warmup_steps: int) -> float:
     return min(1.0, max(0, step) / warmup_steps)
 
 
-def trig_time_proposal(n: int, P_mean: float = -1.0, P_std: float = 1.6, sigma_d: float = SIGMA_DATA,
-                       sigma_min: float = 0.002, sigma_max: float = 80.0,
-                       generator: torch.Generator | None = None,
-                       device: torch.device | str | None = None) -> Tensor:
+def trig_time_proposal(
+    n: int,
+    P_mean: float = -1.0,
+    P_std: float = 1.6,
+    sigma_d: float = SIGMA_DATA,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """(n,) float64 ϑ = arctan(σ/σ_d) with ln σ ~ N(P_mean, P_std²) truncated to [σ_min, σ_max]
     (inverse-CDF sampling, so ϑ stays strictly inside (0, π/2) and nothing divides by zero)."""
-    normal = torch.distributions.Normal(torch.tensor(P_mean, dtype=torch.float64),
-                                        torch.tensor(P_std, dtype=torch.float64))
-    lo, hi = normal.cdf(torch.tensor(math.log(sigma_min), dtype=torch.float64)), \
-        normal.cdf(torch.tensor(math.log(sigma_max), dtype=torch.float64))
+    normal = torch.distributions.Normal(
+        torch.tensor(P_mean, dtype=torch.float64), torch.tensor(P_std, dtype=torch.float64)
+    )
+    lo, hi = (
+        normal.cdf(torch.tensor(math.log(sigma_min), dtype=torch.float64)),
+        normal.cdf(torch.tensor(math.log(sigma_max), dtype=torch.float64)),
+    )
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     log_sigma = normal.icdf((lo + (hi - lo) * u).clamp(1e-300, 1 - 1e-16))
     log_sigma = log_sigma.clamp(math.log(sigma_min), math.log(sigma_max))
     return torch.atan(torch.exp(log_sigma) / sigma_d).to(device)
 
 
-def scm_loss(F_theta: Tensor, F_minus: Tensor, g: Tensor, w: Tensor, prior: Tensor | float = 1.0,
-             reduction: str = "sum") -> tuple[Tensor, Tensor]:
+def scm_loss(
+    F_theta: Tensor, F_minus: Tensor, g: Tensor, w: Tensor, prior: Tensor | float = 1.0, reduction: str = "sum"
+) -> tuple[Tensor, Tensor]:
     """(loss, d), each (B,) float64: d = Σ or mean over elements of (F_θ − F⁻ − g)²
     (``reduction`` "sum" or "mean"), loss = e^{−w}·prior·d + w. Gradients reach F_θ and w only."""
     diff = F_theta.double() - F_minus.detach().double() - g.detach().double()
@@ -229,6 +319,7 @@ def scm_loss(F_theta: Tensor, F_minus: Tensor, g: Tensor, w: Tensor, prior: Tens
 
 # ----------------------------------------------------------------------------------------------
 # The learned weight.
+
 
 class TrigWeightHead(nn.Module):
     """w_φ(ϑ): its own time features, then Linear -> scalar (the log-variance, loss ∝ e^{−w}).
@@ -244,8 +335,9 @@ class TrigWeightHead(nn.Module):
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
         self.num_features = num_features
-        self.register_buffer("frequencies", 2.0 * torch.arange(1, num_features + 1, dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer(
+            "frequencies", 2.0 * torch.arange(1, num_features + 1, dtype=torch.float32), persistent=False
+        )
         self.linear = nn.Linear(num_features, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
@@ -266,6 +358,7 @@ class TrigWeightHead(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Objective.
+
 
 @register_objective("scm")
 class SCM(Objective):
@@ -314,6 +407,12 @@ class SCM(Objective):
             (the online F_θ keeps the ambient autocast; the loss terms are formed in float64); False
             runs the teacher and the JVP under the ambient autocast.
         jvp_kernel: attention kernel inside the JVP (``onestep.backbones.attention.JVP_KERNELS``).
+        jvp_pass: "joint" — the gradient-carrying F_θ is the primal of the JVP itself (one network
+            pass; the tangent is computed without a graph); "separate" — a no-grad JVP pass for the
+            target, then a plain forward for F_θ (one forward more; the previous default). Same loss
+            and gradients (tested in float64). "auto" (default): joint, except with an EMA
+            ``target_net`` (the tangent needs θ⁻ ≠ θ) and when an autocast is active with
+            ``target_fp32`` (joint would run the online pass in float32 as well).
         class_dropout: probability of the null label during training (conditional nets only). Default 0:
             labels kept, as in the sCM reference code and rCM (a null class is only needed for
             classifier-free guidance of the student; with a guided sCD teacher the null-label rows
@@ -333,16 +432,32 @@ class SCM(Objective):
     uses_jvp = True
     stochastic_sampling = True  # multi-step sampling re-noises between steps
 
-    def __init__(self, mode: Literal["sct", "scd"] = "sct", teacher: Callable[..., Tensor] | None = None,
-                 teacher_guidance: float = 1.0, teacher_guidance_interval: list[float] | None = None,
-                 sigma_d: float = SIGMA_DATA,
-                 interval: Literal["zero", "t"] = "zero", P_mean: float = -1.0, P_std: float = 1.6,
-                 train_sigma_min: float = 0.002, train_sigma_max: float = 80.0,
-                 tangent_warmup_steps: int = 10_000, tangent_c: float = 0.1,
-                 tangent_norm: Literal["l2", "rms"] = "l2", loss_reduction: Literal["auto", "sum", "mean"] = "auto",
-                 prior_weighting: bool = False, adaptive_weighting: bool = True, weight_features: int = 16,
-                 target_fp32: bool = True, jvp_kernel: Literal["fused", "explicit", "sdpa_math"] = "fused",
-                 class_dropout: float = 0.0, sigma_max: float = 80.0, theta_mid: float = THETA_MID):
+    def __init__(
+        self,
+        mode: Literal["sct", "scd"] = "sct",
+        teacher: Callable[..., Tensor] | None = None,
+        teacher_guidance: float = 1.0,
+        teacher_guidance_interval: list[float] | None = None,
+        sigma_d: float = SIGMA_DATA,
+        interval: Literal["zero", "t"] = "zero",
+        P_mean: float = -1.0,
+        P_std: float = 1.6,
+        train_sigma_min: float = 0.002,
+        train_sigma_max: float = 80.0,
+        tangent_warmup_steps: int = 10_000,
+        tangent_c: float = 0.1,
+        tangent_norm: Literal["l2", "rms"] = "l2",
+        loss_reduction: Literal["auto", "sum", "mean"] = "auto",
+        prior_weighting: bool = False,
+        adaptive_weighting: bool = True,
+        weight_features: int = 16,
+        target_fp32: bool = True,
+        jvp_kernel: Literal["fused", "explicit", "sdpa_math"] = "fused",
+        jvp_pass: Literal["auto", "joint", "separate"] = "auto",
+        class_dropout: float = 0.0,
+        sigma_max: float = 80.0,
+        theta_mid: float = THETA_MID,
+    ):
         from onestep.backbones.attention import JVP_KERNELS
 
         check_choice("mode", mode, ("sct", "scd"))
@@ -350,6 +465,7 @@ class SCM(Objective):
         check_choice("tangent_norm", tangent_norm, ("l2", "rms"))
         check_choice("loss_reduction", loss_reduction, ("auto", "sum", "mean"))
         check_choice("jvp_kernel", jvp_kernel, JVP_KERNELS)
+        check_choice("jvp_pass", jvp_pass, ("auto", "joint", "separate"))
         if teacher is not None and not callable(teacher):
             raise ValueError(f"teacher must be a callable net(z, t, h, y) or None, got {type(teacher).__name__}")
         if teacher is not None and mode != "scd":
@@ -377,7 +493,7 @@ class SCM(Objective):
         self.tangent_norm = tangent_norm
         self.loss_reduction = loss_reduction
         self.prior_weighting, self.adaptive_weighting = bool(prior_weighting), bool(adaptive_weighting)
-        self.target_fp32, self.jvp_kernel = bool(target_fp32), jvp_kernel
+        self.target_fp32, self.jvp_kernel, self.jvp_pass = bool(target_fp32), jvp_kernel, jvp_pass
         self.class_dropout = float(class_dropout)
         self.sigma_max, self.theta_mid = float(sigma_max), float(theta_mid)
         self.trainable = TrigWeightHead(weight_features) if adaptive_weighting else None
@@ -390,8 +506,9 @@ class SCM(Objective):
             return "sum" if self.tangent_norm == "l2" else "mean"
         return self.loss_reduction
 
-    def F(self, net: nn.Module, x_theta: Tensor, theta: Tensor, y: Tensor | None,
-          features: tuple[int, ...] = ()) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def F(
+        self, net: nn.Module, x_theta: Tensor, theta: Tensor, y: Tensor | None, features: tuple[int, ...] = ()
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """F_θ(x_ϑ, ϑ) through the backbone (``trig_forward``)."""
         return trig_forward(net, x_theta, theta, y, sigma_d=self.sigma_d, interval=self.interval, features=features)
 
@@ -399,11 +516,20 @@ class SCM(Objective):
         """The consistency function f = cos ϑ·x_ϑ − σ_d sin ϑ·F_θ."""
         return trigflow_denoise(self.F(net, x_theta, theta, y), x_theta, theta, self.sigma_d)
 
-    def sample_theta(self, n: int, device: torch.device | str | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+    def sample_theta(
+        self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """(n,) float64 ϑ from the truncated log-normal proposal."""
-        return trig_time_proposal(n, self.P_mean, self.P_std, self.sigma_d, self.train_sigma_min,
-                                  self.train_sigma_max, generator=generator, device=device)
+        return trig_time_proposal(
+            n,
+            self.P_mean,
+            self.P_std,
+            self.sigma_d,
+            self.train_sigma_min,
+            self.train_sigma_max,
+            generator=generator,
+            device=device,
+        )
 
     def weight(self, theta: Tensor) -> Tensor:
         """w_φ(ϑ) (B,) on ϑ's device (zeros without adaptive weighting)."""
@@ -420,8 +546,10 @@ class SCM(Objective):
         if self.mode == "sct":
             return conditional_trig_velocity(x, z, theta)
         if self.teacher is None:
-            raise ConfigError("scm with mode=scd needs a teacher: set objective.teacher to a flow_matching "
-                              "run directory or checkpoint")
+            raise ConfigError(
+                "scm with mode=scd needs a teacher: set objective.teacher to a flow_matching "
+                "run directory or checkpoint"
+            )
         t = trig_to_t(theta, self.sigma_d)
         z_t = expand_time(trig_scale(theta, self.sigma_d), x_theta) * x_theta
         y_teacher = y if num_classes_of(self.teacher) > 0 else None
@@ -429,63 +557,139 @@ class SCM(Objective):
         return self.sigma_d * velocity_to_trigflow(v, x_theta, theta, self.sigma_d)
 
     # -- loss --------------------------------------------------------------------------------
-    def loss(self, net: nn.Module, x: Tensor, y: Tensor | None, *, step: int,
-             feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
+    def loss(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        step: int,
+        feature_blocks: tuple[int, ...] = (),
+        target_net: nn.Module | None = None,
+    ) -> LossOutput:
         """Per-sample sCM loss (B,), features from the online F_θ pass; ``target_net`` (an EMA copy)
         replaces the stop-gradient target when given."""
         theta = self.sample_theta(x.shape[0], device=x.device)
         e = torch.randn_like(x)
         y = drop_labels(y, num_classes_of(net), self.class_dropout)
-        return self.loss_given(net, x, y, e=e, theta=theta, step=step, feature_blocks=feature_blocks,
-                               target_net=target_net)
+        return self.loss_given(
+            net, x, y, e=e, theta=theta, step=step, feature_blocks=feature_blocks, target_net=target_net
+        )
 
-    def tangent_terms(self, net: nn.Module, x: Tensor, y: Tensor | None, *, e: Tensor, theta: Tensor,
-                      step: int) -> dict[str, Tensor | float]:
+    def tangent_terms(
+        self, net: nn.Module, x: Tensor, y: Tensor | None, *, e: Tensor, theta: Tensor, step: int
+    ) -> dict[str, Tensor | float]:
         """The no-grad target side for noise e, times ϑ (B,) and (dropped) labels y, with ``net`` the
         target model: x_ϑ, dxdt, F_minus (the JVP primal), jvp (cos ϑ sin ϑ·dF⁻/dϑ), g_raw, g
         (normalized), r. In float32 (or x's wider dtype) with autocast off under ``target_fp32``."""
-        dtype = torch.promote_types(torch.float32, x.dtype) if self.target_fp32 else x.dtype
-        precision = (torch.autocast(device_type=x.device.type, enabled=False) if self.target_fp32
-                     else contextlib.nullcontext())
-        with precision, torch.no_grad():
-            x, e = x.to(dtype), e.to(dtype)
-            theta = theta.to(device=x.device, dtype=dtype)
-            z = self.sigma_d * e
-            cos, sin = _coefficients(theta, x)
-            x_theta = cos * x + sin * z
-            dxdt = self.dxdt(x, z, x_theta, theta, y).to(dtype)
-            F_minus, jvp = scm_jvp(net, x_theta, theta, dxdt, y, sigma_d=self.sigma_d, interval=self.interval,
-                                   kernel=self.jvp_kernel)
-            F_minus, jvp = F_minus.to(dtype), jvp.to(dtype)
-            r = tangent_warmup(step, self.tangent_warmup_steps)
-            g_raw = scm_tangent(F_minus, dxdt, x_theta, jvp, theta, self.sigma_d, r)
-            g = normalize_tangent(g_raw, self.tangent_c, self.tangent_norm)
-        return {"x_theta": x_theta, "theta": theta, "dxdt": dxdt, "F_minus": F_minus, "jvp": jvp,
-                "g_raw": g_raw, "g": g, "r": r}
+        terms, _, _ = self._terms(net, x, y, e=e, theta=theta, step=step, joint=False)
+        return terms
 
-    def loss_given(self, net: nn.Module, x: Tensor, y: Tensor | None, *, e: Tensor, theta: Tensor, step: int,
-                   feature_blocks: tuple[int, ...] = (), target_net: nn.Module | None = None) -> LossOutput:
+    def joint_terms(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        e: Tensor,
+        theta: Tensor,
+        step: int,
+        feature_blocks: tuple[int, ...] = (),
+    ) -> tuple[dict[str, Tensor | float], Tensor, list[Tensor]]:
+        """``tangent_terms`` from the online net's own pass: (terms, F_θ with its graph, features)."""
+        return self._terms(net, x, y, e=e, theta=theta, step=step, joint=True, feature_blocks=feature_blocks)
+
+    def joint_pass(self, x: Tensor, target_net: nn.Module | None) -> bool:
+        """Whether ``loss_given`` takes the joint pass (``jvp_pass``)."""
+        if self.jvp_pass != "auto":
+            return self.jvp_pass == "joint" and target_net is None
+        return target_net is None and not (torch.is_autocast_enabled(x.device.type) and self.target_fp32)
+
+    def _terms(self, net, x, y, *, e, theta, step, joint: bool, feature_blocks: tuple[int, ...] = ()):
+        dtype = torch.promote_types(torch.float32, x.dtype) if self.target_fp32 else x.dtype
+        precision = (
+            torch.autocast(device_type=x.device.type, enabled=False) if self.target_fp32 else contextlib.nullcontext()
+        )
+        with precision:
+            with torch.no_grad():
+                x, e = x.to(dtype), e.to(dtype)
+                theta = theta.to(device=x.device, dtype=dtype)
+                z = self.sigma_d * e
+                cos, sin = _coefficients(theta, x)
+                x_theta = cos * x + sin * z
+                dxdt = self.dxdt(x, z, x_theta, theta, y).to(dtype)
+            with torch.enable_grad() if joint else torch.no_grad():
+                F_out, jvp, features = scm_joint_jvp(
+                    net,
+                    x_theta,
+                    theta,
+                    dxdt,
+                    y,
+                    sigma_d=self.sigma_d,
+                    interval=self.interval,
+                    kernel=self.jvp_kernel,
+                    features=feature_blocks,
+                )
+            with torch.no_grad():
+                F_minus, jvp = F_out.detach().to(dtype), jvp.to(dtype)
+                r = tangent_warmup(step, self.tangent_warmup_steps)
+                g_raw = scm_tangent(F_minus, dxdt, x_theta, jvp, theta, self.sigma_d, r)
+                g = normalize_tangent(g_raw, self.tangent_c, self.tangent_norm)
+        terms = {
+            "x_theta": x_theta,
+            "theta": theta,
+            "dxdt": dxdt,
+            "F_minus": F_minus,
+            "jvp": jvp,
+            "g_raw": g_raw,
+            "g": g,
+            "r": r,
+        }
+        return terms, F_out, features
+
+    def loss_given(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        y: Tensor | None,
+        *,
+        e: Tensor,
+        theta: Tensor,
+        step: int,
+        feature_blocks: tuple[int, ...] = (),
+        target_net: nn.Module | None = None,
+    ) -> LossOutput:
         """The loss for given noise e (like x), TrigFlow times ϑ (B,) and (already dropped) labels y."""
         if num_classes_of(net) == 0:
             y = None
-        # Target side first, on a fork of the RNG: the online pass replays its dropout mask.
-        with replayable_rng(x.device):
-            terms = self.tangent_terms(net if target_net is None else target_net, x, y, e=e, theta=theta,
-                                       step=step)
-        x_theta, theta_w = terms["x_theta"], terms["theta"]
-        # Online F_θ (ambient autocast), features from this pass.
-        if feature_blocks:
-            F_theta, features = self.F(net, x_theta, theta_w, y, tuple(feature_blocks))
+        if self.joint_pass(x, target_net):
+            # One pass: F_θ with its graph and the tangent of the stop-gradient target.
+            terms, F_theta, features = self.joint_terms(
+                net, x, y, e=e, theta=theta, step=step, feature_blocks=tuple(feature_blocks)
+            )
+            theta_w, F_minus = terms["theta"], F_theta.detach()
         else:
-            F_theta, features = self.F(net, x_theta, theta_w, y), []
-        F_minus = F_theta.detach() if target_net is None else terms["F_minus"]
+            # Target side first, on a fork of the RNG: the online pass replays its dropout mask.
+            with replayable_rng(x.device):
+                terms = self.tangent_terms(net if target_net is None else target_net, x, y, e=e, theta=theta, step=step)
+            x_theta, theta_w = terms["x_theta"], terms["theta"]
+            # Online F_θ (ambient autocast), features from this pass.
+            if feature_blocks:
+                F_theta, features = self.F(net, x_theta, theta_w, y, tuple(feature_blocks))
+            else:
+                F_theta, features = self.F(net, x_theta, theta_w, y), []
+            F_minus = F_theta.detach() if target_net is None else terms["F_minus"]
         # Learned log-variance and optional prior weight; loss terms in float64.
         w = self.weight(theta_w)
         loss, d = scm_loss(F_theta, F_minus, terms["g"], w, self.prior_weight(theta_w.double()), self.reduction)
         loss = loss.to(torch.promote_types(torch.float32, x.dtype))
-        logs = {"loss": float(loss.detach().mean()), "distance": float(d.detach().mean()),
-                "logvar": float(w.detach().float().mean()), "warmup": float(terms["r"]),
-                "tangent_norm": float(tangent_norm(terms["g_raw"], self.tangent_norm).mean())}
+        logs = {
+            "loss": float(loss.detach().mean()),
+            "distance": float(d.detach().mean()),
+            "logvar": float(w.detach().float().mean()),
+            "warmup": float(terms["r"]),
+            "tangent_norm": float(tangent_norm(terms["g_raw"], self.tangent_norm).mean()),
+        }
         return LossOutput(loss=loss, features=features, logs=logs)
 
     # -- sampling ----------------------------------------------------------------------------
@@ -518,8 +722,15 @@ class SCM(Objective):
         return self.t_max * noise
 
     @torch.no_grad()
-    def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float,
-                    y: Tensor | None, noise: Tensor | None = None) -> Tensor:
+    def sample_step(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        t: Tensor | float,
+        r: Tensor | float,
+        y: Tensor | None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
         """x̂ = f(x_ϑ, ϑ) with ϑ = ϑ(t), x_ϑ = z_t/k(ϑ); where r > 0 re-noise with fresh noise e'
         (``noise`` if given, else the global RNG): z_r = (1 − r)·x̂ + r·e', which is
         x_{ϑ(r)} = cos·x̂ + sin·σ_d e' in TrigFlow."""

@@ -15,6 +15,7 @@ coin flip per sample), chosen at random, keep their drawn r and the rest get r =
 the kept samples have r < t almost surely; with "clip" a kept sample whose r draw exceeded t is
 clipped to r = t, as in the reference code.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,13 @@ TimeDist = Literal["logit_normal", "uniform"]
 Pairing = Literal["sort", "clip"]
 
 
-def logit_normal(n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> Tensor:
+def logit_normal(
+    n: int,
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """(n,) float32 samples of sigmoid(mean + std * N(0, 1))."""
     if std <= 0:
         raise ValueError(f"logit-normal std must be > 0, got {std}")
@@ -41,8 +47,15 @@ def uniform(n: int, generator: torch.Generator | None = None, device: torch.devi
     return torch.rand(n, generator=generator, device=device, dtype=torch.float32)
 
 
-def sample_time(n: int, *, dist: TimeDist = "logit_normal", mean: float = 0.0, std: float = 1.0,
-                generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+def sample_time(
+    n: int,
+    *,
+    dist: TimeDist = "logit_normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """(n,) times from ``dist``: logit-normal(mean, std) or uniform (mean/std ignored)."""
     if dist == "logit_normal":
         return logit_normal(n, mean, std, generator=generator, device=device)
@@ -62,10 +75,19 @@ def check_ratio(ratio_r_neq_t: float) -> None:
         raise ValueError(f"ratio_r_neq_t (the share of samples with r != t) must be in [0, 1], got {ratio_r_neq_t}")
 
 
-def sample_t_r(n: int, *, mean_t: float = -0.4, std_t: float = 1.0, mean_r: float = -0.4, std_r: float = 1.0,
-               ratio_r_neq_t: float = 0.25, pairing: Pairing = "sort", dist: TimeDist = "logit_normal",
-               generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+def sample_t_r(
+    n: int,
+    *,
+    mean_t: float = -0.4,
+    std_t: float = 1.0,
+    mean_r: float = -0.4,
+    std_r: float = 1.0,
+    ratio_r_neq_t: float = 0.25,
+    pairing: Pairing = "sort",
+    dist: TimeDist = "logit_normal",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
     """Draw (t, r), each (n,) float32 with 0 <= r <= t <= 1 (module docstring for the recipe).
 
     Defaults are MeanFlow's ImageNet setting: logit-normal(-0.4, 1.0) for both, sorted, 25 % of the

@@ -1,2 +1,3 @@
 """Regularizers: callables ``reg(features) -> scalar`` registered in REGULARIZERS."""
+
 from onestep.regularizers import dispersive  # noqa: F401  (registers "dispersive")

@@ -32,6 +32,7 @@ All double sums run over every ordered pair, diagonal (i = j) included.
   gradient. After the usual mean of parameter gradients over ranks (DDP), the parameter gradient is
   exactly that of λ·L on the global batch, matching the main loss' global mean.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,17 @@ from torch import Tensor
 
 from onestep.registry import REGULARIZERS, ConfigError
 
-__all__ = ["infonce_l2", "infonce_cosine", "hinge", "covariance", "pairwise_sq_distances",
-           "gather_features", "DispersiveLoss", "dispersive", "VARIANTS"]
+__all__ = [
+    "infonce_l2",
+    "infonce_cosine",
+    "hinge",
+    "covariance",
+    "pairwise_sq_distances",
+    "gather_features",
+    "DispersiveLoss",
+    "dispersive",
+    "VARIANTS",
+]
 
 Variant = Literal["infonce_l2", "infonce_cosine", "hinge", "covariance"]
 
@@ -62,8 +72,12 @@ def _warn_single_sample() -> None:
     global _warned_single_sample
     if not _warned_single_sample:
         _warned_single_sample = True
-        warnings.warn("dispersive loss: batch of 1 sample has no negatives; the regularizer is a constant 0 "
-                      "(use a larger per-device batch or gather: true)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "dispersive loss: batch of 1 sample has no negatives; the regularizer is a constant 0 "
+            "(use a larger per-device batch or gather: true)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _single(z: Tensor) -> Tensor | None:
@@ -212,7 +226,7 @@ class _GatherRows(torch.autograd.Function):
 
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 class DispersiveLoss:
@@ -238,13 +252,13 @@ class DispersiveLoss:
         return covariance(z)
 
     def __repr__(self) -> str:
-        return (f"DispersiveLoss(variant={self.variant!r}, tau={self.tau}, margin={self.margin}, "
-                f"gather={self.gather})")
+        return f"DispersiveLoss(variant={self.variant!r}, tau={self.tau}, margin={self.margin}, gather={self.gather})"
 
 
 @REGULARIZERS.register("dispersive")
-def dispersive(variant: Variant = "infonce_l2", tau: float = 0.5, margin: float = 1.0,
-               gather: bool = False) -> DispersiveLoss:
+def dispersive(
+    variant: Variant = "infonce_l2", tau: float = 0.5, margin: float = 1.0, gather: bool = False
+) -> DispersiveLoss:
     """Dispersive loss regularizer (Wang & He 2025) on block features.
 
     Args:

@@ -7,6 +7,7 @@ Guidance-conditioned models evaluated at several guidance scales (``onestep eval
 1,2,4,8``: rows with ``guidance``) show, per column, the best value over the sweep and the ω that
 gave it, as "value (ω=W)" (the interval too when it is not [0, 1]).
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,37 +20,83 @@ from onestep.utils.rundir import RunDir
 
 # Published 1-NFE (and 2-NFE) FID. Source and evaluation suite per row.
 PUBLISHED: list[dict[str, Any]] = [
-    *[{"run": f"{m} (published)", "data": "imagenet256", "nfe": 1, "value": v, "source": s,
-       "implementation": "FID-50K, ADM TF evaluation suite", "objective": o}
-      for m, v, s, o in [
-          ("iCT-XL/2", 34.24, "MeanFlow paper, Tab. 2", "ict"),
-          ("Shortcut-XL/2", 10.60, "MeanFlow paper, Tab. 2", "shortcut"),
-          ("MeanFlow-B/2", 6.17, "Geng et al. 2025, Tab. 2", "meanflow"),
-          ("MeanFlow-M/2", 5.01, "Geng et al. 2025, Tab. 2", "meanflow"),
-          ("MeanFlow-L/2", 3.84, "Geng et al. 2025, Tab. 2", "meanflow"),
-          ("MeanFlow-XL/2", 3.43, "Geng et al. 2025, Tab. 2", "meanflow"),
-          ("MeanFlow+Disp XL/2", 3.21, "secondary source (docs/reference.md, dispersive loss)", "meanflow"),
-          ("AlphaFlow-XL/2+", 2.58, "AlphaFlow paper", "alphaflow"),
-          ("SoFlow-XL/2", 2.96, "SoFlow paper", "soflow"),
-          ("iMF-XL/2", 1.72, "iMF paper", "meanflow"),
-          ("iMF-B/2", 3.39, "iMF paper", "meanflow"),
-      ]],
-    {"run": "MeanFlow-XL/2 (published)", "data": "imagenet256", "nfe": 2, "value": 2.93,
-     "source": "Geng et al. 2025, Tab. 2", "implementation": "FID-50K, ADM TF evaluation suite", "objective": "meanflow"},
-    {"run": "IMM-XL/2 (published)", "data": "imagenet256", "nfe": 2, "value": 7.77,
-     "source": "IMM paper (1x2 NFE)", "implementation": "FID-50K, ADM TF evaluation suite", "objective": "imm"},
-    *[{"run": f"{m} (published)", "data": "cifar10", "nfe": 1, "value": v, "source": s,
-       "implementation": "FID-50K, paper's own pipeline (EDM/ADM-style Inception)", "objective": o}
-      for m, v, s, o in [
-          ("CD", 3.55, "Song et al. 2023", "consistency_distillation"), ("CT", 8.70, "Song et al. 2023", "ct"),
-          ("iCT", 2.83, "Song & Dhariwal 2023", "ict"), ("iCT-deep", 2.51, "Song & Dhariwal 2023", "ict"),
-          ("ECT", 3.60, "Geng et al. 2024", "ect"), ("sCT", 2.97, "Lu & Song 2024", "sct"),
-          ("sCD", 3.66, "Lu & Song 2024", "scd"), ("IMM", 3.20, "Zhou et al. 2025", "imm"),
-          ("MeanFlow", 2.92, "Geng et al. 2025", "meanflow"), ("TCM", 2.46, "TCM paper", "tcm"),
-      ]],
-    *[{"run": f"{m} (published)", "data": "cifar10", "nfe": 2, "value": v, "source": s,
-       "implementation": "FID-50K, paper's own pipeline (EDM/ADM-style Inception)", "objective": o}
-      for m, v, s, o in [("iCT", 2.46, "Song & Dhariwal 2023", "ict"), ("ECT", 2.11, "Geng et al. 2024", "ect")]],
+    *[
+        {
+            "run": f"{m} (published)",
+            "data": "imagenet256",
+            "nfe": 1,
+            "value": v,
+            "source": s,
+            "implementation": "FID-50K, ADM TF evaluation suite",
+            "objective": o,
+        }
+        for m, v, s, o in [
+            ("iCT-XL/2", 34.24, "MeanFlow paper, Tab. 2", "ict"),
+            ("Shortcut-XL/2", 10.60, "MeanFlow paper, Tab. 2", "shortcut"),
+            ("MeanFlow-B/2", 6.17, "Geng et al. 2025, Tab. 2", "meanflow"),
+            ("MeanFlow-M/2", 5.01, "Geng et al. 2025, Tab. 2", "meanflow"),
+            ("MeanFlow-L/2", 3.84, "Geng et al. 2025, Tab. 2", "meanflow"),
+            ("MeanFlow-XL/2", 3.43, "Geng et al. 2025, Tab. 2", "meanflow"),
+            ("MeanFlow+Disp XL/2", 3.21, "secondary source (docs/reference.md, dispersive loss)", "meanflow"),
+            ("AlphaFlow-XL/2+", 2.58, "AlphaFlow paper", "alphaflow"),
+            ("SoFlow-XL/2", 2.96, "SoFlow paper", "soflow"),
+            ("iMF-XL/2", 1.72, "iMF paper", "meanflow"),
+            ("iMF-B/2", 3.39, "iMF paper", "meanflow"),
+        ]
+    ],
+    {
+        "run": "MeanFlow-XL/2 (published)",
+        "data": "imagenet256",
+        "nfe": 2,
+        "value": 2.93,
+        "source": "Geng et al. 2025, Tab. 2",
+        "implementation": "FID-50K, ADM TF evaluation suite",
+        "objective": "meanflow",
+    },
+    {
+        "run": "IMM-XL/2 (published)",
+        "data": "imagenet256",
+        "nfe": 2,
+        "value": 7.77,
+        "source": "IMM paper (1x2 NFE)",
+        "implementation": "FID-50K, ADM TF evaluation suite",
+        "objective": "imm",
+    },
+    *[
+        {
+            "run": f"{m} (published)",
+            "data": "cifar10",
+            "nfe": 1,
+            "value": v,
+            "source": s,
+            "implementation": "FID-50K, paper's own pipeline (EDM/ADM-style Inception)",
+            "objective": o,
+        }
+        for m, v, s, o in [
+            ("CD", 3.55, "Song et al. 2023", "consistency_distillation"),
+            ("CT", 8.70, "Song et al. 2023", "ct"),
+            ("iCT", 2.83, "Song & Dhariwal 2023", "ict"),
+            ("iCT-deep", 2.51, "Song & Dhariwal 2023", "ict"),
+            ("ECT", 3.60, "Geng et al. 2024", "ect"),
+            ("sCT", 2.97, "Lu & Song 2024", "sct"),
+            ("sCD", 3.66, "Lu & Song 2024", "scd"),
+            ("IMM", 3.20, "Zhou et al. 2025", "imm"),
+            ("MeanFlow", 2.92, "Geng et al. 2025", "meanflow"),
+            ("TCM", 2.46, "TCM paper", "tcm"),
+        ]
+    ],
+    *[
+        {
+            "run": f"{m} (published)",
+            "data": "cifar10",
+            "nfe": 2,
+            "value": v,
+            "source": s,
+            "implementation": "FID-50K, paper's own pipeline (EDM/ADM-style Inception)",
+            "objective": o,
+        }
+        for m, v, s, o in [("iCT", 2.46, "Song & Dhariwal 2023", "ict"), ("ECT", 2.11, "Geng et al. 2024", "ect")]
+    ],
 ]
 
 
@@ -63,7 +110,7 @@ class RunSummary:
 
 
 def guidance_label(omega: float | None, interval: list[float] | None) -> str:
-    """"ω=4", or "ω=4 on [0.4, 0.65]" for an interval other than [0, 1]; "no ω" for unguided rows."""
+    """ "ω=4", or "ω=4 on [0.4, 0.65]" for an interval other than [0, 1]; "no ω" for unguided rows."""
     if omega is None:
         return "no ω"
     lo, hi = interval or (0.0, 1.0)
@@ -72,6 +119,7 @@ def guidance_label(omega: float | None, interval: list[float] | None) -> str:
 
 def best_over_guidance(points: dict[tuple, tuple[float, bool]]) -> tuple[float, tuple]:
     """(value, (ω, interval)) of the best point of a sweep {(ω, interval): (value, higher_is_better)}."""
+
     def score(item):
         value, higher = item[1]
         return value if higher else -value
@@ -123,10 +171,22 @@ def build_table(runs: list[RunSummary], published: list[dict[str, Any]] | None =
     """Returns (header, rows, footnotes)."""
     runs = list(runs)
     for p in published or []:
-        runs.append(RunSummary(p["run"], {"data": p["data"], "objective": p["objective"], "backbone": "-",
-                                          "regularizers": "-", "steps": None, "params": None, "train_img_s": None,
-                                          "source": p["source"]},
-                               {("fid", p["nfe"], p["implementation"], p["data"]): p["value"]}))
+        runs.append(
+            RunSummary(
+                p["run"],
+                {
+                    "data": p["data"],
+                    "objective": p["objective"],
+                    "backbone": "-",
+                    "regularizers": "-",
+                    "steps": None,
+                    "params": None,
+                    "train_img_s": None,
+                    "source": p["source"],
+                },
+                {("fid", p["nfe"], p["implementation"], p["data"]): p["value"]},
+            )
+        )
     keys = sorted({k for r in runs for k in r.values}, key=lambda k: (k[0], k[1], k[2], k[3]))
     variants: dict[tuple, list[tuple]] = {}
     for k in keys:
@@ -141,30 +201,44 @@ def build_table(runs: list[RunSummary], published: list[dict[str, Any]] | None =
                 footnotes.append(f"[{tag}] {metric}@{nfe}: {k[2]}; reference: {k[3]}")
             columns.append((label, k))
     if any(len(ks) > 1 for ks in variants.values()):
-        footnotes.insert(0, "Columns marked [a], [b], ... hold the same metric computed with a different "
-                            "implementation or reference; their numbers are not comparable across columns.")
+        footnotes.insert(
+            0,
+            "Columns marked [a], [b], ... hold the same metric computed with a different "
+            "implementation or reference; their numbers are not comparable across columns.",
+        )
     by_impl: dict[tuple, list] = {}
     for ks in variants.values():
         if len(ks) == 1:
             by_impl.setdefault((ks[0][0], ks[0][2], ks[0][3]), []).append(ks[0][1])
-    impl_notes = sorted(f"{metric}@{','.join(str(n) for n in sorted(nfes))}: {impl}; reference: {ref}"
-                        for (metric, impl, ref), nfes in by_impl.items())
+    impl_notes = sorted(
+        f"{metric}@{','.join(str(n) for n in sorted(nfes))}: {impl}; reference: {ref}"
+        for (metric, impl, ref), nfes in by_impl.items()
+    )
     footnotes.extend(impl_notes)
     if any(r.guidance for r in runs):
-        footnotes.append("value (ω=W): a guidance-conditioned model's best value over the guidance scales it was "
-                         "evaluated at (onestep eval --guidance), and the ω that gave it.")
+        footnotes.append(
+            "value (ω=W): a guidance-conditioned model's best value over the guidance scales it was "
+            "evaluated at (onestep eval --guidance), and the ω that gave it."
+        )
     sources = [f"{r.name}: {r.info['source']}" for r in runs if r.info.get("source")]
     if sources:
         footnotes.append("Published rows: " + "; ".join(sources))
-    header = ["run", "data", "objective", "backbone", "regularizers", "steps", "params", "train img/s"] + \
-             [c[0] for c in columns]
+    header = ["run", "data", "objective", "backbone", "regularizers", "steps", "params", "train img/s"] + [
+        c[0] for c in columns
+    ]
     rows = []
     for r in runs:
         params = r.info.get("params")
-        row = [r.name, r.info["data"], r.info["objective"], r.info["backbone"], r.info["regularizers"],
-               "" if r.info.get("steps") is None else str(r.info["steps"]),
-               "" if not params else f"{params / 1e6:.2f}M",
-               "" if r.info.get("train_img_s") is None else f"{r.info['train_img_s']:.0f}"]
+        row = [
+            r.name,
+            r.info["data"],
+            r.info["objective"],
+            r.info["backbone"],
+            r.info["regularizers"],
+            "" if r.info.get("steps") is None else str(r.info["steps"]),
+            "" if not params else f"{params / 1e6:.2f}M",
+            "" if r.info.get("train_img_s") is None else f"{r.info['train_img_s']:.0f}",
+        ]
         for _, k in columns:
             v = r.values.get(k)
             row.append("" if v is None else _fmt(v) + (f" ({r.guidance[k]})" if k in r.guidance else ""))
@@ -198,7 +272,7 @@ def render(header, rows, footnotes, fmt: str = "rich", console=None) -> str:
     header, rows = _drop_empty_columns(header, rows)
     header, legend = _abbreviated(header, rows, width)
     with console.capture() as cap:
-        for table in (_by_metric(header, rows, width) if len(rows) <= 3 else _by_run(header, rows, width)):
+        for table in _by_metric(header, rows, width) if len(rows) <= 3 else _by_run(header, rows, width):
             console.print(table)
         for n in legend + footnotes:
             console.print(f"  {escape(n)}", highlight=False, soft_wrap=False)
@@ -206,9 +280,18 @@ def render(header, rows, footnotes, fmt: str = "rich", console=None) -> str:
 
 
 INFO_COLUMNS = 8  # run, data, objective, backbone, regularizers, steps, params, train img/s
-_SHORT = {"sliced_wasserstein": "SW", "energy_distance": "ED", "checkerboard_outside": "outside", "precision": "prec",
-          "recall": "rec", "coverage": "cov", "train img/s": "img/s", "regularizers": "regs", "objective": "obj",
-          "backbone": "net"}
+_SHORT = {
+    "sliced_wasserstein": "SW",
+    "energy_distance": "ED",
+    "checkerboard_outside": "outside",
+    "precision": "prec",
+    "recall": "rec",
+    "coverage": "cov",
+    "train img/s": "img/s",
+    "regularizers": "regs",
+    "objective": "obj",
+    "backbone": "net",
+}
 
 
 def _drop_empty_columns(header, rows):

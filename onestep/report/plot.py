@@ -1,6 +1,7 @@
 """Training curves (loss terms, lr, grad norm), metric-vs-step plots and, for guidance sweeps of
 guidance-conditioned models (``onestep eval --guidance 1,2,4,8``), metric-vs-ω plots as PNG
 (matplotlib extra)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,17 +25,28 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
     metrics = {RunDir(r).name: RunDir(r).read_metrics() for r in runs}
     if not any(stats.values()):
         raise ConfigError(f"no {RunDir.STATS} rows in {', '.join(map(str, runs))}")
-    keys = sorted({k for rows in stats.values() for row in rows for k in row
-                   if k.startswith("loss") or k in ("grad_norm", "lr", "mse")})
-    panels = {key: {name: [(r["step"], r[key]) for r in rows if key in r] for name, rows in stats.items()}
-              for key in keys}
+    keys = sorted(
+        {
+            k
+            for rows in stats.values()
+            for row in rows
+            for k in row
+            if k.startswith("loss") or k in ("grad_norm", "lr", "mse")
+        }
+    )
+    panels = {
+        key: {name: [(r["step"], r[key]) for r in rows if key in r] for name, rows in stats.items()} for key in keys
+    }
     written = [_stacked_plot(plt, panels, out_dir / "training.png")]
     series = sorted({(r["metric"], r["nfe"]) for rows in metrics.values() for r in rows})
     if series:
-        panels = {f"{metric}@{nfe}": {name: sorted((r["step"], r["value"]) for r in rows
-                                                   if r["metric"] == metric and r["nfe"] == nfe)
-                                      for name, rows in metrics.items()}
-                  for metric, nfe in series}
+        panels = {
+            f"{metric}@{nfe}": {
+                name: sorted((r["step"], r["value"]) for r in rows if r["metric"] == metric and r["nfe"] == nfe)
+                for name, rows in metrics.items()
+            }
+            for metric, nfe in series
+        }
         written.append(_stacked_plot(plt, panels, out_dir / "metrics.png", marker="o"))
     sweeps = guidance_sweeps(metrics)
     if sweeps:
@@ -64,8 +76,9 @@ def guidance_sweeps(metrics: dict[str, list[dict]]) -> dict[str, dict[str, list[
     return dict(sorted(panels.items()))
 
 
-def _stacked_plot(plt, panels: dict[str, dict[str, list[tuple]]], path: Path, marker: str | None = None,
-                  xlabel: str = "step") -> Path:
+def _stacked_plot(
+    plt, panels: dict[str, dict[str, list[tuple]]], path: Path, marker: str | None = None, xlabel: str = "step"
+) -> Path:
     """One panel per y-label, stacked over a shared x axis (step, or ω); in each, a line per run (its
     (x, value) points; runs without points are skipped but keep their colour)."""
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)

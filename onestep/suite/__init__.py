@@ -27,6 +27,7 @@ minutes, parameters, images/s), ``seeds.md`` (mean ± std over runs that share a
 ``grids/NAME.png`` (10 samples per class, one row per class) and ``grid.png`` (one row per run,
 one column per class).
 """
+
 from __future__ import annotations
 
 import csv
@@ -103,7 +104,9 @@ def load_suite(args: list[str], *, root: str | None = None, overrides: list[str]
             raise ConfigError(f"{path}: a suite is a mapping with 'runs' (a list of {{name, recipe, ...}})")
         unknown = set(raw) - {"root", "eval", "real", "runs"}
         if unknown:
-            raise ConfigError(f"{path}: unknown suite key(s) {', '.join(sorted(unknown))}; allowed: root, eval, real, runs")
+            raise ConfigError(
+                f"{path}: unknown suite key(s) {', '.join(sorted(unknown))}; allowed: root, eval, real, runs"
+            )
         entries, source = raw["runs"], str(path)
     else:
         raw, source = {}, " ".join(args)
@@ -117,7 +120,9 @@ def load_suite(args: list[str], *, root: str | None = None, overrides: list[str]
             raise ConfigError(f"{where}: each run is a mapping with at least 'recipe'")
         bad = set(entry) - _RUN_KEYS
         if bad:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; allowed: {', '.join(sorted(_RUN_KEYS))}")
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(sorted(bad))}; allowed: {', '.join(sorted(_RUN_KEYS))}"
+            )
         name = str(entry.get("name") or Path(str(entry["recipe"])).stem)
         if name in names:
             raise ConfigError(f"{where}: run name '{name}' is used twice")
@@ -135,9 +140,21 @@ def load_suite(args: list[str], *, root: str | None = None, overrides: list[str]
             evals.append(EvalPass(list(e.get("nfe") or cfg.eval.nfe), guidance, bool(e.get("late", False))))
         grid = entry.get("grid") or {}
         grid = EvalPass([int(grid.get("nfe", evals[0].nfe[0]))], grid.get("guidance", evals[0].guidance))
-        runs.append(SuiteRun(name, str(recipe_path), str(entry.get("label") or name), run_overrides,
-                             list(entry.get("after") or []), evals, entry.get("seeds"), base / name,
-                             grid=grid, steps=cfg.train.steps, cfg=cfg))
+        runs.append(
+            SuiteRun(
+                name,
+                str(recipe_path),
+                str(entry.get("label") or name),
+                run_overrides,
+                list(entry.get("after") or []),
+                evals,
+                entry.get("seeds"),
+                base / name,
+                grid=grid,
+                steps=cfg.train.steps,
+                cfg=cfg,
+            )
+        )
     by_dir = {r.dir.resolve(): r.name for r in runs}
     for r in runs:  # a teacher or init run of the suite is a dependency
         for ref in (r.cfg.objective.get("teacher"), r.cfg.train.init_from):
@@ -171,8 +188,9 @@ class Runner:
             f.flush()
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env()).returncode
         minutes = (time.perf_counter() - t0) / 60
-        self.echo(f"[suite] {name}: {what} {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'} "
-                  f"in {minutes:.1f} min")
+        self.echo(
+            f"[suite] {name}: {what} {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'} in {minutes:.1f} min"
+        )
         return rc == 0
 
     # -- one run ------------------------------------------------------------------------------
@@ -205,8 +223,14 @@ class Runner:
                     shutil.rmtree(aside)
                 run.dir.rename(aside)
                 self.echo(f"[suite] {run.name}: no checkpoint in {run.dir}; moved it to {aside}, starting again")
-            cmd = base + [run.recipe, "--run-dir", str(run.dir), "--no-progress", *run.overrides,
-                          f"train.threads={self.threads}"]
+            cmd = base + [
+                run.recipe,
+                "--run-dir",
+                str(run.dir),
+                "--no-progress",
+                *run.overrides,
+                f"train.threads={self.threads}",
+            ]
         return self._call(run.name, "train", cmd)
 
     def pending_evals(self, run: SuiteRun, late: bool) -> list[EvalPass]:
@@ -218,8 +242,14 @@ class Runner:
         for e in run.evals:
             if e.late != late:
                 continue
-            have = {(r.get("nfe"), r.get("metric")) for r in rows if r.get("step") == step and r.get("num_samples") == n
-                    and r.get("seed") == seed and r.get("guidance") == e.guidance}
+            have = {
+                (r.get("nfe"), r.get("metric"))
+                for r in rows
+                if r.get("step") == step
+                and r.get("num_samples") == n
+                and r.get("seed") == seed
+                and r.get("guidance") == e.guidance
+            }
             if any((nfe, m) not in have for nfe in e.nfe for m in metrics):
                 todo.append(e)
         return todo
@@ -233,9 +263,19 @@ class Runner:
     def evaluate(self, run: SuiteRun, late: bool) -> bool:
         ok = True
         for e in self.pending_evals(run, late):
-            cmd = [sys.executable, "-m", "onestep", "eval", str(run.dir), "--metrics", ",".join(self.metric_names()),
-                   "--num-samples", str(self.num_samples(run)),
-                   "--seed", str(self.suite.eval.get("seed", run.cfg.eval.seed))]
+            cmd = [
+                sys.executable,
+                "-m",
+                "onestep",
+                "eval",
+                str(run.dir),
+                "--metrics",
+                ",".join(self.metric_names()),
+                "--num-samples",
+                str(self.num_samples(run)),
+                "--seed",
+                str(self.suite.eval.get("seed", run.cfg.eval.seed)),
+            ]
             for nfe in e.nfe:
                 cmd += ["--nfe", str(nfe)]
             if e.guidance is not None:
@@ -269,7 +309,11 @@ class Runner:
 
         path = self.suite.root / "grids" / f"{run.name}.png"
         step = self.trained_step(run)
-        if path.is_file() and path.with_suffix(".step").is_file() and path.with_suffix(".step").read_text() == str(step):
+        if (
+            path.is_file()
+            and path.with_suffix(".step").is_file()
+            and path.with_suffix(".step").read_text() == str(step)
+        ):
             return
         try:
             class_grid(run.dir, path, per_class=10, nfe=run.grid.nfe[0], guidance=run.grid.guidance)
@@ -284,12 +328,18 @@ class Runner:
             with ThreadPoolExecutor(self.jobs) as pool:
                 list(pool.map(self.run_one, self._ordered()))
             with ThreadPoolExecutor(self.jobs) as pool:
-                list(pool.map(lambda r: self.evaluate(r, late=True), [r for r in self.suite.runs if r.status == "trained"]))
+                list(
+                    pool.map(
+                        lambda r: self.evaluate(r, late=True), [r for r in self.suite.runs if r.status == "trained"]
+                    )
+                )
             self.real_rows()
             write_results(self.suite, self)
         failed = [r for r in self.suite.runs if r.status != "trained"]
-        self.echo(f"[suite] {len(self.suite.runs) - len(failed)} of {len(self.suite.runs)} runs trained; "
-                  f"wall time {(time.perf_counter() - t0) / 60:.1f} min; results in {self.suite.root / 'results.md'}")
+        self.echo(
+            f"[suite] {len(self.suite.runs) - len(failed)} of {len(self.suite.runs)} runs trained; "
+            f"wall time {(time.perf_counter() - t0) / 60:.1f} min; results in {self.suite.root / 'results.md'}"
+        )
         for r in failed:
             self.echo(f"[suite] {r.name}: {r.status}: {r.error}")
         return 0 if not failed else 1
@@ -324,9 +374,13 @@ class Runner:
 
             dataset = build_dataset(self.suite.runs[0].cfg)
             for split in want:
-                rows += evaluate_real(dataset, split=split, metrics=self.metric_names(),
-                                      num_samples=self.num_samples(self.suite.runs[0]),
-                                      seed=int(self.suite.eval.get("seed", 0)))
+                rows += evaluate_real(
+                    dataset,
+                    split=split,
+                    metrics=self.metric_names(),
+                    num_samples=self.num_samples(self.suite.runs[0]),
+                    seed=int(self.suite.eval.get("seed", 0)),
+                )
             atomic_write(cache, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
         return rows
 
@@ -354,12 +408,20 @@ def result_rows(suite: Suite, runner: Runner) -> list[dict[str, Any]]:
         stats = RunDir(run.dir).read_stats()
         speed = statistics.median([r["images_per_s"] for r in stats[1:]]) if len(stats) > 1 else None
         secs = train_seconds(run.dir)
-        base = {"method": run.label, "run": run.name, "params": meta.get("parameters"),
-                "train_min": None if secs is None else round(secs / 60, 2), "images_per_s": speed,
-                "status": run.status if run.status != "pending" else ("trained" if runner.trained_step(run) else "pending")}
+        base = {
+            "method": run.label,
+            "run": run.name,
+            "params": meta.get("parameters"),
+            "train_min": None if secs is None else round(secs / 60, 2),
+            "images_per_s": speed,
+            "status": run.status if run.status != "pending" else ("trained" if runner.trained_step(run) else "pending"),
+        }
         step = runner.trained_step(run)
-        metrics = [r for r in RunDir(run.dir).read_metrics() if r.get("step") == step and
-                   r.get("num_samples") == runner.num_samples(run)]
+        metrics = [
+            r
+            for r in RunDir(run.dir).read_metrics()
+            if r.get("step") == step and r.get("num_samples") == runner.num_samples(run)
+        ]
         keys = sorted({(r["nfe"], r.get("guidance")) for r in metrics}, key=lambda k: (k[1] or 0, k[0]))
         if not keys:
             rows.append({**base, "nfe": None, "guidance": None})
@@ -389,22 +451,69 @@ def write_results(suite: Suite, runner: Runner) -> None:
     writer.writeheader()
     writer.writerows(rows)
     for split in sorted({r["weights"] for r in real}):
-        writer.writerow({"method": f"real images ({split})", "nfe": 0,
-                         **{r["metric"]: r["value"] for r in real if r["weights"] == split}})
+        writer.writerow(
+            {
+                "method": f"real images ({split})",
+                "nfe": 0,
+                **{r["metric"]: r["value"] for r in real if r["weights"] == split},
+            }
+        )
     atomic_write(suite.root / "results.csv", lambda f: f.write(buf.getvalue().encode()))
-    head = ["method", "NFE", "guidance", "FD ↓", "IS ↑", "acc ↑", "precision ↑", "recall ↑", "train min", "params",
-            "img/s"]
+    head = [
+        "method",
+        "NFE",
+        "guidance",
+        "FD ↓",
+        "IS ↑",
+        "acc ↑",
+        "precision ↑",
+        "recall ↑",
+        "train min",
+        "params",
+        "img/s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([r["method"] + ("" if r["status"] == "trained" else f" ({r['status']})"),
-                                        _num(r["nfe"]), _num(r["guidance"]), *(_num(r.get(m)) for m in METRIC_COLUMNS),
-                                        _num(r["train_min"]), _num(r["params"]), _num(r["images_per_s"])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"] + ("" if r["status"] == "trained" else f" ({r['status']})"),
+                    _num(r["nfe"]),
+                    _num(r["guidance"]),
+                    *(_num(r.get(m)) for m in METRIC_COLUMNS),
+                    _num(r["train_min"]),
+                    _num(r["params"]),
+                    _num(r["images_per_s"]),
+                ]
+            )
+            + " |"
+        )
     for split in sorted({r["weights"] for r in real}):
         vals = {r["metric"]: r["value"] for r in real if r["weights"] == split}
-        lines.append("| " + " | ".join([f"real images ({split.split(':')[1]} split)", "—", "—",
-                                        *(_num(vals.get(m)) for m in METRIC_COLUMNS), "—", "—", "—"]) + " |")
-    impl = sorted({r["implementation"] for run in suite.runs for r in RunDir(run.dir).read_metrics()
-                   if r.get("metric") in ("fd",)})
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"real images ({split.split(':')[1]} split)",
+                    "—",
+                    "—",
+                    *(_num(vals.get(m)) for m in METRIC_COLUMNS),
+                    "—",
+                    "—",
+                    "—",
+                ]
+            )
+            + " |"
+        )
+    impl = sorted(
+        {
+            r["implementation"]
+            for run in suite.runs
+            for r in RunDir(run.dir).read_metrics()
+            if r.get("metric") in ("fd",)
+        }
+    )
     notes = [f"\nFD/IS/acc/precision/recall: {i}" for i in impl[:3]]
     groups = {r.name: r.seeds for r in suite.runs if r.seeds}
     seeds = seeds_table(rows, groups)
@@ -414,8 +523,11 @@ def write_results(suite: Suite, runner: Runner) -> None:
     first_of_group = {}
     for r in suite.runs:
         first_of_group.setdefault(r.seeds or r.name, r)
-    figure = [(r.label + (f" ({r.grid.nfe[0]} NFE)" if r.grid.nfe[0] != 1 else ""), r.dir, r.grid.nfe[0], r.grid.guidance)
-              for r in first_of_group.values() if runner.trained_step(r) is not None]
+    figure = [
+        (r.label + (f" ({r.grid.nfe[0]} NFE)" if r.grid.nfe[0] != 1 else ""), r.dir, r.grid.nfe[0], r.grid.guidance)
+        for r in first_of_group.values()
+        if runner.trained_step(r) is not None
+    ]
     try:
         from onestep.suite.grids import combined_grid
 
@@ -434,8 +546,11 @@ def seeds_table(rows: list[dict], groups: dict[str, str]) -> str:
             by_group.setdefault(group, []).append(r)
     if not by_group:
         return ""
-    out = ["", "| seeds group | runs | FD ↓ (mean ± std) | precision ↑ (mean ± std) | acc ↑ (mean ± std) |",
-           "|---|---|---|---|---|"]
+    out = [
+        "",
+        "| seeds group | runs | FD ↓ (mean ± std) | precision ↑ (mean ± std) | acc ↑ (mean ± std) |",
+        "|---|---|---|---|---|",
+    ]
     for group, rs in by_group.items():
         cells = []
         for m in ("fd", "precision", "acc"):
@@ -452,8 +567,10 @@ def main(args, echo=print) -> int:
         keep = set(args.only.split(","))
         unknown = keep - {r.name for r in suite.runs}
         if unknown:
-            raise ConfigError(f"--only: unknown run(s) {', '.join(sorted(unknown))}; the suite has "
-                              f"{', '.join(r.name for r in suite.runs)}")
+            raise ConfigError(
+                f"--only: unknown run(s) {', '.join(sorted(unknown))}; the suite has "
+                f"{', '.join(r.name for r in suite.runs)}"
+            )
         needed = set()
 
         def need(name):

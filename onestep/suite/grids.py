@@ -1,10 +1,10 @@
 """Sample figures of class-conditional runs: a per-run grid (one row per class) and a combined figure
 (one row per run, one column per class, the runs' labels on the left)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -28,16 +28,30 @@ def class_samples(run_dir, per_class: int, nfe: int, guidance: float | None = No
     return x, classes
 
 
-def class_grid(run_dir, path: str | Path, *, per_class: int = 10, nfe: int = 1, guidance: float | None = None,
-               seed: int = 0, upscale: int = 2) -> Path:
+def class_grid(
+    run_dir,
+    path: str | Path,
+    *,
+    per_class: int = 10,
+    nfe: int = 1,
+    guidance: float | None = None,
+    seed: int = 0,
+    upscale: int = 2,
+) -> Path:
     """Write a PNG with one row per class and ``per_class`` samples in each."""
     x, _ = class_samples(run_dir, per_class, nfe, guidance, seed)
     _save_png(image_grid(x, ncol=per_class, upscale=upscale, pad=2), Path(path))
     return Path(path)
 
 
-def combined_grid(rows: list[tuple[str, Path | str, int, float | None]], path: str | Path, *, seed: int = 0,
-                  upscale: int = 2, class_names: list[str] | None = None) -> Path:
+def combined_grid(
+    rows: list[tuple[str, Path | str, int, float | None]],
+    path: str | Path,
+    *,
+    seed: int = 0,
+    upscale: int = 2,
+    class_names: list[str] | None = None,
+) -> Path:
     """One row per (label, run_dir, nfe, guidance): that run's first sample of each class."""
     strips, labels = [], []
     for label, run_dir, nfe, guidance in rows:
@@ -51,8 +65,9 @@ def combined_grid(rows: list[tuple[str, Path | str, int, float | None]], path: s
     font = ImageFont.load_default()
     label_w = 8 + max(int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(s, font=font)) for s in labels)
     head = 14 if class_names else 0
-    canvas = Image.new("L" if c == 1 else "RGB", (label_w + n * (w + pad) + pad, head + len(strips) * (h + pad) + pad),
-                       255)
+    canvas = Image.new(
+        "L" if c == 1 else "RGB", (label_w + n * (w + pad) + pad, head + len(strips) * (h + pad) + pad), 255
+    )
     draw = ImageDraw.Draw(canvas)
     for j, name in enumerate(class_names or []):
         draw.text((label_w + pad + j * (w + pad), 1), name[: max(1, w // 6)], fill=0, font=font)

@@ -1,4 +1,5 @@
 """Exponential moving average of parameters (buffers are copied)."""
+
 from __future__ import annotations
 
 import copy

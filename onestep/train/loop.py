@@ -4,6 +4,7 @@ Per step: batch(step) -> ``TrainStep`` (loss, regularizers, backward, all-reduce
 EMA, EMA target) -> rows to the loggers. All randomness of a step comes from generators seeded by
 (seed, step, rank), so a resumed run continues exactly where it stopped.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,15 @@ from typing import Any
 
 import torch
 
-from onestep.build import (backbone_kwargs, build_backbone, build_dataset, build_objective, build_regularizers,
-                           check_pairing, count_parameters)
+from onestep.build import (
+    backbone_kwargs,
+    build_backbone,
+    build_dataset,
+    build_objective,
+    build_regularizers,
+    check_pairing,
+    count_parameters,
+)
 from onestep.config import Config, to_plain
 from onestep.data.base import BatchStream
 from onestep.eval.evaluate import decodes_to_images, evaluate_model
@@ -46,8 +54,10 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, run: RunDir, step: int, signum: int):
         self.run_dir, self.step, self.signum = run.path, step, signum
         name = signal.Signals(signum).name
-        super().__init__(f"{name} at step {step}: checkpoint saved to {run.last_checkpoint}; "
-                         f"continue with `onestep train --resume {run.path}`")
+        super().__init__(
+            f"{name} at step {step}: checkpoint saved to {run.last_checkpoint}; "
+            f"continue with `onestep train --resume {run.path}`"
+        )
 
 
 def resolved_config(cfg: Config, dataset, net, argv: list[str] | None) -> dict[str, Any]:
@@ -59,8 +69,9 @@ def resolved_config(cfg: Config, dataset, net, argv: list[str] | None) -> dict[s
         "argv": list(argv or sys.argv),
         "parameters": count_parameters(net),
         "threads": torch.get_num_threads(),
-        "openmp": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
-                   if k in os.environ},
+        "openmp": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if k in os.environ
+        },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return out
@@ -77,8 +88,16 @@ def lr_at(step: int, base_lr: float, warmup: int, schedule: str = "constant", to
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, argv: list[str] | None = None,
-                 console=None, progress: bool = True):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        argv: list[str] | None = None,
+        console=None,
+        progress: bool = True,
+    ):
         self.cfg = cfg
         self.rundir = RunDir(run_dir)
         self.run_dir = self.rundir.path
@@ -96,8 +115,10 @@ class Trainer:
         self.objective = build_objective(cfg, self.dataset, recipe_teacher(cfg, self.dataset, self.device))
         check_pairing(cfg, self.objective, self.net)
         if t.precision == "fp16" and getattr(self.objective, "uses_jvp", False):
-            raise ConfigError(f"train.precision=fp16 is refused for '{cfg.objective['name']}' (its JVP target "
-                              f"overflows in fp16); use bf16 or fp32")
+            raise ConfigError(
+                f"train.precision=fp16 is refused for '{cfg.objective['name']}' (its JVP target "
+                f"overflows in fp16); use bf16 or fp32"
+            )
         if self.objective.trainable is not None:
             self.objective.trainable.to(self.device)
         self.regs = build_regularizers(cfg, self.net)
@@ -107,23 +128,36 @@ class Trainer:
             resume_state = load_checkpoint(self.run_dir)
             self.step = int(resume_state["step"])
             if self.step >= t.steps:
-                raise ConfigError(f"--resume {self.run_dir}: the run is at step {self.step} and train.steps={t.steps}, "
-                                  f"so there is nothing to train; pass train.steps=N with N > {self.step}")
+                raise ConfigError(
+                    f"--resume {self.run_dir}: the run is at step {self.step} and train.steps={t.steps}, "
+                    f"so there is nothing to train; pass train.steps=N with N > {self.step}"
+                )
         elif t.init_from:
             self._load_init(t.init_from)
         distributed.broadcast_parameters(self.net)
         # The module the objective calls: compiled when asked (checkpoints keep self.net's plain keys).
         train_net = self.net
         if t.compile:
-            train_net = torch.compile(self.net, mode=None if t.compile_mode == "default" else t.compile_mode,
-                                      backend=t.compile_backend)
+            train_net = torch.compile(
+                self.net, mode=None if t.compile_mode == "default" else t.compile_mode, backend=t.compile_backend
+            )
         params = list(self.net.parameters())
         if self.objective.trainable is not None:
             params += list(self.objective.trainable.parameters())
         optimizer = make_optimizer(params, t.optimizer, t.lr, t.betas, t.weight_decay)
-        self.train_step_fn = TrainStep(self.net, self.objective, self.regs, optimizer, ema_decay=t.ema_decay,
-                                       ema_warmup=t.ema_warmup, precision=t.precision, grad_clip=t.grad_clip,
-                                       train_net=train_net, device=self.device, world_size=self.dist.world_size)
+        self.train_step_fn = TrainStep(
+            self.net,
+            self.objective,
+            self.regs,
+            optimizer,
+            ema_decay=t.ema_decay,
+            ema_warmup=t.ema_warmup,
+            precision=t.precision,
+            grad_clip=t.grad_clip,
+            train_net=train_net,
+            device=self.device,
+            world_size=self.dist.world_size,
+        )
         if resume_state is not None:
             try:
                 self.train_step_fn.load_state(resume_state, self.step)
@@ -131,14 +165,21 @@ class Trainer:
                 raise ConfigError(f"--resume {self.run_dir}: {_first_mismatch(exc)}") from None
         self.ema = self.train_step_fn.ema
         try:
-            self.stream = BatchStream(self.dataset, t.batch_size, seed=cfg.seed, rank=self.dist.rank,
-                                      world_size=self.dist.world_size, allow_repeats=t.batch_with_repeats)
+            self.stream = BatchStream(
+                self.dataset,
+                t.batch_size,
+                seed=cfg.seed,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                allow_repeats=t.batch_with_repeats,
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._stop_signal = 0
         self._preview_raw = False  # set when a latent run's VAE failed to load for previews
-        self.preview_noise = seeded_noise(range(4096 if self.dataset.kind == "vector" else t.num_preview),
-                                          tuple(self.dataset.shape), self.device)
+        self.preview_noise = seeded_noise(
+            range(4096 if self.dataset.kind == "vector" else t.num_preview), tuple(self.dataset.shape), self.device
+        )
         n_prev = self.preview_noise.shape[0]
         self.preview_labels = balanced_labels(range(n_prev), self.dataset.num_classes)
         if self.preview_labels is not None:
@@ -152,8 +193,9 @@ class Trainer:
         try:
             self.net.load_state_dict(weights)
         except RuntimeError as exc:
-            raise ConfigError(f"train.init_from={path}: weights do not fit this backbone: {_first_mismatch(exc)}") \
-                from None
+            raise ConfigError(
+                f"train.init_from={path}: weights do not fit this backbone: {_first_mismatch(exc)}"
+            ) from None
 
     def state(self) -> dict[str, Any]:
         return {"step": self.step, **self.train_step_fn.state(), "config": self._config_dict, "versions": versions()}
@@ -177,8 +219,10 @@ class Trainer:
     def _diverged_message(self, step: int, what: str, value: float) -> str:
         last = self.rundir.last_checkpoint
         kept = f"last good checkpoint kept: {last}" if last.exists() else "no checkpoint had been written yet"
-        return (f"non-finite {what} ({value}) at step {step}; training stopped without saving this state, "
-                f"{kept}. Lower train.lr, set train.grad_clip, or use precision fp32.")
+        return (
+            f"non-finite {what} ({value}) at step {step}; training stopped without saving this state, "
+            f"{kept}. Lower train.lr, set train.grad_clip, or use precision fp32."
+        )
 
     def preview(self) -> Path:
         """1-NFE samples of the EMA model from fixed noise as a PNG under samples/. Latent runs with
@@ -187,8 +231,11 @@ class Trainer:
         self.ema.model.eval()
         # Guidance-conditioned models preview at the recipe's (first) eval.guidance, if any.
         omegas = self.cfg.eval.guidance if isinstance(self.cfg.eval.guidance, list) else [self.cfg.eval.guidance]
-        cond = guidance_cond(omegas[0], self.cfg.eval.guidance_interval if omegas[0] is not None else None) \
-            if omegas else None
+        cond = (
+            guidance_cond(omegas[0], self.cfg.eval.guidance_interval if omegas[0] is not None else None)
+            if omegas
+            else None
+        )
         x = sample(self.objective, self.ema.model, self.preview_noise, self.preview_labels, nfe=1, cond=cond)
         ncol = self.dataset.num_classes if 0 < self.dataset.num_classes <= 16 else None
         kind = self.dataset.kind
@@ -209,11 +256,23 @@ class Trainer:
     def periodic_eval(self) -> None:
         ev = self.cfg.eval
         # Every rank generates its share of the samples; rank 0 writes the rows.
-        rows = evaluate_model(self.objective, self.ema.model, self.dataset, nfes=ev.nfe, metrics=ev.metrics,
-                              num_samples=ev.num_samples, seed=ev.seed, batch_size=ev.batch_size,
-                              device=self.device, step=self.step, weights="ema", reference=ev.reference,
-                              feature_extractor=ev.feature_extractor, guidance=ev.guidance,
-                              guidance_interval=ev.guidance_interval)
+        rows = evaluate_model(
+            self.objective,
+            self.ema.model,
+            self.dataset,
+            nfes=ev.nfe,
+            metrics=ev.metrics,
+            num_samples=ev.num_samples,
+            seed=ev.seed,
+            batch_size=ev.batch_size,
+            device=self.device,
+            step=self.step,
+            weights="ema",
+            reference=ev.reference,
+            feature_extractor=ev.feature_extractor,
+            guidance=ev.guidance,
+            guidance_interval=ev.guidance_interval,
+        )
         if self.dist.is_main:
             self.rundir.append_metrics(rows)
             self.loggers.log_metrics(rows)
@@ -268,9 +327,15 @@ class Trainer:
                     now = time.perf_counter()
                     rate = (self.step - last_log_step) / max(now - last_log_t, 1e-9)
                     last_log_t, last_log_step = now, self.step
-                    self.loggers.log_row({"step": self.step, **{k: round(v, 6) for k, v in logs.items()},
-                                          "steps_per_s": round(rate, 3), "images_per_s": round(rate * per_step, 1),
-                                          "time_s": round(now - t0, 2)})
+                    self.loggers.log_row(
+                        {
+                            "step": self.step,
+                            **{k: round(v, 6) for k, v in logs.items()},
+                            "steps_per_s": round(rate, 3),
+                            "images_per_s": round(rate * per_step, 1),
+                            "time_s": round(now - t0, 2),
+                        }
+                    )
                 if self._stop_signal:
                     if main_proc:
                         self.save(numbered=False)
@@ -278,8 +343,7 @@ class Trainer:
                     raise TrainingInterrupted(self.rundir, self.step, int(self._stop_signal))
                 if main_proc and t.sample_every and self.step % t.sample_every == 0:
                     self.preview()
-                if main_proc and t.checkpoint_every and self.step % t.checkpoint_every == 0 \
-                        and self.step != t.steps:
+                if main_proc and t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step != t.steps:
                     self.save(numbered=True)
                 if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step != t.steps:
                     self.periodic_eval()  # on every rank
@@ -293,8 +357,10 @@ class Trainer:
 def _first_mismatch(exc: RuntimeError) -> str:
     """The first line of a load_state_dict error (the first mismatched key and both shapes)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = next((line for line in lines[1:] if "size mismatch" in line or "Missing" in line or "Unexpected" in line),
-                  lines[0] if lines else str(exc))
+    detail = next(
+        (line for line in lines[1:] if "size mismatch" in line or "Missing" in line or "Unexpected" in line),
+        lines[0] if lines else str(exc),
+    )
     return detail[:300]
 
 
@@ -307,9 +373,16 @@ class _Progress:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} step/s"),
-                            TimeRemainingColumn(), console=console, transient=False)
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[rate]:.1f} step/s"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
         self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), rate=0.0)
         self.t0, self.s0 = time.perf_counter(), start
 
@@ -328,6 +401,13 @@ class _Progress:
             self.bar.update(self.task, completed=step, loss=loss, rate=rate)
 
 
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, argv: list[str] | None = None,
-          console=None, progress: bool = True) -> Path:
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    argv: list[str] | None = None,
+    console=None,
+    progress: bool = True,
+) -> Path:
     return Trainer(cfg, run_dir, resume=resume, argv=argv, console=console, progress=progress).run()

@@ -9,6 +9,7 @@
 Rows use one name per concept: ``loss`` the total, ``loss_main`` the objective's mean loss,
 ``loss_<label>`` each regularizer's unweighted value, then the objective's own diagnostics.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ class NonFiniteError(RuntimeError):
         super().__init__(f"non-finite {what} ({value})")
 
 
-def make_optimizer(params: list[nn.Parameter], name: str, lr: float, betas: tuple[float, float],
-                   weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[nn.Parameter], name: str, lr: float, betas: tuple[float, float], weight_decay: float
+) -> torch.optim.Optimizer:
     """adam | adamw | sgd (momentum = betas[0])."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=betas[0], weight_decay=weight_decay)
@@ -48,10 +50,21 @@ class TrainStep:
     (``objective.trainable``) are optimized, EMA'd and all-reduced with the net's.
     """
 
-    def __init__(self, net: nn.Module, objective, regularizers: list[RegularizerTerm], optimizer: torch.optim.Optimizer,
-                 *, ema_decay: float, ema_warmup: bool = False, precision: str = "fp32",
-                 grad_clip: float | None = None, train_net: nn.Module | None = None,
-                 device: torch.device | None = None, world_size: int = 1):
+    def __init__(
+        self,
+        net: nn.Module,
+        objective,
+        regularizers: list[RegularizerTerm],
+        optimizer: torch.optim.Optimizer,
+        *,
+        ema_decay: float,
+        ema_warmup: bool = False,
+        precision: str = "fp32",
+        grad_clip: float | None = None,
+        train_net: nn.Module | None = None,
+        device: torch.device | None = None,
+        world_size: int = 1,
+    ):
         self.net, self.objective, self.regs, self.opt = net, objective, list(regularizers), optimizer
         self.train_net = train_net if train_net is not None else net
         self.trainable = objective.trainable
@@ -65,8 +78,9 @@ class TrainStep:
         uses_target = objective.target_decay(0) is not None
         self.target = EMA(net, 0.0) if uses_target else None  # θ⁻, updated with the objective's μ(step)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, *, step: int, lr: float,
-                 stop: bool = False) -> tuple[dict[str, float], bool]:
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor | None, *, step: int, lr: float, stop: bool = False
+    ) -> tuple[dict[str, float], bool]:
         """One step; returns (row, any rank asked to stop). Raises ``NonFiniteError`` before updating."""
         for group in self.opt.param_groups:
             group["lr"] = lr

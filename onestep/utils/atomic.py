@@ -1,5 +1,6 @@
 """Files written all or nothing: to a temporary file in the same folder, fsync'd, then renamed over
 the target (a kill leaves the old file or the new one, never half of one)."""
+
 from __future__ import annotations
 
 import os

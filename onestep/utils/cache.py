@@ -1,4 +1,5 @@
 """The toolkit's cache directory (digits classifier, FID reference statistics)."""
+
 from __future__ import annotations
 
 import os

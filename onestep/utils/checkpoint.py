@@ -1,6 +1,7 @@
 """Checkpoint files: plain dicts of state_dicts + the resolved config, written atomically and read
 with ``torch.load(weights_only=True)`` (never unpickling code). Where they live in a run directory
 is ``onestep.utils.rundir``'s business."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,9 @@ def read_state(path: str | Path, map_location: str | torch.device = "cpu") -> An
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+        raise ConfigError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        ) from None
 
 
 def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

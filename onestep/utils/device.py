@@ -1,4 +1,5 @@
 """Device choice and mixed-precision context."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -9,7 +10,7 @@ from onestep.registry import ConfigError
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu; otherwise the named device."""
+    """ "auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu; otherwise the named device."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:

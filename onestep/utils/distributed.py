@@ -5,6 +5,7 @@ gradients correctly, docs/reference.md "Traps"), so the loop never wraps the mod
 backward, ``sync_gradients`` all-reduces every gradient (plus the loss and a stop flag, in the same
 buffer) and divides by the world size: one mechanism, correct for every objective.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,9 @@ def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
 
 
 @torch.no_grad()
-def sync_gradients(params: list[torch.Tensor], extras: torch.Tensor, world_size: int,
-                   bucket_elems: int = 2 ** 25) -> torch.Tensor:
+def sync_gradients(
+    params: list[torch.Tensor], extras: torch.Tensor, world_size: int, bucket_elems: int = 2**25
+) -> torch.Tensor:
     """Average gradients over ranks with flat all-reduces of at most ``bucket_elems`` elements;
     ``extras`` (a small float vector: the loss, a stop flag) rides in the first bucket and is
     returned averaged. Missing grads count as zeros."""
@@ -97,7 +99,7 @@ def sync_gradients(params: list[torch.Tensor], extras: torch.Tensor, world_size:
         offset = 0
         for p in bucket:
             n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
         if k == 0:
             out = flat[offset:].clone()
@@ -127,12 +129,12 @@ def gather_batch(fn, indices: list[int]) -> torch.Tensor:
         return fn(indices)
     world = info.world_size
     per_rank = -(-len(indices) // world)
-    mine = indices[info.rank::world]
+    mine = indices[info.rank :: world]
     mine = mine + [indices[0]] * (per_rank - len(mine))  # padding rows are dropped below
     out = fn(mine)
     # Slot j of rank k holds index j*W + k.
     rows = all_gather_rows(out).view(world, per_rank, *out.shape[1:]).transpose(0, 1)
-    return rows.reshape(per_rank * world, *out.shape[1:])[:len(indices)]
+    return rows.reshape(per_rank * world, *out.shape[1:])[: len(indices)]
 
 
 def barrier() -> None:

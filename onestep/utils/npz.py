@@ -1,4 +1,5 @@
 """Reading ``.npz`` files without pickles, every failure one ``ConfigError`` line naming the file."""
+
 from __future__ import annotations
 
 import zipfile
@@ -26,4 +27,6 @@ def open_npz(path: str | Path, what: str = "file") -> Iterator[np.lib.npyio.NpzF
         raise
     except NPZ_ERRORS as exc:
         detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise ConfigError(f"{what} {path}: not a readable .npz (numpy arrays; {type(exc).__name__}: {detail})") from None
+        raise ConfigError(
+            f"{what} {path}: not a readable .npz (numpy arrays; {type(exc).__name__}: {detail})"
+        ) from None

@@ -9,6 +9,7 @@
 
 Train, sample, eval, compare and plot go through ``RunDir``; nothing else spells these names.
 """
+
 from __future__ import annotations
 
 import json
@@ -122,9 +123,17 @@ class RunDir:
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"{self.config_path}: not a run's config.yaml (invalid YAML: {first})") from None
-        if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
-            raise ConfigError(f"{self.config_path}: not a run's config.yaml (expected a mapping with data, backbone, "
-                              f"objective, train, eval)")
+        # Every run writes all sections (meta last), so a truncated file lacks at least ``seed``.
+        sections = ("data", "backbone", "objective", "train", "eval", "seed")
+        if not isinstance(raw, dict):
+            missing = list(sections)
+        else:
+            missing = [k for k in sections if k not in raw or (k != "seed" and not isinstance(raw[k], dict))]
+        if missing:
+            raise ConfigError(
+                f"{self.config_path}: not a run's config.yaml (no {', '.join(missing)} section; a run writes "
+                f"data, backbone, objective, train, eval and seed; truncated?)"
+            )
         return raw
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -179,8 +188,10 @@ class RunDir:
             except FileExistsError:
                 holder = _read_pid(path)
                 if holder is not None and holder != os.getpid() and _alive(holder):
-                    raise ConfigError(f"{self.path} is being written by another process (PID {holder}); "
-                                      f"wait for it or pick another --run-dir") from None
+                    raise ConfigError(
+                        f"{self.path} is being written by another process (PID {holder}); "
+                        f"wait for it or pick another --run-dir"
+                    ) from None
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:

@@ -2,6 +2,7 @@
 without running code: an unpickler that builds only plain containers, strings, bytes, numbers and
 numpy arrays. Any other global (a function or class a crafted file asks for, e.g. ``os.system``) is
 refused before it is looked up, so nothing in the file can execute."""
+
 from __future__ import annotations
 
 import io
@@ -13,6 +14,7 @@ import numpy as np
 
 from onestep.registry import ConfigError
 
+
 # (module, name) pairs a numpy array needs to be rebuilt (numpy 1.x and 2.x spellings).
 # Protocol 2 also writes bytes through _codecs.encode.
 def _resolve() -> dict[tuple[str, str], Any]:
@@ -20,8 +22,11 @@ def _resolve() -> dict[tuple[str, str], Any]:
 
     from numpy import _core
 
-    table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                         ("_codecs", "encode"): codecs.encode}
+    table: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         table[(module, "_reconstruct")] = _core.multiarray._reconstruct
         table[(module, "scalar")] = _core.multiarray.scalar
@@ -38,8 +43,9 @@ class PlainUnpickler(pickle.Unpickler):
             PlainUnpickler._table = _resolve()
         found = PlainUnpickler._table.get((module, name))
         if found is None:
-            raise pickle.UnpicklingError(f"refused global {module}.{name} (only plain data and numpy arrays "
-                                         f"are allowed)")
+            raise pickle.UnpicklingError(
+                f"refused global {module}.{name} (only plain data and numpy arrays are allowed)"
+            )
         return found
 
 
@@ -49,6 +55,6 @@ def load_plain_pickle(path: str | Path, encoding: str = "latin1") -> Any:
     try:
         return PlainUnpickler(io.BytesIO(data), encoding=encoding).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise ConfigError(f"{path}: not a plain data pickle ({type(exc).__name__}: {' '.join(str(exc).split())}); "
-                          f"refusing to load it") \
-            from None
+        raise ConfigError(
+            f"{path}: not a plain data pickle ({type(exc).__name__}: {' '.join(str(exc).split())}); refusing to load it"
+        ) from None

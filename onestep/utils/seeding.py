@@ -3,6 +3,7 @@
 All randomness is a pure function of a recipe's ``seed`` and an index (step, epoch, sample, rank),
 so a resumed run, a different batch size or a different number of ranks reproduces the same numbers.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Version strings recorded in run directories and checkpoints."""
+
 from __future__ import annotations
 
 import platform

@@ -2,6 +2,7 @@
 YAML 1.1 (PyYAML's dialect) reads ``1e-4`` as a string because its float pattern needs a dot; here
 every number written the way people write learning rates (``1e-4``, ``3E-5``, ``1e30``, ``.5``,
 ``+2.0e-3``) is a float, as in YAML 1.2."""
+
 from __future__ import annotations
 
 import re
@@ -21,12 +22,16 @@ Loader.yaml_implicit_resolvers = {
 }
 Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                   |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+                  |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def safe_load(text: str) -> Any:

@@ -12,6 +12,7 @@ is corrupt, of another version or whose weights do not hash to what it records i
 one-line warning. ``Loaded.implementation`` ("onestep fashion_mnist-CNN v1, test acc 0.9123, sha256
 1a2b3c4d5e6f") goes into every metric row, so a number always says which classifier made it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,10 @@ class Loaded:
 
     @property
     def implementation(self) -> str:
-        return (f"onestep {self.spec.title} v{self.spec.version}, test acc {self.test_accuracy:.4f}, "
-                f"sha256 {self.sha256[:12]}")
+        return (
+            f"onestep {self.spec.title} v{self.spec.version}, test acc {self.test_accuracy:.4f}, "
+            f"sha256 {self.sha256[:12]}"
+        )
 
     @torch.no_grad()
     def features_and_probs(self, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
@@ -86,7 +89,7 @@ class Loaded:
         x = self.spec.prepare(x)
         feats, probs = [], []
         for start in range(0, len(x), batch_size):
-            f = self.net.features(x[start:start + batch_size])
+            f = self.net.features(x[start : start + batch_size])
             feats.append(f.double())
             probs.append(self.net.head(f).double().softmax(1))
         return torch.cat(feats), torch.cat(probs)
@@ -129,8 +132,10 @@ def weights_sha256(state_dict: dict[str, Tensor]) -> str:
 @torch.no_grad()
 def accuracy(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     net.eval()
-    hits = sum((net.head(net.features(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).sum().item()
-               for i in range(0, len(x), batch_size))
+    hits = sum(
+        (net.head(net.features(x[i : i + batch_size])).argmax(1) == y[i : i + batch_size]).sum().item()
+        for i in range(0, len(x), batch_size)
+    )
     return hits / max(len(x), 1)
 
 
@@ -163,7 +168,7 @@ def train_classifier(spec: ClassifierSpec, dataset=None, *, progress: bool = Tru
                     net.train()
                     perm = torch.randperm(len(x), generator=g)
                     for start in range(0, len(x), spec.batch_size):
-                        idx = perm[start:start + spec.batch_size]
+                        idx = perm[start : start + spec.batch_size]
                         loss = F.cross_entropy(net.head(net.features(spec.augment(x[idx], g))), y[idx])
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
@@ -188,8 +193,15 @@ class _progress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-        self.bar = Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+        self.bar = Progress(
+            "{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
         self.bar.__enter__()
         task = self.bar.add_task(self.title, total=self.total)
         return lambda: self.bar.advance(task)
@@ -234,12 +246,20 @@ def load_classifier(name: str, dataset=None, *, train_if_missing: bool = True, p
             raise ConfigError(f"reference classifier cache {path} is missing")
         net, acc, seconds = train_classifier(spec, dataset, progress=progress)
         if acc < spec.min_test_accuracy:
-            raise ConfigError(f"the {name} reference classifier reached only {acc:.4f} test accuracy "
-                              f"(< {spec.min_test_accuracy}); its data may be wrong")
+            raise ConfigError(
+                f"the {name} reference classifier reached only {acc:.4f} test accuracy "
+                f"(< {spec.min_test_accuracy}); its data may be wrong"
+            )
         sha = weights_sha256(net.state_dict())
         info = {"train_seconds": round(seconds, 1), "torch": str(torch.__version__)}
-        blob = {"version": spec.version, "seed": spec.seed, "test_accuracy": acc, "sha256": sha, "info": info,
-                "state_dict": net.state_dict()}
+        blob = {
+            "version": spec.version,
+            "seed": spec.seed,
+            "test_accuracy": acc,
+            "sha256": sha,
+            "info": info,
+            "state_dict": net.state_dict(),
+        }
         atomic_write(path, lambda f: torch.save(blob, f))
         loaded = Loaded(spec, net, acc, sha, path, info=info)
     loaded.net.eval().requires_grad_(False)

@@ -16,6 +16,7 @@ in from the run's data. The legacy ``digits_fd`` / ``digits_is`` / ``digits_acc`
 instance scored against the run's own data (all 1797 images), as the digits results were first
 reported.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,16 +43,19 @@ class ClassifierMetric(Metric):
 
     def __init__(self, classifier: str | None = None):
         if classifier is not None and classifier not in SPECS:
-            raise ConfigError(f"metric '{self.name}': key 'classifier' must be one of {', '.join(sorted(SPECS))}, "
-                              f"got {classifier!r}")
+            raise ConfigError(
+                f"metric '{self.name}': key 'classifier' must be one of {', '.join(sorted(SPECS))}, got {classifier!r}"
+            )
         self.classifier = classifier
         self.dataset = None
         self._implementation = None
 
     def loaded(self) -> Loaded:
         if self.classifier is None:
-            raise ConfigError(f"metric '{self.name}' needs a reference classifier (one of {', '.join(sorted(SPECS))}): "
-                              f"onestep eval picks it from the run's data; this data has none")
+            raise ConfigError(
+                f"metric '{self.name}' needs a reference classifier (one of {', '.join(sorted(SPECS))}): "
+                f"onestep eval picks it from the run's data; this data has none"
+            )
         return load_classifier(self.classifier, self.dataset)
 
     @property

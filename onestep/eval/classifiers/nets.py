@@ -1,4 +1,5 @@
 """The reference classifiers' networks and input preparation (see ``base``)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,9 +13,14 @@ class DigitsCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 4x4
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 2x2
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 4x4
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 2x2
         )
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4, 64), nn.ReLU())
         self.head = nn.Linear(64, 10)
@@ -34,8 +40,15 @@ class SmallCNN(nn.Module):
         super().__init__()
         w = width
         self.conv = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 7x7
         )
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 49, feature_dim), nn.ReLU())
@@ -52,7 +65,9 @@ def gray_images(x: Tensor, what: str, min_size: int) -> Tensor:
     """(N, C, S, S) float in [-1, 1], C in {1, 3} -> (N, 1, S, S) float32 on the CPU, clamped."""
     x = torch.as_tensor(x).detach()
     if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[2] != x.shape[3] or x.shape[2] < min_size:
-        raise ValueError(f"{what}: samples must be (N, 1, S, S) images with S >= {min_size}, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{what}: samples must be (N, 1, S, S) images with S >= {min_size}, got shape {tuple(x.shape)}"
+        )
     x = x.float().cpu().clamp(-1.0, 1.0)
     return x.mean(1, keepdim=True) if x.shape[1] == 3 else x
 
@@ -85,7 +100,7 @@ def shift_augment(x: Tensor, g: torch.Generator, max_shift: int = 1, flip: bool 
     for s in range(k * k):
         dy, dx = divmod(s, k)
         rows = shift == s
-        out[rows] = padded[rows, :, dy:dy + size, dx:dx + size]
+        out[rows] = padded[rows, :, dy : dy + size, dx : dx + size]
     if flip:
         mirror = torch.rand(n, generator=g) < 0.5
         out[mirror] = out[mirror].flip(-1)

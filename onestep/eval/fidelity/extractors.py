@@ -1,5 +1,6 @@
 """torch-fidelity, imported once (lazily: it pulls in torchvision), and the download-free test
 feature extractor ``onestep-random-conv``."""
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,9 @@ def feature_layer(feature_extractor: str, metric: str) -> str:
 
     load_torch_fidelity()
     if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ConfigError(f"unknown feature extractor '{feature_extractor}'; known: "
-                          f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
+        raise ConfigError(
+            f"unknown feature extractor '{feature_extractor}'; known: {', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}"
+        )
     return FEATURE_EXTRACTORS_REGISTRY[feature_extractor].get_default_feature_layer_for_metric(metric)
 
 
@@ -138,4 +140,3 @@ def _random_conv_class(tf):
             return tuple(out[k] for k in self.features_list)
 
     return RandomConvFeatureExtractor
-

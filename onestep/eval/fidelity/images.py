@@ -1,8 +1,10 @@
 """Images the way torch-fidelity reads them: uint8 (N, 3, H, W)."""
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
 
 def to_uint8_rgb(x: Tensor) -> Tensor:
     """(N, C, H, W) uint8, or float in [-1, 1], with C in {1, 3} -> uint8 (N, 3, H, W), same device."""
@@ -37,4 +39,3 @@ class EmptyDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):  # pragma: no cover - never read on a cache hit
         raise IndexError(i)
-

@@ -1,5 +1,6 @@
 """The registered torch-fidelity metrics ``fid``, ``isc``, ``kid``, ``prc``: ``Metric`` objects that
 stream a generator into torch-fidelity (``from_generator``) or score ready images (``__call__``)."""
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,19 @@ class FidelityMetric(Metric):
     kinds = ("image",)
     streaming = True
 
-    def __init__(self, metric: str, key: str, *, feature_extractor: str, weights_path: str | None,
-                 batch_size: int, device: str | None, options: dict[str, Any], higher_is_better: bool,
-                 describe: str):
+    def __init__(
+        self,
+        metric: str,
+        key: str,
+        *,
+        feature_extractor: str,
+        weights_path: str | None,
+        batch_size: int,
+        device: str | None,
+        options: dict[str, Any],
+        higher_is_better: bool,
+        describe: str,
+    ):
         self.name, self.key = metric, key
         self.higher_is_better = higher_is_better
         self.needs_reference = metric != "isc"  # the Inception score looks at the samples alone
@@ -40,24 +51,49 @@ class FidelityMetric(Metric):
         weights = "" if weights_path is None else f", weights {Path(weights_path).name}"
         if feature_extractor == DEFAULT_EXTRACTOR and weights_path is None and os.environ.get(ENV_WEIGHTS):
             weights = f", weights {Path(os.environ[ENV_WEIGHTS]).name}"
-        self.implementation = (f"torch-fidelity {tf_version()} {describe}, {feature_extractor}{weights}, "
-                               "uint8 round((x+1)*127.5)")
+        self.implementation = (
+            f"torch-fidelity {tf_version()} {describe}, {feature_extractor}{weights}, uint8 round((x+1)*127.5)"
+        )
 
     def _run(self, generator_fn, num_samples, reference, **extra) -> float:
         self.last_results = fidelity_metrics(
-            generator_fn, num_samples, reference, (self.name,), feature_extractor=self.feature_extractor,
-            weights_path=self.weights_path, batch_size=self.batch_size, device=self.device,
-            **self.options, **extra)
+            generator_fn,
+            num_samples,
+            reference,
+            (self.name,),
+            feature_extractor=self.feature_extractor,
+            weights_path=self.weights_path,
+            batch_size=self.batch_size,
+            device=self.device,
+            **self.options,
+            **extra,
+        )
         return self.last_results[self.key]
 
     def __call__(self, samples, reference=None, labels=None) -> float:
         return self._run(samples, None, reference)
 
-    def from_generator(self, generator_fn, num_samples: int, reference=None, *, cache_name: str | None = None,
-                       z_size: int | None = None, seed: int = 2020, reference_resolution: int | None = None) -> float:
+    def from_generator(
+        self,
+        generator_fn,
+        num_samples: int,
+        reference=None,
+        *,
+        cache_name: str | None = None,
+        z_size: int | None = None,
+        seed: int = 2020,
+        reference_resolution: int | None = None,
+    ) -> float:
         """Stream ``num_samples`` images of ``generator_fn`` (see ``fidelity_metrics``) into torch-fidelity."""
-        return self._run(generator_fn, num_samples, reference, cache_name=cache_name, z_size=z_size, seed=seed,
-                         reference_resolution=reference_resolution)
+        return self._run(
+            generator_fn,
+            num_samples,
+            reference,
+            cache_name=cache_name,
+            z_size=z_size,
+            seed=seed,
+            reference_resolution=reference_resolution,
+        )
 
 
 def _check_common(name: str, batch_size: int, device: str | None) -> None:
@@ -68,46 +104,89 @@ def _check_common(name: str, batch_size: int, device: str | None) -> None:
 
 
 @METRICS.register("fid", tags=("image", "torch-fidelity"))
-def fid(feature_extractor: str = DEFAULT_EXTRACTOR, weights_path: str | None = None, batch_size: int = 64,
-        device: str | None = None) -> FidelityMetric:
+def fid(
+    feature_extractor: str = DEFAULT_EXTRACTOR,
+    weights_path: str | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> FidelityMetric:
     """FID through torch-fidelity (lower is better); Inception by default, see ONESTEP_INCEPTION_WEIGHTS."""
     _check_common("fid", batch_size, device)
-    return FidelityMetric("fid", "fid", feature_extractor=feature_extractor, weights_path=weights_path,
-                          batch_size=batch_size, device=device, options={}, higher_is_better=False,
-                          describe="FID (default feature layer)")
+    return FidelityMetric(
+        "fid",
+        "fid",
+        feature_extractor=feature_extractor,
+        weights_path=weights_path,
+        batch_size=batch_size,
+        device=device,
+        options={},
+        higher_is_better=False,
+        describe="FID (default feature layer)",
+    )
 
 
 @METRICS.register("isc", tags=("image", "torch-fidelity"))
-def isc(feature_extractor: str = DEFAULT_EXTRACTOR, weights_path: str | None = None, batch_size: int = 64,
-        device: str | None = None, splits: int = 10) -> FidelityMetric:
+def isc(
+    feature_extractor: str = DEFAULT_EXTRACTOR,
+    weights_path: str | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    splits: int = 10,
+) -> FidelityMetric:
     """Inception score through torch-fidelity, mean over ``splits`` (higher is better)."""
     _check_common("isc", batch_size, device)
     if splits < 1:
         raise ConfigError(f"metric 'isc': key 'splits' must be >= 1, got {splits}")
-    return FidelityMetric("isc", "isc", feature_extractor=feature_extractor, weights_path=weights_path,
-                          batch_size=batch_size, device=device, options={"isc_splits": splits},
-                          higher_is_better=True, describe=f"IS ({splits} splits)")
+    return FidelityMetric(
+        "isc",
+        "isc",
+        feature_extractor=feature_extractor,
+        weights_path=weights_path,
+        batch_size=batch_size,
+        device=device,
+        options={"isc_splits": splits},
+        higher_is_better=True,
+        describe=f"IS ({splits} splits)",
+    )
 
 
 @METRICS.register("kid", tags=("image", "torch-fidelity"))
-def kid(feature_extractor: str = DEFAULT_EXTRACTOR, weights_path: str | None = None, batch_size: int = 64,
-        device: str | None = None, subset_size: int = 1000, subsets: int = 100) -> FidelityMetric:
+def kid(
+    feature_extractor: str = DEFAULT_EXTRACTOR,
+    weights_path: str | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    subset_size: int = 1000,
+    subsets: int = 100,
+) -> FidelityMetric:
     """KID through torch-fidelity, cubic polynomial kernel (lower is better).
 
     The subset size is clamped to the number of samples and reference images."""
     _check_common("kid", batch_size, device)
     if subset_size < 2 or subsets < 1:
         raise ConfigError(f"metric 'kid': needs subset_size >= 2 and subsets >= 1, got {subset_size}, {subsets}")
-    return FidelityMetric("kid", "kid", feature_extractor=feature_extractor, weights_path=weights_path,
-                          batch_size=batch_size, device=device,
-                          options={"kid_subset_size": subset_size, "kid_subsets": subsets}, higher_is_better=False,
-                          describe=f"KID (poly3, {subsets} subsets of min({subset_size}, N))")
+    return FidelityMetric(
+        "kid",
+        "kid",
+        feature_extractor=feature_extractor,
+        weights_path=weights_path,
+        batch_size=batch_size,
+        device=device,
+        options={"kid_subset_size": subset_size, "kid_subsets": subsets},
+        higher_is_better=False,
+        describe=f"KID (poly3, {subsets} subsets of min({subset_size}, N))",
+    )
 
 
 @METRICS.register("prc", tags=("image", "torch-fidelity"))
-def prc(feature_extractor: str = "vgg16", weights_path: str | None = None, batch_size: int = 64,
-        device: str | None = None, neighborhood: int = 3,
-        component: Literal["precision", "recall", "f_score"] = "f_score") -> FidelityMetric:
+def prc(
+    feature_extractor: str = "vgg16",
+    weights_path: str | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    neighborhood: int = 3,
+    component: Literal["precision", "recall", "f_score"] = "f_score",
+) -> FidelityMetric:
     """Precision/recall/F-score through torch-fidelity, VGG16 features by default (higher is better).
 
     Reports ``component`` (Kynkaanniemi et al. 2019, k = ``neighborhood``); all three are in
@@ -115,7 +194,14 @@ def prc(feature_extractor: str = "vgg16", weights_path: str | None = None, batch
     _check_common("prc", batch_size, device)
     if neighborhood < 1:
         raise ConfigError(f"metric 'prc': key 'neighborhood' must be >= 1, got {neighborhood}")
-    return FidelityMetric("prc", f"prc_{component}", feature_extractor=feature_extractor, weights_path=weights_path,
-                          batch_size=batch_size, device=device, options={"prc_neighborhood": neighborhood},
-                          higher_is_better=True, describe=f"PRC {component} (k={neighborhood})")
-
+    return FidelityMetric(
+        "prc",
+        f"prc_{component}",
+        feature_extractor=feature_extractor,
+        weights_path=weights_path,
+        batch_size=batch_size,
+        device=device,
+        options={"prc_neighborhood": neighborhood},
+        higher_is_better=True,
+        describe=f"PRC {component} (k={neighborhood})",
+    )

@@ -6,6 +6,7 @@ image gets ADM's center crop to the samples' size; an ``.npz`` with ``arr_0`` gi
 (N, H, W, C) (ADM's layout); an ``.npz`` with ``mu``/``sigma`` gives FID statistics (TF-Inception
 pool_3 for ADM's batches, which only ``inception-v3-compat`` matches).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,11 +18,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from onestep.eval.fidelity.extractors import (DEFAULT_EXTRACTOR, default_device, device_context,
-                                               _raised_byload_torch_fidelity, load_torch_fidelity, feature_layer,
-                                               tf_version)
+from onestep.eval.fidelity.extractors import (
+    DEFAULT_EXTRACTOR,
+    _raised_byload_torch_fidelity,
+    default_device,
+    device_context,
+    feature_layer,
+    load_torch_fidelity,
+    tf_version,
+)
 from onestep.eval.fidelity.images import ImageTensorDataset
-from onestep.eval.fidelity.weights import weights_tag, resolve_weights
+from onestep.eval.fidelity.weights import resolve_weights, weights_tag
 from onestep.registry import DATASETS, ConfigError
 from onestep.utils.cache import cache_dir
 from onestep.utils.npz import open_npz
@@ -35,8 +42,9 @@ def reference_cache_name(dataset: str, resolution: int) -> str:
     return f"onestep-{dataset}-{resolution}px".replace(os.sep, "_")
 
 
-def default_stats_path(dataset: str, resolution: int, feature_extractor: str = DEFAULT_EXTRACTOR,
-                       weights_path: str | None = None) -> Path:
+def default_stats_path(
+    dataset: str, resolution: int, feature_extractor: str = DEFAULT_EXTRACTOR, weights_path: str | None = None
+) -> Path:
     """Where ``tools/fid_stats.py`` writes statistics by default:
     ``$ONESTEP_CACHE/fid_stats/onestep-<dataset>-<resolution>px-<extractor>[-w<hash>].npz``."""
     tag = weights_tag(weights_path) if weights_path else ""
@@ -106,9 +114,11 @@ def resolve_reference(reference: Any, resolution: int | None = None) -> tuple[An
         if ref in DATASETS:
             x, name = _onestep_dataset_images(DATASETS.build(ref))
             return ImageTensorDataset(x), reference_cache_name(name, x.shape[-1]), f"{name}: {len(x)} images"
-        raise ConfigError(f"reference '{ref}' is neither a folder, an .npz (FID statistics or arr_0 images), a "
-                          f"torch-fidelity dataset ({', '.join(DATASETS_REGISTRY)}) nor a onestep dataset "
-                          f"({', '.join(DATASETS.names())})")
+        raise ConfigError(
+            f"reference '{ref}' is neither a folder, an .npz (FID statistics or arr_0 images), a "
+            f"torch-fidelity dataset ({', '.join(DATASETS_REGISTRY)}) nor a onestep dataset "
+            f"({', '.join(DATASETS.names())})"
+        )
     raise ConfigError(f"reference of type {type(reference).__name__} is not supported")
 
 
@@ -155,8 +165,10 @@ def install_stats(path: str | Path, feature_extractor: str, feature_layer: str, 
             raise ConfigError(f"FID statistics {path} were computed with {key} '{stats[key]}', not '{want}'")
     dim = stats["mu"].shape[0]
     if feature_layer.isdigit() and int(feature_layer) != dim or stats["sigma"].shape != (dim, dim):
-        raise ConfigError(f"FID statistics {path} are {dim}-d (sigma {stats['sigma'].shape}); feature extractor "
-                          f"'{feature_extractor}' layer '{feature_layer}' gives {feature_layer}-d features")
+        raise ConfigError(
+            f"FID statistics {path} are {dim}-d (sigma {stats['sigma'].shape}); feature extractor "
+            f"'{feature_extractor}' layer '{feature_layer}' gives {feature_layer}-d features"
+        )
     digest = hashlib.sha1(stats["mu"].tobytes() + stats["sigma"].tobytes()).hexdigest()[:12]
     name = f"onestep-npz-{digest}"
     target = cache_root / f"{name}-{feature_extractor}-stat-fid-{feature_layer}.pt"
@@ -169,9 +181,16 @@ def install_stats(path: str | Path, feature_extractor: str, feature_layer: str, 
     return name
 
 
-def reference_statistics(reference: Any, *, feature_extractor: str = DEFAULT_EXTRACTOR,
-                         weights_path: str | None = None, batch_size: int = 64, device=None,
-                         resolution: int | None = None, verbose: bool = False) -> dict[str, Any]:
+def reference_statistics(
+    reference: Any,
+    *,
+    feature_extractor: str = DEFAULT_EXTRACTOR,
+    weights_path: str | None = None,
+    batch_size: int = 64,
+    device=None,
+    resolution: int | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
     """FID statistics of ``reference`` through torch-fidelity's feature extraction and
     ``fid_features_to_statistics``: {mu (D,), sigma (D, D) float64, num_images, resolution,
     feature_extractor, feature_layer, reference, weights, torch_fidelity_version}. A folder
@@ -184,8 +203,17 @@ def reference_statistics(reference: Any, *, feature_extractor: str = DEFAULT_EXT
     weights = resolve_weights(feature_extractor, weights_path)
     layer = feature_layer(feature_extractor, "fid")
     input2, _, description = resolve_reference(reference, resolution)
-    kwargs = dict(input2=input2, fid=True, feature_extractor=feature_extractor, feature_extractor_weights_path=weights,
-                  batch_size=batch_size, cuda=cuda, verbose=verbose, save_cpu_ram=True, datasets_download=False)
+    kwargs = dict(
+        input2=input2,
+        fid=True,
+        feature_extractor=feature_extractor,
+        feature_extractor_weights_path=weights,
+        batch_size=batch_size,
+        cuda=cuda,
+        verbose=verbose,
+        save_cpu_ram=True,
+        datasets_download=False,
+    )
     with device_ctx:
         try:
             first = prepare_input_from_id(2, **kwargs)[0]
@@ -196,10 +224,17 @@ def reference_statistics(reference: Any, *, feature_extractor: str = DEFAULT_EXT
                 raise
             raise ConfigError(f"torch-fidelity: {exc}") from None
     stats = fid_features_to_statistics(features)
-    return {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64),
-            "num_images": len(features), "resolution": int(first.shape[-1]), "feature_extractor": feature_extractor,
-            "feature_layer": layer, "reference": description,
-            "weights": "default" if weights is None else Path(weights).name, "torch_fidelity_version": tf_version()}
+    return {
+        "mu": stats["mu"].astype(np.float64),
+        "sigma": stats["sigma"].astype(np.float64),
+        "num_images": len(features),
+        "resolution": int(first.shape[-1]),
+        "feature_extractor": feature_extractor,
+        "feature_layer": layer,
+        "reference": description,
+        "weights": "default" if weights is None else Path(weights).name,
+        "torch_fidelity_version": tf_version(),
+    }
 
 
 def save_stats_npz(stats: dict[str, Any], path: str | Path) -> Path:
@@ -210,4 +245,3 @@ def save_stats_npz(stats: dict[str, Any], path: str | Path) -> Path:
     np.savez(tmp, **{k: np.asarray(v) for k, v in stats.items()})
     os.replace(tmp, path)
     return path
-

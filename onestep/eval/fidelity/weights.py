@@ -6,6 +6,7 @@ otherwise, with ``ONESTEP_OFFLINE=1`` we refuse at once (``ConfigError``), else 
 host (3 s TCP connect, bounded by a thread join so DNS cannot hang us) and download with a 60 s socket
 timeout, turning any failure into a one-line ``ConfigError``. ``onestep-random-conv`` needs none.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -92,37 +93,46 @@ def resolve_weights(feature_extractor: str, weights_path: str | None = None) -> 
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
-            raise ConfigError(f"feature extractor '{feature_extractor}': weights file {path} (from {source_name}) "
-                              "does not exist; point it at a local copy of the weights or unset it")
+            raise ConfigError(
+                f"feature extractor '{feature_extractor}': weights file {path} (from {source_name}) "
+                "does not exist; point it at a local copy of the weights or unset it"
+            )
         check_weights_file(feature_extractor, path)
         return str(path)
     source = _download_source(feature_extractor)
     if source is None:
         return None
     url, filename = source
-    hint = (f"set {ENV_WEIGHTS} or weights_path" if feature_extractor == DEFAULT_EXTRACTOR else "set weights_path")
-    hint += " to a local weights file" + (f", or copy {url} to {Path(torch.hub.get_dir()) / 'checkpoints' / filename}"
-                                          if url else "")
+    hint = f"set {ENV_WEIGHTS} or weights_path" if feature_extractor == DEFAULT_EXTRACTOR else "set weights_path"
+    hint += " to a local weights file" + (
+        f", or copy {url} to {Path(torch.hub.get_dir()) / 'checkpoints' / filename}" if url else ""
+    )
     if url:
         local = Path(torch.hub.get_dir()) / "checkpoints" / filename
         if local.is_file():
             check_weights_file(feature_extractor, local)
             return None
     if _offline():
-        raise ConfigError(f"feature extractor '{feature_extractor}': weights not found locally and "
-                          f"{ENV_OFFLINE}=1 forbids downloading; {hint}")
+        raise ConfigError(
+            f"feature extractor '{feature_extractor}': weights not found locally and "
+            f"{ENV_OFFLINE}=1 forbids downloading; {hint}"
+        )
     host = urlparse(url).hostname if url else "github.com"
     if not _reachable(host):
-        raise ConfigError(f"feature extractor '{feature_extractor}': weights not found locally and {host} is "
-                          f"unreachable ({PROBE_TIMEOUT_S:g} s); {hint}")
+        raise ConfigError(
+            f"feature extractor '{feature_extractor}': weights not found locally and {host} is "
+            f"unreachable ({PROBE_TIMEOUT_S:g} s); {hint}"
+        )
     if url:
         local.parent.mkdir(parents=True, exist_ok=True)
         try:
             with _socket_timeout(DOWNLOAD_TIMEOUT_S):
                 torch.hub.download_url_to_file(url, str(local), progress=False)
         except Exception as exc:
-            raise ConfigError(f"feature extractor '{feature_extractor}': downloading {url} failed "
-                              f"({type(exc).__name__}: {exc}); {hint}") from None
+            raise ConfigError(
+                f"feature extractor '{feature_extractor}': downloading {url} failed "
+                f"({type(exc).__name__}: {exc}); {hint}"
+            ) from None
     return None
 
 
@@ -138,16 +148,19 @@ def check_weights_file(feature_extractor: str, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / ... for bad files
         detail = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise ConfigError(f"feature extractor '{feature_extractor}': {path} is not a readable weights file "
-                          f"(expected a torch state dict; {type(exc).__name__}: {detail})") from None
+        raise ConfigError(
+            f"feature extractor '{feature_extractor}': {path} is not a readable weights file "
+            f"(expected a torch state dict; {type(exc).__name__}: {detail})"
+        ) from None
     if feature_extractor in _EXPECTED_KEY:
         key, shape = _EXPECTED_KEY[feature_extractor]
         value = state.get(key) if isinstance(state, dict) else None
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-            raise ConfigError(f"feature extractor '{feature_extractor}': {path} is not the Inception-v3 weights "
-                              f"torch-fidelity expects (no '{key}' of shape {shape} in it)")
+            raise ConfigError(
+                f"feature extractor '{feature_extractor}': {path} is not the Inception-v3 weights "
+                f"torch-fidelity expects (no '{key}' of shape {shape} in it)"
+            )
 
 
 def weights_tag(weights: str) -> str:
     return "-w" + hashlib.sha1(str(Path(weights).resolve()).encode()).hexdigest()[:8]
-

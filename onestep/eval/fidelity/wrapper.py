@@ -8,6 +8,7 @@ when ``z_size`` is given); ``generator_fn`` may also be a ready tensor / Dataset
 restricted to what was asked. Float images are taken as [-1, 1] and mapped with round((x + 1)·127.5)
 (as ``onestep sample --out x.npz``); one channel is repeated to three.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,11 +17,17 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from onestep.eval.fidelity.extractors import (DEFAULT_EXTRACTOR, default_device, device_context,
-                                               _raised_byload_torch_fidelity, load_torch_fidelity, feature_layer)
+from onestep.eval.fidelity.extractors import (
+    DEFAULT_EXTRACTOR,
+    _raised_byload_torch_fidelity,
+    default_device,
+    device_context,
+    feature_layer,
+    load_torch_fidelity,
+)
+from onestep.eval.fidelity.images import EmptyDataset, ImageTensorDataset, to_uint8_rgb
 from onestep.eval.fidelity.references import install_stats, is_npz, npz_arrays, resolve_reference, uses_stats
-from onestep.eval.fidelity.images import ImageTensorDataset, EmptyDataset, to_uint8_rgb
-from onestep.eval.fidelity.weights import weights_tag, resolve_weights
+from onestep.eval.fidelity.weights import resolve_weights, weights_tag
 from onestep.registry import ConfigError
 from onestep.utils.cache import cache_dir
 
@@ -83,14 +90,27 @@ def _generator_model_class(tf):
     return GeneratorFnModel
 
 
-def fidelity_metrics(generator_fn: Callable[[Tensor], Tensor] | Tensor | torch.utils.data.Dataset,
-                     num_samples: int | None, reference: Any = None, metrics=("fid",), *,
-                     feature_extractor: str = DEFAULT_EXTRACTOR, weights_path: str | None = None,
-                     batch_size: int = 64, device=None, cache_name: str | None = None,
-                     z_size: int | None = None, seed: int = 2020, kid_subset_size: int = 1000,
-                     kid_subsets: int = 100, isc_splits: int = 10, prc_neighborhood: int = 3,
-                     cache_root: str | Path | None = None, reference_resolution: int | None = None,
-                     verbose: bool = False) -> dict[str, float]:
+def fidelity_metrics(
+    generator_fn: Callable[[Tensor], Tensor] | Tensor | torch.utils.data.Dataset,
+    num_samples: int | None,
+    reference: Any = None,
+    metrics=("fid",),
+    *,
+    feature_extractor: str = DEFAULT_EXTRACTOR,
+    weights_path: str | None = None,
+    batch_size: int = 64,
+    device=None,
+    cache_name: str | None = None,
+    z_size: int | None = None,
+    seed: int = 2020,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    isc_splits: int = 10,
+    prc_neighborhood: int = 3,
+    cache_root: str | Path | None = None,
+    reference_resolution: int | None = None,
+    verbose: bool = False,
+) -> dict[str, float]:
     """Compute torch-fidelity ``metrics`` (subset of fid, isc, kid, prc) of generated images.
 
     generator_fn: ``f(indices (B,) int64) -> images (B, C, H, W)`` (uint8, or float in [-1, 1];
@@ -110,19 +130,32 @@ def fidelity_metrics(generator_fn: Callable[[Tensor], Tensor] | Tensor | torch.u
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     bad = [m for m in metrics if m not in METRIC_NAMES]
     if bad or not metrics:
-        raise ConfigError(f"unknown torch-fidelity metric(s) {', '.join(bad) or '(none)'}; "
-                          f"allowed: {', '.join(METRIC_NAMES)}")
+        raise ConfigError(
+            f"unknown torch-fidelity metric(s) {', '.join(bad) or '(none)'}; allowed: {', '.join(METRIC_NAMES)}"
+        )
     tf = load_torch_fidelity()
     cuda, device_ctx = device_context(device or default_device())
     weights = resolve_weights(feature_extractor, weights_path)
     cache_root = Path(cache_root) if cache_root is not None else cache_dir() / "fidelity_cache"
 
     kwargs: dict[str, Any] = dict(
-        fid="fid" in metrics, isc="isc" in metrics, kid="kid" in metrics, prc="prc" in metrics,
-        feature_extractor=feature_extractor, feature_extractor_weights_path=weights,
-        batch_size=batch_size, cuda=cuda, rng_seed=seed, verbose=verbose,
-        isc_splits=isc_splits, kid_subsets=kid_subsets, prc_neighborhood=prc_neighborhood,
-        cache=True, cache_root=str(cache_root), save_cpu_ram=True, datasets_download=False,
+        fid="fid" in metrics,
+        isc="isc" in metrics,
+        kid="kid" in metrics,
+        prc="prc" in metrics,
+        feature_extractor=feature_extractor,
+        feature_extractor_weights_path=weights,
+        batch_size=batch_size,
+        cuda=cuda,
+        rng_seed=seed,
+        verbose=verbose,
+        isc_splits=isc_splits,
+        kid_subsets=kid_subsets,
+        prc_neighborhood=prc_neighborhood,
+        cache=True,
+        cache_root=str(cache_root),
+        save_cpu_ram=True,
+        datasets_download=False,
     )
 
     # Input 1: a generative model (streamed in batches) or ready samples.
@@ -168,5 +201,3 @@ def fidelity_metrics(generator_fn: Callable[[Tensor], Tensor] | Tensor | torch.u
                 raise
             raise ConfigError(f"torch-fidelity: {exc}") from None  # its vassert: a one-line user error
     return {RESULT_KEYS[k]: float(v) for k, v in raw.items() if k in RESULT_KEYS}
-
-
