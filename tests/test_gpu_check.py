@@ -88,6 +88,9 @@ def test_tiny_run_every_part_ok(tmp_path):
             "meanflow:jvp_kernel=explicit",
             "meanflow:jvp_only_r_neq_t=false,jvp_kernel=explicit",
             "meanflow:jvp_pass=separate",
+            "scm",
+            "scm:jvp_pass=joint",
+            "scm:target_fp32=false",
         }
         for r in rows:
             assert r["compile"] is compiled and r["ms_per_step"] > 0 and r["ratio_to_flow_matching"] > 0

@@ -18,6 +18,9 @@ BENCH_OBJECTIVES = (  # (objective spec for tools/bench.py, label); flow matchin
     ("meanflow:target_fp32=false", "MeanFlow default, JVP under bf16 autocast"),
     ("meanflow:jvp_kernel=explicit", "MeanFlow JVP on r≠t only (explicit attention)"),
     ("meanflow:jvp_only_r_neq_t=false,jvp_kernel=explicit", "MeanFlow plain JVP (baseline)"),
+    ("scm", "sCT default (under bf16 with the JVP in fp32: separate passes)"),
+    ("scm:jvp_pass=joint", "sCT, one joint pass (the JVP's fp32 primal carries the gradient)"),
+    ("scm:target_fp32=false", "sCT, joint pass under bf16 autocast"),
 )
 DEFAULT_MEANFLOW = ("meanflow", "meanflow:jvp_pass=separate", "meanflow:target_fp32=false")  # checked vs targets
 
