@@ -78,9 +78,9 @@ def test_wandb_offline_run(tmp_path, monkeypatch, one_thread):
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1
     # The offline record log holds every row's values as JSON (wandb has no offline reader API).
-    record = offline[0].read_bytes()
     rows = _stats(run)
-    assert record.count(b"loss_main") >= len(rows)
+    record = offline[0].read_bytes()
+    assert record.count(b"loss_main") >= len(rows), (len(record), record.count(b"loss_main"))
     for row in rows:
         for key in ("loss", "loss_main", "grad_norm"):
             assert json.dumps(row[key]).encode() in record, (row["step"], key)

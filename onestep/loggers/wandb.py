@@ -61,6 +61,13 @@ class WandbLogger(Logger):
         if self.run is not None:
             self.run.finish()
             self.run = None
+            import wandb
+
+            # finish() hands the last records to wandb's service process, which writes them later;
+            # shutting the service down (when no other run of this process uses it) makes the run's
+            # files complete when train returns.
+            if wandb.run is None:
+                wandb.teardown()
 
 
 @LOGGERS.register("wandb")
