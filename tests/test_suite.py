@@ -106,3 +106,18 @@ def test_suite_refuses_bad_files(tmp_path, capsys):
     bad.write_text("runs: [{name: a, recipe: toy_meanflow, after: [b]}]\n")
     assert main(["suite", str(bad)]) == 2
     assert "waits for unknown run(s) b" in capsys.readouterr().err
+
+
+def test_seeds_table_mean_std_and_single_run():
+    from onestep.suite import seeds_table
+
+    rows = [
+        {"run": "a", "nfe": 1, "fd": 10.0, "precision": 0.5, "acc": 0.8},
+        {"run": "a1", "nfe": 1, "fd": 14.0, "precision": 0.7, "acc": 0.9},
+        {"run": "a", "nfe": 2, "fd": 99.0, "precision": 0.1, "acc": 0.1},  # not 1 NFE: left out
+        {"run": "b", "nfe": 1, "fd": 20.0, "precision": 0.6, "acc": 0.7},
+    ]
+    md = seeds_table(rows, {"a": "A", "a1": "A", "b": "B"})
+    assert "| A | a, a1 | 12.000 ± 2.828 | 0.600 ± 0.141 | 0.850 ± 0.071 |" in md
+    assert "| B | b | 20.000 (1 run) | 0.600 (1 run) | 0.700 (1 run) |" in md
+    assert "± 0.000" not in md

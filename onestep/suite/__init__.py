@@ -538,7 +538,8 @@ def write_results(suite: Suite, runner: Runner) -> None:
 
 
 def seeds_table(rows: list[dict], groups: dict[str, str]) -> str:
-    """Mean ± std (over runs sharing a ``seeds`` group) of FD, precision and acc at 1 NFE."""
+    """Mean ± sample std (over runs sharing a ``seeds`` group) of FD, precision and acc at 1 NFE; a group
+    with one finished run shows that run's value marked "(1 run)"."""
     by_group: dict[str, list[dict]] = {}
     for r in rows:
         group = groups.get(r["run"])
@@ -555,8 +556,10 @@ def seeds_table(rows: list[dict], groups: dict[str, str]) -> str:
         cells = []
         for m in ("fd", "precision", "acc"):
             vals = [float(r[m]) for r in rs if r.get(m) is not None]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}" if vals else "—")
+            if len(vals) > 1:
+                cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}")
+            else:  # one run has no spread: its value alone, not a std of 0
+                cells.append(f"{vals[0]:.3f} (1 run)" if vals else "—")
         out.append(f"| {group} | {', '.join(r['run'] for r in rs)} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
