@@ -121,3 +121,20 @@ def test_seeds_table_mean_std_and_single_run():
     assert "| A | a, a1 | 12.000 ± 2.828 | 0.600 ± 0.141 | 0.850 ± 0.071 |" in md
     assert "| B | b | 20.000 (1 run) | 0.600 (1 run) | 0.700 (1 run) |" in md
     assert "± 0.000" not in md
+
+
+def test_suite_grid_false_leaves_the_run_out_of_the_figure(tmp_path, capsys):
+    from onestep.suite import load_suite
+
+    s = tmp_path / "s.yaml"
+    s.write_text(
+        "runs:\n  - {name: a, recipe: toy_meanflow}\n  - {name: b, recipe: toy_meanflow, grid: false}\n"
+        "  - {name: c, recipe: toy_meanflow, grid: {nfe: 2}}\n"
+    )
+    runs = {r.name: r for r in load_suite([str(s)]).runs}
+    assert [runs[n].in_figure for n in "abc"] == [True, False, True]
+    assert runs["c"].grid.nfe == [2] and runs["b"].grid.nfe == runs["a"].grid.nfe
+    s.write_text("runs: [{name: a, recipe: toy_meanflow, grid: yes please}]\n")
+    assert main(["suite", str(s)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "grid: a mapping" in err

@@ -24,8 +24,8 @@ samples, seed) is not repeated; a directory with a config but no checkpoint is m
 
 Outputs in ROOT: ``results.md`` and ``results.csv`` (method, NFE, FD, IS, acc, precision, recall, train
 minutes, parameters, images/s), ``seeds.md`` (mean ± std over runs that share a ``seeds`` group),
-``grids/NAME.png`` (10 samples per class, one row per class) and ``grid.png`` (one row per run,
-one column per class).
+``grids/NAME.png`` (10 samples per class, one row per class) and ``grid.png`` (one row per run or
+seeds group, one column per class; a run with ``grid: false`` keeps its own grid but has no row).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class SuiteRun:
     seeds: str | None
     dir: Path
     grid: EvalPass | None = None
+    in_figure: bool = True  # a row in the combined grid.png (``grid: false`` leaves it out)
     steps: int = 0
     cfg: Any = None
     status: str = "pending"
@@ -138,7 +139,10 @@ def load_suite(args: list[str], *, root: str | None = None, overrides: list[str]
             if isinstance(guidance, list):
                 raise ConfigError(f"{where}.evals[{j}]: one guidance value per pass (add a pass per value)")
             evals.append(EvalPass(list(e.get("nfe") or cfg.eval.nfe), guidance, bool(e.get("late", False))))
-        grid = entry.get("grid") or {}
+        grid = entry.get("grid", {})
+        if grid is not False and not isinstance(grid, dict | None):
+            raise ConfigError(f"{where}.grid: a mapping ({{nfe: N, guidance: W}}) or false, got {grid!r}")
+        in_figure, grid = grid is not False, grid or {}
         grid = EvalPass([int(grid.get("nfe", evals[0].nfe[0]))], grid.get("guidance", evals[0].guidance))
         runs.append(
             SuiteRun(
@@ -151,6 +155,7 @@ def load_suite(args: list[str], *, root: str | None = None, overrides: list[str]
                 entry.get("seeds"),
                 base / name,
                 grid=grid,
+                in_figure=in_figure,
                 steps=cfg.train.steps,
                 cfg=cfg,
             )
@@ -522,7 +527,8 @@ def write_results(suite: Suite, runner: Runner) -> None:
     atomic_write(suite.root / "seeds.md", lambda f: f.write(seeds.encode()))
     first_of_group = {}
     for r in suite.runs:
-        first_of_group.setdefault(r.seeds or r.name, r)
+        if r.in_figure:
+            first_of_group.setdefault(r.seeds or r.name, r)
     figure = [
         (r.label + (f" ({r.grid.nfe[0]} NFE)" if r.grid.nfe[0] != 1 else ""), r.dir, r.grid.nfe[0], r.grid.guidance)
         for r in first_of_group.values()
