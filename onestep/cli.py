@@ -247,6 +247,7 @@ def _guidance(run, omegas: list[float] | None, interval: str | None) -> tuple[li
 def cmd_eval(args) -> int:
     from onestep.config import EvalConfig
     from onestep.eval.evaluate import evaluate_model
+    from onestep.eval.sample_cache import CACHE_DIR, SampleCacheRoot, model_identity
     from onestep.formats import open_model
     from onestep.registry import METRICS
     from onestep.utils import distributed
@@ -265,6 +266,10 @@ def cmd_eval(args) -> int:
         return _eval_real(args, run, ev, metrics)
     nfes = args.nfe or ev.nfe
     omegas, interval = _guidance(run, _floats(args.guidance, "--guidance"), args.guidance_interval)
+    run_dir = run_of_checkpoint(run.path)
+    cache = None
+    if run_dir is not None and not args.no_cache:
+        cache = SampleCacheRoot(run_dir.path / CACHE_DIR, model_identity(run.path, "model" if args.no_ema else "ema"))
     rows = evaluate_model(
         run.objective,
         run.net,
@@ -281,13 +286,15 @@ def cmd_eval(args) -> int:
         feature_extractor=args.feature_extractor or ev.feature_extractor,
         guidance=omegas,
         guidance_interval=interval,
+        sample_cache=cache,
     )
     distributed.shutdown()
-    run_dir = run_of_checkpoint(run.path)
     if not dist_info.is_main:
         return 0
     if run_dir is not None:
         run_dir.append_metrics(rows)
+    if cache is not None:
+        cache.clear_used()
     from rich.table import Table
 
     table = Table(title=f"{run_dir.name if run_dir else run.path} — {_model_step(run)}")
@@ -553,6 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_non_negative_int)
     e.add_argument("--batch-size", type=_positive_int)
     e.add_argument("--no-ema", action="store_true")
+    e.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not keep generated batches in RUN/eval_cache (by default a killed eval resumes from them)",
+    )
     e.add_argument("--device", default="auto")
     e.add_argument(
         "--reference",

@@ -120,6 +120,7 @@ def evaluate_model(
     feature_extractor: str | None = None,
     guidance: float | list[float] | None = None,
     guidance_interval: list[float] | tuple[float, float] | None = None,
+    sample_cache=None,
 ) -> list[dict[str, Any]]:
     """Rows {step, nfe, metric, value, num_samples, implementation, reference, guidance, ...} for every
     guidance value, nfe and metric spec (a name or {name, **options}). ``reference``: what streaming
@@ -127,7 +128,9 @@ def evaluate_model(
     ``feature_extractor`` replaces the default extractor of the metrics that take one (e.g. the
     download-free ``onestep-random-conv``). ``guidance``: ω (or a list of ω, a sweep): the network
     input of guidance-conditioned models, applied on ``guidance_interval`` (default [0, 1]), or the
-    classifier-free guidance scale of models that guide when sampling (``sampling.with_guidance``)."""
+    classifier-free guidance scale of models that guide when sampling (``sampling.with_guidance``).
+    ``sample_cache`` (``sample_cache.SampleCacheRoot``): keeps each pass's generated batches so that
+    a killed eval resumes; the caller clears it once the rows are written."""
     omegas = list(guidance) if isinstance(guidance, (list, tuple)) else [guidance]
     try:
         settings = [with_guidance(objective, net, w, guidance_interval if w is not None else None) for w in omegas]
@@ -158,6 +161,17 @@ def evaluate_model(
                 batch_size=batch_size,
                 device=device,
                 cond=cond,
+                cache=None
+                if sample_cache is None
+                else sample_cache.pass_cache(
+                    objective=type(objective).__name__,
+                    nfe=nfe,
+                    grid=grid,
+                    seed=seed,
+                    guidance=omega,
+                    cond=cond,
+                    data=[dataset.name, list(dataset.shape), dataset.num_classes],
+                ),
             )
             gen_s = time.perf_counter() - t0
         for name, metric in built:

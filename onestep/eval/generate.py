@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from onestep.sampling import balanced_labels, sample
-from onestep.utils.distributed import gather_batch
+from onestep.utils.distributed import broadcast_object, current, gather_batch
 from onestep.utils.seeding import sample_seed, seeded_noise
 
 
@@ -93,12 +93,16 @@ def generate(
     transform=None,
     labels: Tensor | None = None,
     cond: dict | None = None,
+    cache=None,
 ) -> tuple[Tensor, Tensor | None]:
     """num_samples samples in batches; returns (samples on CPU, labels or None). ``transform``
     maps each batch on the device before it moves to the CPU (e.g. VAE decoding to uint8).
     ``labels`` (num_samples,): the class of each sample (instead of i % C or ``class_id``).
     Under torchrun every rank calls it: each batch is split over the ranks and all-gathered, and
-    every rank returns all samples (the same as one process would)."""
+    every rank returns all samples (the same as one process would). ``cache``
+    (``sample_cache.SampleCache``): batches it holds are read instead of generated (rank 0 reads,
+    the other ranks get them by broadcast), and each generated batch is saved to it (by rank 0), so
+    a killed eval resumes where it stopped."""
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
         if labels.numel() != num_samples:
@@ -121,7 +125,15 @@ def generate(
         y = labels_of(idx, dataset.num_classes, class_id, labels)
         if y is not None:
             ys.append(y)
+        held = None
+        if cache is not None:
+            held = broadcast_object(cache.load(idx[0], idx[-1] + 1) if current().is_main else None)
+        if held is not None:
+            outs.append(held)
+            continue
         outs.append(gather_batch(one_rank, idx).cpu())
+        if cache is not None and current().is_main:
+            cache.save(idx[0], idx[-1] + 1, outs[-1])
     return torch.cat(outs), (torch.cat(ys) if ys else None)
 
 
