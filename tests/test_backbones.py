@@ -352,14 +352,20 @@ def test_fused_jvp_rule_with_missing_tangents():
     torch.testing.assert_close(t_f, t_e)
 
 
-def test_fused_jvp_rule_under_bf16_autocast():
+@pytest.mark.parametrize("kernel", attention_module.JVP_KERNELS)
+def test_jvp_kernels_under_bf16_autocast(kernel):
+    # bf16 q, k, v (a bf16 projection under autocast) through every kernel's forward-mode rule: the
+    # primal and tangent come back in bf16 and agree with the fp32 explicit path. (sdpa_math once
+    # failed here on CUDA: the MATH backend's own upcast mixed the JVP's dtypes.)
     g = torch.Generator().manual_seed(6)
     q, k, v, dq = (torch.randn(2, 2, 16, 8, generator=g) for _ in range(4))
+    weight = torch.eye(8) + 0.1 * torch.randn(8, 8, generator=g)
     with jvp_attention("explicit"):
-        _, expected = torch.func.jvp(lambda qq: attention_module.attention(qq, k, v), (q,), (dq,))
-    with torch.autocast("cpu", dtype=torch.bfloat16), jvp_attention("fused"):
-        out, tangent = torch.func.jvp(lambda qq: attention_module.attention(qq, k, v), (q,), (dq,))
+        ref, expected = torch.func.jvp(lambda qq: attention_module.attention(qq @ weight, k, v), (q,), (dq,))
+    with torch.autocast("cpu", dtype=torch.bfloat16), jvp_attention(kernel):
+        out, tangent = torch.func.jvp(lambda qq: attention_module.attention(qq @ weight, k, v), (q,), (dq,))
     assert out.dtype == tangent.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
     torch.testing.assert_close(tangent.float(), expected, rtol=0.05, atol=0.05)
 
 

@@ -26,7 +26,8 @@ Kernels inside it (``JVP_KERNELS``):
   the elementary ops, torch's own rules for every layer; the plain baseline that ``tools/bench.py``
   measures).
 - ``"sdpa_math"``: SDPA restricted to its MATH backend (``torch.nn.attention.sdpa_kernel``),
-  which also supports forward AD on torch 2.15.
+  which also supports forward AD on torch 2.15; half-precision q, k, v run it in fp32 (as the
+  backend itself does on CUDA), cast back.
 
 Outside it, the fused kernels are used. All paths compute the same function (tests compare
 primal, tangent and gradients in float64). Attention dropout > 0 inside the block falls back to
@@ -175,6 +176,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         return SDPAWithJVP.apply(q, k, v)
     if kernel in ("fused", "explicit"):
         return _explicit_attention(q, k, v, dropout_p)
+    if kernel == "sdpa_math" and q.dtype in (torch.float16, torch.bfloat16):
+        # On CUDA the MATH backend upcasts half inputs to fp32 itself, and its forward-AD rule then
+        # mixes dtypes ("expected input and grad types to match", torch 2.11, H200). Doing that upcast
+        # here, outside autocast, gives the same numbers and a consistent JVP on every device.
+        with torch.autocast(q.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p)
+        return out.to(q.dtype)
     try:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     except NotImplementedError as exc:
