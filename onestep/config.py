@@ -40,6 +40,10 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # TensorFloat-32 for fp32 matmuls and convolutions on CUDA (no effect on the CPU). Under bf16 it
+    # speeds up what stays in fp32, such as MeanFlow's and sCT's JVP target (DiT-B/2 on an H200:
+    # MeanFlow's step 470 -> 323 ms, docs/benchmarks.md).
+    tf32: bool = False
     device: str = "auto"
     # CPU threads for torch in this run (None: torch's default, one per core). With several runs on
     # one machine give each threads = cores / runs (docs/cli.md, "Several runs on one machine").

@@ -53,3 +53,16 @@ def test_compile_mode_is_validated():
     raw["train"]["compile_mode"] = "fastest"
     with pytest.raises(Exception, match="compile_mode"):
         from_dict(raw)
+
+
+def test_tf32_turns_on_cudas_tf32_for_the_run(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    _train(tmp_path / "off", "flow_matching", 1)
+    assert not torch.backends.cuda.matmul.allow_tf32
+    _train(tmp_path / "on", "flow_matching", 1, tf32=True)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    raw = yaml.safe_load(TINY_RECIPE)
+    raw["train"]["tf32"] = "yes"
+    with pytest.raises(Exception, match="tf32"):
+        from_dict(raw)

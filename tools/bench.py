@@ -320,6 +320,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--tf32", action="store_true", help="TensorFloat-32 for fp32 matmuls on CUDA (train.tf32)")
     p.add_argument(
         "--rounds",
         type=int,
@@ -348,6 +349,9 @@ def main(argv=None) -> int:
         args.json, args.no_cpu_memory = True, True
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     device = torch.device(args.device)
     cpu_memory = device.type == "cpu" and not args.no_cpu_memory
     shape = tuple(int(s) for s in args.input_shape.split(","))

@@ -108,6 +108,9 @@ class Trainer:
         t = cfg.train
         if t.threads is not None:
             torch.set_num_threads(t.threads)
+        if t.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.device = pick_device(t.device, self.dist.local_rank)
         torch.manual_seed(cfg.seed)
         self.dataset = build_dataset(cfg)
