@@ -115,6 +115,44 @@ def test_corrupt_classifier_cache_is_retrained_with_one_warning_line(tmp_path, m
     assert "do not match the sha256" in capfd.readouterr().err
 
 
+def test_the_shipped_fashion_classifier_is_used_before_any_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path))
+    monkeypatch.setattr(classifier, "_LOADED", {})
+    spec = classifier.spec_of("fashion_mnist")
+    shipped = classifier.shipped_path(spec)
+    assert shipped is not None and shipped.parent.name == "weights"
+    # A cached classifier of the same name (trained elsewhere: other weights) does not shadow it.
+    other = spec.build_net()
+    blob = {"version": 1, "seed": 0, "test_accuracy": 0.5, "sha256": None, "state_dict": other.state_dict()}
+    torch.save(blob, spec.path())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although a classifier ships")
+
+    monkeypatch.setattr(classifier, "train_classifier", no_training)
+    loaded = classifier.load_classifier("fashion_mnist", progress=False)
+    assert loaded.path == shipped and loaded.sha256.startswith("9cb56d4cc20e")
+    assert loaded.sha256 == classifier.weights_sha256(loaded.net.state_dict())
+    assert "test acc 0.9123, sha256 9cb56d4cc20e" in loaded.implementation
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    feats, probs = loaded.features_and_probs(x)
+    assert feats.shape == (4, spec.feature_dim) and torch.allclose(probs.sum(1).float(), torch.ones(4))
+
+
+def test_an_unreadable_shipped_classifier_falls_back_to_the_cache_in_one_line(cache, net, tmp_path, monkeypatch, capfd):
+    shipped_dir = tmp_path / "weights"
+    shipped_dir.mkdir()
+    spec = classifier.spec_of("digits")
+    (shipped_dir / spec.file_name).write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(classifier, "SHIPPED_DIR", shipped_dir)
+    monkeypatch.setattr(classifier, "_LOADED", {})
+    capfd.readouterr()
+    loaded = classifier.load_classifier("digits", progress=False)
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and str(shipped_dir / spec.file_name) in err[0] and "using the cache instead" in err[0], err
+    assert loaded.path == spec.path() and loaded.sha256 == classifier.weights_sha256(net.state_dict())
+
+
 def test_digits_fd_small_for_real_large_for_noise(net, split):
     x_train, _, x_test, _ = split
     fd = METRICS.build("digits_fd")

@@ -28,6 +28,8 @@ def tiny_suite(tmp_path, monkeypatch):
     from onestep.eval.classifiers import base
 
     monkeypatch.setattr(base, "_LOADED", {})
+    # The synthetic bars need a classifier trained on them, not the shipped Fashion-MNIST one.
+    monkeypatch.setattr(base, "SHIPPED_DIR", tmp_path / "no-shipped-classifiers")
     write_fashion(tmp_path / "data")
     (tmp_path / "fm.yaml").write_text(BASE.replace("ROOT", str(tmp_path / "data")))
     (tmp_path / "mf.yaml").write_text("base: fm.yaml\nobjective: {name: meanflow, ratio_r_neq_t: 0.5}\n")

@@ -4,11 +4,13 @@ space, an Inception-score analogue, class accuracy of conditional samples, k-NN 
 
 A ``ClassifierSpec`` names the dataset family it judges (``digits``, ``fashion_mnist``, ``mnist``),
 its network, the input preparation and a fixed training schedule. ``load_classifier(name, dataset)``
-returns the cached classifier or trains it deterministically on the family's train split (seeded
-generators, one CPU thread, a progress bar on stderr), records its test-split accuracy and the
-sha256 of its weights, and saves it atomically to ``$ONESTEP_CACHE/<name>_classifier_v<version>.pt``
-(default ``~/.cache/onestep/``). The cache is read with ``torch.load(weights_only=True)``; a file that
-is corrupt, of another version or whose weights do not hash to what it records is retrained with a
+returns the copy shipped in ``onestep/eval/classifiers/weights/`` where there is one (Fashion-MNIST's:
+the benchmark's judge, the same on every machine), else the cached classifier, or trains it
+deterministically on the family's train split (seeded generators, one CPU thread, a progress bar
+on stderr), records its test-split accuracy and the sha256 of its weights, and saves it atomically
+to ``$ONESTEP_CACHE/<name>_classifier_v<version>.pt`` (default ``~/.cache/onestep/``). Files are
+read with ``torch.load(weights_only=True)``; a cached file that is corrupt, of another version or
+whose weights do not hash to what it records is retrained with a
 one-line warning. ``Loaded.implementation`` ("onestep fashion_mnist-CNN v1, test acc 0.9123, sha256
 1a2b3c4d5e6f") goes into every metric row, so a number always says which classifier made it.
 """
@@ -212,7 +214,20 @@ class _progress:
         return False
 
 
-def _read_cache(spec: ClassifierSpec, path: Path) -> Loaded | None:
+# Classifiers shipped with the package (``<name>_classifier_v<version>.pt``): a benchmark's scores must
+# not depend on the machine that trained its judge. Retrained from the same seed, the Fashion-MNIST CNN
+# came out with other weights on another CPU (oneDNN's convolution kernels differ by instruction set),
+# so the scoring classifier ships and is preferred to the cache.
+SHIPPED_DIR = Path(__file__).with_name("weights")
+
+
+def shipped_path(spec: ClassifierSpec) -> Path | None:
+    """The package's copy of ``spec``'s classifier, or None when none ships."""
+    path = SHIPPED_DIR / spec.file_name
+    return path if path.is_file() else None
+
+
+def _read_cache(spec: ClassifierSpec, path: Path, then: str = "retraining it") -> Loaded | None:
     """The cached classifier, or None (with a one-line warning) when the file is unusable."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -228,19 +243,25 @@ def _read_cache(spec: ClassifierSpec, path: Path) -> Loaded | None:
         return Loaded(spec, net, float(blob["test_accuracy"]), sha, path, info=dict(blob.get("info") or {}))
     except Exception as exc:  # corrupt, truncated, foreign or tampered: retrain
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        warn(f"reference classifier cache {path} is unusable ({type(exc).__name__}: {first}); retraining it")
+        warn(f"reference classifier file {path} is unusable ({type(exc).__name__}: {first}); {then}")
         return None
 
 
 def load_classifier(name: str, dataset=None, *, train_if_missing: bool = True, progress: bool = True) -> Loaded:
-    """The ``name`` reference classifier: from the cache, else trained (on ``dataset``'s family data)
-    and cached."""
+    """The ``name`` reference classifier: the copy shipped with the package, else the cached one, else
+    trained (on ``dataset``'s family data) and cached."""
     spec = spec_of(name)
+    shipped = shipped_path(spec)
     path = spec.path()
-    key = str(path.resolve())
+    key = str((shipped or path).resolve())
     if key in _LOADED:
         return _LOADED[key]
-    loaded = _read_cache(spec, path) if path.exists() else None
+    loaded = _read_cache(spec, shipped, "using the cache instead") if shipped else None
+    if loaded is None:
+        key = str(path.resolve())
+        if key in _LOADED:
+            return _LOADED[key]
+        loaded = _read_cache(spec, path) if path.exists() else None
     if loaded is None:
         if not train_if_missing:
             raise ConfigError(f"reference classifier cache {path} is missing")
