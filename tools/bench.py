@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from onestep.build import RegularizerTerm  # noqa: E402
 from onestep.registry import BACKBONES, OBJECTIVES, REGULARIZERS  # noqa: E402
 from onestep.train.step import TrainStep, make_optimizer  # noqa: E402
+from onestep.utils.device import allow_tf32  # noqa: E402
 
 
 def _status_kb(field: str) -> int | None:
@@ -350,8 +351,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        allow_tf32()
     device = torch.device(args.device)
     cpu_memory = device.type == "cpu" and not args.no_cpu_memory
     shape = tuple(int(s) for s in args.input_shape.split(","))

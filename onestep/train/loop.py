@@ -37,7 +37,7 @@ from onestep.registry import ConfigError
 from onestep.sampling import balanced_labels, guidance_cond, sample
 from onestep.train.step import NonFiniteError, TrainStep, make_optimizer
 from onestep.utils import distributed
-from onestep.utils.device import pick_device
+from onestep.utils.device import allow_tf32, pick_device
 from onestep.utils.rundir import RunDir, load_checkpoint
 from onestep.utils.seeding import seeded_noise, step_seed
 from onestep.utils.version import versions
@@ -109,8 +109,7 @@ class Trainer:
         if t.threads is not None:
             torch.set_num_threads(t.threads)
         if t.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            allow_tf32()
         self.device = pick_device(t.device, self.dist.local_rank)
         torch.manual_seed(cfg.seed)
         self.dataset = build_dataset(cfg)

@@ -22,6 +22,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def allow_tf32() -> None:
+    """Let fp32 matmuls and convolutions on CUDA use TensorFloat-32 (``train.tf32``; no effect on the CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast_ctx(device: torch.device, precision: str):
     """torch.autocast for "bf16" / "fp16", nothing for "fp32"."""
     if precision == "fp32":

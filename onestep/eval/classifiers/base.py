@@ -251,17 +251,18 @@ def load_classifier(name: str, dataset=None, *, train_if_missing: bool = True, p
     """The ``name`` reference classifier: the copy shipped with the package, else the cached one, else
     trained (on ``dataset``'s family data) and cached."""
     spec = spec_of(name)
-    shipped = shipped_path(spec)
     path = spec.path()
-    key = str((shipped or path).resolve())
-    if key in _LOADED:
-        return _LOADED[key]
-    loaded = _read_cache(spec, shipped, "using the cache instead") if shipped else None
-    if loaded is None:
-        key = str(path.resolve())
+    loaded = None
+    # The shipped copy first; the cache when none ships or it does not load.
+    for source, then in ((shipped_path(spec), "using the cache instead"), (path, "retraining it")):
+        if source is None:
+            continue
+        key = str(source.resolve())
         if key in _LOADED:
             return _LOADED[key]
-        loaded = _read_cache(spec, path) if path.exists() else None
+        loaded = _read_cache(spec, source, then) if source.exists() else None
+        if loaded is not None:
+            break
     if loaded is None:
         if not train_if_missing:
             raise ConfigError(f"reference classifier cache {path} is missing")
