@@ -140,3 +140,25 @@ def test_suite_grid_false_leaves_the_run_out_of_the_figure(tmp_path, capsys):
     assert main(["suite", str(s)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "grid: a mapping" in err
+
+
+def test_the_shipped_fashion_suite_loads_with_its_dependencies():
+    """recipes/suites/fashion.yaml: every recipe resolves and validates, names are unique, the runs that
+    start from or distill flow matching wait for it, and the seed groups pair both dispersive arms."""
+    from pathlib import Path
+
+    from onestep.config import REPO_RECIPES
+    from onestep.suite import load_suite
+
+    suite = load_suite([str(REPO_RECIPES / "suites" / "fashion.yaml")], overrides=["data.root=DIR"])
+    runs = {r.name: r for r in suite.runs}
+    assert len(runs) == len(suite.runs) and suite.root == Path("runs/fashion")
+    for name in ("ect", "sct", "cd", "scd", "meanflow_distill"):
+        assert runs[name].after == ["flow_matching"], name
+    assert all(r.cfg.data["root"] == "DIR" and r.cfg.data["name"] == "fashion_mnist" for r in suite.runs)
+    groups = {r.seeds for r in suite.runs if r.seeds}
+    assert groups == {"meanflow_1400", "meanflow_disp_1400"}
+    assert sum(r.seeds == "meanflow_1400" for r in suite.runs) == 3
+    assert runs["meanflow_disp_cosine"].cfg.regularizers[0]["variant"] == "infonce_cosine"
+    fm = [(e.nfe, e.guidance) for e in runs["flow_matching"].evals]
+    assert ([50], 2.0) in fm and ([50], None) in fm
