@@ -78,8 +78,12 @@ def test_tiny_run_every_part_ok(tmp_path):
     for name in ("improved_meanflow", "scm"):
         assert generic[name].get("status") == "not present" or generic[name]["pass"] is True
 
+    tf32 = [r for r in parts["bench"]["rows"] if r["tf32"]]  # the eager part reruns three rows with TF32 on
+    assert [r["objective"] for r in tf32] == ["flow_matching", "meanflow", "meanflow:jvp_pass=separate"]
+    assert tf32[0]["ratio_to_flow_matching"] == 1.0 and all(r["label"].endswith(", TF32") for r in tf32)
+    assert [c["tf32"] for c in parts["bench"]["calls"]] == [False, True]
     for part, compiled in (("bench", False), ("bench_compile", True)):
-        rows = parts[part]["rows"]
+        rows = [r for r in parts[part]["rows"] if not r["tf32"]]
         assert [r["objective"] for r in rows if r["objective"] == "flow_matching"] == ["flow_matching"]
         assert {r["objective"] for r in rows} == {
             "flow_matching",
@@ -97,7 +101,7 @@ def test_tiny_run_every_part_ok(tmp_path):
             assert r["batch"] == 4 and r["precision"] == "bf16"
         fm = next(r for r in rows if r["objective"] == "flow_matching")
         assert fm["ratio_to_flow_matching"] == 1.0
-        targets = parts[part]["targets"]["rows"]
+        targets = [t for t in parts[part]["targets"]["rows"] if not t["tf32"]]
         assert {t["objective"] for t in targets} == {
             "meanflow",
             "meanflow:target_fp32=false",

@@ -23,6 +23,9 @@ BENCH_OBJECTIVES = (  # (objective spec for tools/bench.py, label); flow matchin
     ("scm:target_fp32=false", "sCT, joint pass under bf16 autocast"),
 )
 DEFAULT_MEANFLOW = ("meanflow", "meanflow:jvp_pass=separate", "meanflow:target_fp32=false")  # checked vs targets
+# Rerun with TensorFloat-32 on (``tools/bench.py --tf32``, what the GPU recipes' ``train.tf32`` sets):
+# flow matching for the ratios, then the rows whose fp32 target side TF32 speeds up.
+TF32_OBJECTIVES = ("flow_matching", "meanflow", "meanflow:jvp_pass=separate")
 
 
 def oom_halving(objectives: list[str], batch: int, min_batch: int, run) -> tuple[list[dict], str | None]:
@@ -77,7 +80,7 @@ def part_bench(w: Worker, compiled: bool = False) -> None:
     rows: list[dict] = []
     w.result["rows"] = rows
 
-    def run(objs: list[str], batch: int):
+    def run(objs: list[str], batch: int, tf32: bool = False):
         cmd = [
             sys.executable,
             str(BENCH),
@@ -102,10 +105,13 @@ def part_bench(w: Worker, compiled: bool = False) -> None:
         ]
         if compiled:  # streamed, so a timeout keeps the rows that finished
             cmd += ["--compile", "on", "--compile-backend", s["compile_backend"], "--stream"]
-        out = w.sub(cmd, w.left(), f"bench_{'compile_' if compiled else ''}{batch}")
+        if tf32:
+            cmd.append("--tf32")
+        out = w.sub(cmd, w.left(), f"bench_{'compile_' if compiled else ''}{'tf32_' if tf32 else ''}{batch}")
         got = [r for r in json_lines(out["stdout"]) if "objective" in r]
         for r in got:
-            r["label"] = dict(BENCH_OBJECTIVES).get(r["objective"], r["objective"])
+            r["label"] = dict(BENCH_OBJECTIVES).get(r["objective"], r["objective"]) + (", TF32" if tf32 else "")
+            r["tf32"] = tf32
         rows.extend(got)
         error = None
         if out["timed_out"]:
@@ -116,6 +122,7 @@ def part_bench(w: Worker, compiled: bool = False) -> None:
             {
                 "batch": batch,
                 "objectives": objs,
+                "tf32": tf32,
                 "rc": out["rc"],
                 "timed_out": out["timed_out"],
                 "wall_s": out["wall_s"],
@@ -126,6 +133,9 @@ def part_bench(w: Worker, compiled: bool = False) -> None:
         return got, error
 
     _, error = oom_halving(objectives, s["batch"], s["min_batch"], run)
+    if not compiled and not error and s.get("tf32_rows", True):
+        _, error = oom_halving(list(TF32_OBJECTIVES), s["batch"], s["min_batch"], lambda o, b: run(o, b, tf32=True))
+        error = error and f"TF32 rows: {error}"
     for r in rows:
         if r["objective"] in DEFAULT_MEANFLOW and r.get("ratio_to_flow_matching") is not None:
             r["time_target_met"] = r["ratio_to_flow_matching"] <= TARGET_TIME_RATIO
@@ -145,6 +155,7 @@ def part_bench(w: Worker, compiled: bool = False) -> None:
                     "objective",
                     "batch",
                     "compile",
+                    "tf32",
                     "ratio_to_flow_matching",
                     "mem_ratio_to_flow_matching",
                     "time_target_met",
