@@ -133,7 +133,7 @@ def part_bench(w: Worker, compiled: bool = False) -> None:
         return got, error
 
     _, error = oom_halving(objectives, s["batch"], s["min_batch"], run)
-    if not compiled and not error and s.get("tf32_rows", True):
+    if not compiled and not error:
         _, error = oom_halving(list(TF32_OBJECTIVES), s["batch"], s["min_batch"], lambda o, b: run(o, b, tf32=True))
         error = error and f"TF32 rows: {error}"
     for r in rows:
