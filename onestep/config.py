@@ -53,6 +53,9 @@ class TrainConfig:
     num_preview: int = 64
     checkpoint_every: int = 1000
     keep_checkpoints: int = 0
+    # Steps whose numbered checkpoints are written (besides every checkpoint_every) and never rotated
+    # away by keep_checkpoints: the points of a learning curve (``onestep suite`` sets them).
+    keep_steps: list[int] = field(default_factory=list)
     init_from: str | None = None
     # torch.compile of the network for the training step (the JVP itself runs on the eager module).
     compile: bool = False

@@ -258,20 +258,12 @@ def test_arguments_refused_at_parsing(argv, needle, capsys):
 
 def test_value_errors_from_components_are_one_line(tmp_path, capsys, monkeypatch):
     """Any ValueError a component raises on a bad value is one line (ONESTEP_DEBUG=1 re-raises)."""
-    import onestep.cli as cli
+    import onestep.cli.ls
 
     def boom(args):
         raise ValueError("grid must be 1-D with at least 2 times\nsecond line")
 
-    monkeypatch.setattr(cli, "cmd_ls", boom)
-    parser_fn = cli.build_parser
-
-    def parser():
-        p = parser_fn()
-        p._subparsers._group_actions[0].choices["ls"].set_defaults(fn=boom)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", parser)
+    monkeypatch.setattr(onestep.cli.ls, "run", boom)  # `onestep ls` runs onestep.cli.ls.run
     assert main(["ls"]) == 2
     _one_line_error(capsys, "ValueError: grid must be 1-D", "ONESTEP_DEBUG")
     monkeypatch.setenv("ONESTEP_DEBUG", "1")

@@ -14,6 +14,7 @@ from conftest import TINY_RECIPE
 
 from onestep.config import from_dict
 from onestep.train.loop import Trainer
+from onestep.utils.device import allow_tf32, set_tf32_settings, tf32_settings
 
 
 def _train(tmp_path, objective: str, steps: int, **train):
@@ -55,13 +56,19 @@ def test_compile_mode_is_validated():
         from_dict(raw)
 
 
-def test_tf32_turns_on_cudas_tf32_for_the_run(tmp_path, one_thread, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    _train(tmp_path / "off", "flow_matching", 1)
-    assert not torch.backends.cuda.matmul.allow_tf32
-    _train(tmp_path / "on", "flow_matching", 1, tf32=True)
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+def test_tf32_turns_on_cudas_tf32_for_the_run(tmp_path, one_thread):
+    # Set and read through onestep's helpers (the API the installed torch documents), never by
+    # patching torch's backend modules; the process's settings are restored afterwards.
+    before = tf32_settings()
+    try:
+        allow_tf32(False)
+        _train(tmp_path / "off", "flow_matching", 1)
+        assert tf32_settings() == {"matmul": "ieee", "cudnn_conv": "ieee"}
+        _train(tmp_path / "on", "flow_matching", 1, tf32=True)
+        assert tf32_settings() == {"matmul": "tf32", "cudnn_conv": "tf32"}
+    finally:
+        set_tf32_settings(before)
+    assert tf32_settings() == before
     raw = yaml.safe_load(TINY_RECIPE)
     raw["train"]["tf32"] = "yes"
     with pytest.raises(Exception, match="tf32"):

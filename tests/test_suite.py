@@ -114,15 +114,21 @@ def test_seeds_table_mean_std_and_single_run():
     from onestep.suite import seeds_table
 
     rows = [
-        {"run": "a", "nfe": 1, "fd": 10.0, "precision": 0.5, "acc": 0.8},
-        {"run": "a1", "nfe": 1, "fd": 14.0, "precision": 0.7, "acc": 0.9},
-        {"run": "a", "nfe": 2, "fd": 99.0, "precision": 0.1, "acc": 0.1},  # not 1 NFE: left out
-        {"run": "b", "nfe": 1, "fd": 20.0, "precision": 0.6, "acc": 0.7},
+        {"run": "a", "nfe": 1, "fd": 10.0, "precision": 0.5, "acc": 0.8, "recall": 0.2},
+        {"run": "a1", "nfe": 1, "fd": 14.0, "precision": 0.7, "acc": 0.9, "recall": 0.4},
+        {"run": "a", "nfe": 2, "fd": 99.0, "precision": 0.1, "acc": 0.1, "recall": 0.1},  # not 1 NFE: left out
+        {"run": "b", "nfe": 1, "fd": 20.0, "precision": 0.6, "acc": 0.7, "recall": 0.3},
     ]
     md = seeds_table(rows, {"a": "A", "a1": "A", "b": "B"})
-    assert "| A | a, a1 | 12.000 ± 2.828 | 0.600 ± 0.141 | 0.850 ± 0.071 |" in md
-    assert "| B | b | 20.000 (1 run) | 0.600 (1 run) | 0.700 (1 run) |" in md
-    assert "± 0.000" not in md
+    assert "| A | a, a1 | 12.000 ± 2.828 | 0.850 ± 0.071 | 0.600 ± 0.141 | 0.300 ± 0.141 |" in md
+    assert "| B | b | 20.000 (1 run) | 0.700 (1 run) | 0.600 (1 run) | 0.300 (1 run) |" in md
+    assert "± 0.000" not in md and "Welch" not in md  # one run in B: no test
+    rows.append({"run": "b1", "nfe": 1, "fd": 22.0, "precision": 0.6, "acc": 0.6, "recall": 0.3})
+    md = seeds_table(rows, {"a": "A", "a1": "A", "b": "B", "b1": "B"})
+    from scipy import stats
+
+    p = stats.ttest_ind([20.0, 22.0], [10.0, 14.0], equal_var=False).pvalue
+    assert f"| B − A | +9.000 (p={p:.2g})" in md and "Welch" in md
 
 
 def test_suite_grid_false_leaves_the_run_out_of_the_figure(tmp_path, capsys):
@@ -162,3 +168,124 @@ def test_the_shipped_fashion_suite_loads_with_its_dependencies():
     assert runs["meanflow_disp_cosine"].cfg.regularizers[0]["variant"] == "infonce_cosine"
     fm = [(e.nfe, e.guidance) for e in runs["flow_matching"].evals]
     assert ([50], 2.0) in fm and ([50], None) in fm
+
+
+def test_curves_keep_their_checkpoints_score_once_and_draw(tiny_suite, capfd):
+    """A suite ``curve``: the kept checkpoints at its steps (``train.keep_steps``, never rotated away),
+    scored on the curve's sample count (and the full count at ``full`` steps), the table and figure;
+    a second run scores nothing again."""
+    tmp_path, root = tiny_suite
+    (tmp_path / "curves.yaml").write_text(f"""
+root: {root}
+eval: {{num_samples: 40, seed: 0, metrics: [fd, is, acc, precision, recall]}}
+curve: {{points: [0.5, 1.0], num_samples: 20, full: [0.5], budget_minutes: 10}}
+runs:
+  - {{name: fm, recipe: {tmp_path}/fm.yaml, label: flow matching, overrides: [train.keep_checkpoints=1],
+     evals: [{{nfe: [1]}}, {{nfe: [4], late: true, yardstick: true}}], curve: {{evals: [{{nfe: [2]}}]}}}}
+  - {{name: mf, recipe: {tmp_path}/mf.yaml, label: MeanFlow}}
+""")
+    assert main(["suite", str(tmp_path / "curves.yaml")]) == 0
+    capfd.readouterr()
+    # keep_checkpoints=1 rotates the numbered checkpoints (2 goes), but not the curve's steps 3 and 6.
+    kept = sorted(p.name for p in (root / "fm" / "checkpoints").glob("step_*.pt"))
+    assert kept == ["step_000000003.pt", "step_000000004.pt", "step_000000006.pt"]
+    with open(root / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["run"], r["step"], r["nfe"], r["num_samples"]) for r in rows}
+    assert by == {
+        ("fm", "3", "2", "20"),
+        ("fm", "6", "2", "20"),
+        ("fm", "3", "2", "40"),  # the ``full`` point
+        ("mf", "3", "1", "20"),
+        ("mf", "6", "1", "20"),
+        ("mf", "3", "1", "40"),
+        # the last step's own passes on the full count
+        ("fm", "6", "1", "40"),
+        ("fm", "6", "4", "40"),
+        ("mf", "6", "1", "40"),
+    }
+    assert {r["budget_min"] for r in rows if r["step"] == "3"} == {"5.0"}
+    assert all(float(r["fd"]) > 0 and float(r["train_min"]) >= 0 and r["schedule"] == "" for r in rows)
+    assert (root / "curves.png").stat().st_size > 0 and "| MeanFlow | 3 | 5 |" in (root / "curves.md").read_text()
+    assert main(["suite", str(tmp_path / "curves.yaml")]) == 0
+    assert "started" not in capfd.readouterr().err  # nothing trained or scored again
+
+
+def test_scoring_during_training_leaves_the_weights_alone(tiny_recipe, tmp_path):
+    """Curve checkpoints (train.keep_steps) and in-loop evaluation (eval.every) change nothing that
+    training computes: the same weights and EMA as a plain run."""
+    import torch
+
+    plain, scored = tmp_path / "plain", tmp_path / "scored"
+    assert main(["train", str(tiny_recipe), "--run-dir", str(plain), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tiny_recipe),
+                "--run-dir",
+                str(scored),
+                "--no-progress",
+                "train.keep_steps=[3,5]",
+                "eval.every=4",
+                "eval.num_samples=64",
+            ]
+        )
+        == 0
+    )
+    assert RunDir(scored).checkpoint_path(3).is_file() and RunDir(scored).checkpoint_path(5).is_file()
+    assert any(r["step"] == 4 for r in RunDir(scored).read_metrics())
+    a, b = load_checkpoint(plain), load_checkpoint(scored)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_a_toy_suite_goes_through_to_its_tables_and_figures(tmp_path, capfd, monkeypatch):
+    """Recipes given directly, 2-D data: the suite trains, scores with the data's own metrics and
+    draws density pictures (not image grids)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root = tmp_path / "toy"
+    args = ["suite", "toy_meanflow", "toy_flow_matching", "train.steps=20", "eval.num_samples=500", "--root", str(root)]
+    assert main(args) == 0
+    capfd.readouterr()
+    md = (root / "results.md").read_text()
+    assert "sliced_wasserstein" in md and "| toy_meanflow | 1 |" in md
+    from PIL import Image
+
+    grid = Image.open(root / "grid.png")
+    assert grid.size[1] >= 2 * 100  # one density picture per run
+    assert (root / "grids" / "toy_meanflow.png").is_file()
+
+
+def test_suite_bad_input_is_one_line(tmp_path, capfd):
+    cases = {
+        "runs: [{recipe: toy_meanflow\n": "not valid YAML at line",
+        "runs: [{recipe: toy_meanflow, overrides: [train.stepz=3]}]\n": "(toy_meanflow): train: unknown key 'stepz'",
+        "runs: [{recipe: no_such_recipe}]\n": "runs[0] (no_such_recipe)",
+        "runs: [{recipe: toy_cd, overrides: [objective.teacher=/nowhere/run]}]\n": "objective.teacher '/nowhere/run'",
+        "runs: [{recipe: toy_meanflow, evals: [{nfe: [0]}]}]\n": "evals[0].nfe: a list of whole numbers",
+        "runs: [{recipe: toy_meanflow}]\ncurve: {points: [2]}\n": "curve.points: fractions of train.steps",
+        "runs: [{recipe: toy_meanflow}]\ncurve: {points: [0.5], colour: red}\n": "unknown key(s) colour",
+        "runs: [{recipe: toy_meanflow}]\nreal: [validation]\n": "'real' is a list of splits",
+    }
+    for i, (text, needle) in enumerate(cases.items()):
+        path = tmp_path / f"s{i}.yaml"
+        path.write_text(text)
+        assert main(["suite", str(path)]) == 2, text
+        err = capfd.readouterr().err.strip()
+        assert err.count("\n") == 0 and needle in err, (text, err)
+    assert main(["suite", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such suite file" in capfd.readouterr().err
+
+
+def test_a_failing_run_is_reported_with_its_cause(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (tmp_path / "s.yaml").write_text(
+        f"root: {tmp_path / 'runs'}\nruns:\n  - {{name: fm, recipe: fashion_flow_matching, "
+        f"overrides: [data.root={tmp_path / 'no-data'}, train.steps=2]}}\n"
+    )
+    assert main(["suite", str(tmp_path / "s.yaml")]) == 1
+    err = capfd.readouterr().err
+    cause = [line for line in err.splitlines() if line.startswith("[suite] fm: failed:")]
+    assert cause and "onestep train: error:" in cause[0] and "no-data" in cause[0], err

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from typing import Iterator
 
 import torch
@@ -58,6 +59,26 @@ _TANGENT_GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("onestep_jv
 TANGENT_CHUNK_ELEMENTS = 1 << 26
 
 
+_DECOMPOSITIONS_LOADED = False
+
+
+def _load_forward_ad_decompositions() -> None:
+    """torch loads its forward-AD decompositions at a process's first dual tensor, and that import
+    calls ``torch.jit.script``, deprecated since torch 2.10: a FutureWarning from torch's own code on
+    every JVP objective's first step. Make that first dual tensor here, once, with only that warning
+    silenced (public API: ``forward_ad.make_dual``), so no global filter is needed."""
+    global _DECOMPOSITIONS_LOADED
+    if _DECOMPOSITIONS_LOADED:
+        return
+    import torch.autograd.forward_ad as fwAD
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        with fwAD.dual_level():
+            fwAD.make_dual(torch.zeros(()), torch.zeros(()))
+    _DECOMPOSITIONS_LOADED = True
+
+
 @contextlib.contextmanager
 def jvp_attention(kernel: str = "fused", *, tangent_grad: bool = True) -> Iterator[None]:
     """Make attention inside this block support forward-mode AD (enter around ``torch.func.jvp``).
@@ -68,6 +89,7 @@ def jvp_attention(kernel: str = "fused", *, tangent_grad: bool = True) -> Iterat
     """
     if kernel not in JVP_KERNELS:
         raise ValueError(f"unknown jvp attention kernel '{kernel}'; allowed: {', '.join(JVP_KERNELS)}")
+    _load_forward_ad_decompositions()
     token = _JVP_KERNEL.set(kernel)
     grad_token = _TANGENT_GRAD.set(bool(tangent_grad))
     try:

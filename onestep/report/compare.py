@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onestep.utils.environment import environment_summary
 from onestep.utils.rundir import RunDir
 
 # Published 1-NFE (and 2-NFE) FID. Source and evaluation suite per row.
@@ -144,6 +145,7 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
         "steps": last_stats.get("step", 0),
         "params": (cfg.get("meta") or {}).get("parameters"),
         "train_img_s": round(sum(rates) / len(rates), 1) if rates else None,
+        "environment": environment_summary(run.read_environments()),
     }
     summary = RunSummary(run.name, info)
     # Latest step wins; within a step, the last row written per guidance setting wins, and over a
@@ -167,8 +169,9 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     return summary
 
 
-def build_table(runs: list[RunSummary], published: list[dict[str, Any]] | None = None):
-    """Returns (header, rows, footnotes)."""
+def build_table(runs: list[RunSummary], published: list[dict[str, Any]] | None = None, env: bool = False):
+    """Returns (header, rows, footnotes); ``env`` adds where each run trained (onestep commit, torch,
+    device: its ``environment.jsonl``)."""
     runs = list(runs)
     for p in published or []:
         runs.append(
@@ -223,9 +226,9 @@ def build_table(runs: list[RunSummary], published: list[dict[str, Any]] | None =
     sources = [f"{r.name}: {r.info['source']}" for r in runs if r.info.get("source")]
     if sources:
         footnotes.append("Published rows: " + "; ".join(sources))
-    header = ["run", "data", "objective", "backbone", "regularizers", "steps", "params", "train img/s"] + [
-        c[0] for c in columns
-    ]
+    env_keys = ("onestep", "torch", "device") if env else ()
+    header = ["run", "data", "objective", "backbone", "regularizers", "steps", "params", "train img/s"]
+    header += [f"trained with {k}" for k in env_keys] + [c[0] for c in columns]
     rows = []
     for r in runs:
         params = r.info.get("params")
@@ -239,6 +242,7 @@ def build_table(runs: list[RunSummary], published: list[dict[str, Any]] | None =
             "" if not params else f"{params / 1e6:.2f}M",
             "" if r.info.get("train_img_s") is None else f"{r.info['train_img_s']:.0f}",
         ]
+        row += [(r.info.get("environment") or {}).get(k, "") for k in env_keys]
         for _, k in columns:
             v = r.values.get(k)
             row.append("" if v is None else _fmt(v) + (f" ({r.guidance[k]})" if k in r.guidance else ""))

@@ -1,81 +1,115 @@
-"""Sample figures of class-conditional runs: a per-run grid (one row per class) and a combined figure
-(one row per run, one column per class, the runs' labels on the left)."""
+"""Sample figures of a suite: a per-run grid (one row per class) and a combined figure (one row per
+run, one column per class, the runs' labels on the left), for every kind of data the toolkit has.
+
+Images are drawn as they are; latents are decoded when the run knows its VAE (``data.vae``) and
+otherwise shown as their first three channels (a rough look, as in training previews); 2-D vector
+data (the toy sets) become one density picture per class (``TOY_POINTS`` samples each)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from onestep.utils.atomic import atomic_write
-from onestep.viz import image_grid, to_uint8_images
+from onestep.viz import density_image, to_uint8_images
+
+TOY_POINTS = 2000  # samples in each density tile of vector data
+TOY_TILE = 160  # its side in pixels
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
-def class_samples(run_dir, per_class: int, nfe: int, guidance: float | None = None, seed: int = 0):
-    """(per_class * C images (N, C, H, W) in [-1, 1], number of classes C): ``per_class`` samples of
-    each class, class-major (one sample per class when the model is unconditional: C = 1 row)."""
+def class_tiles(
+    run_dir, per_class: int, nfe: int, guidance: float | None = None, seed: int = 0, upscale: int = 2
+) -> list[list[Image.Image]]:
+    """One list of tiles per class (one list when the model is unconditional): ``per_class`` pictures
+    of single samples for image and latent data, one density picture of ``TOY_POINTS`` samples for
+    vector data."""
     from onestep.api import generate, load_model
 
     model = load_model(str(run_dir), guidance=guidance)
     classes = max(model.num_classes, 1)
-    labels = torch.arange(classes).repeat_interleave(per_class) if model.num_classes else None
-    x, _ = generate(model, per_class * classes, nfe=nfe, y=labels, seed=seed)
-    return x, classes
+    vector = model.data.kind not in ("image", "latent")
+    if vector and len(model.data_shape) != 1:
+        raise ValueError(f"cannot draw samples of shape {model.data_shape} ({model.data.kind} data)")
+    count = TOY_POINTS if vector else per_class
+    labels = torch.arange(classes).repeat_interleave(count) if model.num_classes else None
+    x, _ = generate(model, count * classes, nfe=nfe, y=labels, seed=seed)
+    rows = []
+    for k in range(classes):
+        part = x[k * count : (k + 1) * count]
+        if vector:
+            rows.append([density_image(part).resize((TOY_TILE, TOY_TILE), Image.BILINEAR)])
+            continue
+        if model.data.kind == "latent":
+            part = model.decode(part) if model.decode is not None else (part[:, :3] / 4).clamp(-1, 1)
+        images = to_uint8_images(part)
+        rows.append([_image(img, upscale) for img in images])
+    return rows
+
+
+def _image(img: np.ndarray, upscale: int) -> Image.Image:
+    tile = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+    return tile.resize((tile.width * upscale, tile.height * upscale), Image.NEAREST)
+
+
+def _canvas(rows: list[list[Image.Image]], labels: list[str] | None, header: list[str] | None) -> Image.Image:
+    """Tiles in rows (all tiles scaled to the first tile's height), labels on the left, a header row."""
+    pad = 2
+    h = rows[0][0].height
+    rows = [[t if t.height == h else t.resize((max(1, t.width * h // t.height), h)) for t in row] for row in rows]
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    label_w = 8 + max(int(measure.textlength(s, font=font)) for s in labels) if labels else 0
+    head = 14 if header else 0
+    width = label_w + max(sum(t.width + pad for t in row) for row in rows) + pad
+    rgb = any(t.mode != "L" for row in rows for t in row)
+    canvas = Image.new("RGB" if rgb else "L", (width, head + len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    tile_w = rows[0][0].width
+    for j, name in enumerate(header or []):
+        draw.text((label_w + pad + j * (tile_w + pad), 1), name[: max(1, tile_w // 6)], fill=0, font=font)
+    for i, row in enumerate(rows):
+        top = head + pad + i * (h + pad)
+        if labels:
+            draw.text((4, top + h // 2 - 5), labels[i], fill=0, font=font)
+        left = label_w + pad
+        for tile in row:
+            canvas.paste(tile.convert(canvas.mode), (left, top))
+            left += tile.width + pad
+    return canvas
 
 
 def class_grid(
-    run_dir,
-    path: str | Path,
-    *,
-    per_class: int = 10,
-    nfe: int = 1,
-    guidance: float | None = None,
-    seed: int = 0,
-    upscale: int = 2,
+    run_dir, path: str | Path, *, per_class: int = 10, nfe: int = 1, guidance: float | None = None, seed: int = 0
 ) -> Path:
-    """Write a PNG with one row per class and ``per_class`` samples in each."""
-    x, _ = class_samples(run_dir, per_class, nfe, guidance, seed)
-    _save_png(image_grid(x, ncol=per_class, upscale=upscale, pad=2), Path(path))
+    """Write a PNG with one row per class and ``per_class`` samples in each (a density picture per
+    class for vector data)."""
+    rows = class_tiles(run_dir, per_class, nfe, guidance, seed)
+    _save_png(_canvas(rows, None, None), Path(path))
     return Path(path)
 
 
 def combined_grid(
-    rows: list[tuple[str, Path | str, int, float | None]],
+    runs: list[tuple[str, Path | str, int, float | None]],
     path: str | Path,
     *,
     seed: int = 0,
-    upscale: int = 2,
     class_names: list[str] | None = None,
 ) -> Path:
-    """One row per (label, run_dir, nfe, guidance): that run's first sample of each class."""
-    strips, labels = [], []
-    for label, run_dir, nfe, guidance in rows:
-        x, _ = class_samples(run_dir, 1, nfe, guidance, seed)
-        strips.append(to_uint8_images(x))
+    """One row per (label, run_dir, nfe, guidance): that run's first sample of each class (for vector
+    data, its density picture of each class)."""
+    rows, labels = [], []
+    for label, run_dir, nfe, guidance in runs:
+        rows.append([tiles[0] for tiles in class_tiles(run_dir, 1, nfe, guidance, seed)])
         labels.append(label)
-    if not strips:
+    if not rows:
         raise ValueError("combined grid: no runs to draw")
-    n, h, w, c = strips[0].shape
-    h, w, pad = h * upscale, w * upscale, 2
-    font = ImageFont.load_default()
-    label_w = 8 + max(int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(s, font=font)) for s in labels)
-    head = 14 if class_names else 0
-    canvas = Image.new(
-        "L" if c == 1 else "RGB", (label_w + n * (w + pad) + pad, head + len(strips) * (h + pad) + pad), 255
-    )
-    draw = ImageDraw.Draw(canvas)
-    for j, name in enumerate(class_names or []):
-        draw.text((label_w + pad + j * (w + pad), 1), name[: max(1, w // 6)], fill=0, font=font)
-    for i, (label, strip) in enumerate(zip(labels, strips)):
-        top = head + pad + i * (h + pad)
-        draw.text((4, top + h // 2 - 5), label, fill=0, font=font)
-        for j, img in enumerate(strip):
-            tile = Image.fromarray(img[..., 0] if c == 1 else img).resize((w, h), Image.NEAREST)
-            canvas.paste(tile, (label_w + pad + j * (w + pad), top))
-    _save_png(canvas, Path(path))
+    _save_png(_canvas(rows, labels, class_names), Path(path))
     return Path(path)

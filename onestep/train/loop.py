@@ -38,6 +38,7 @@ from onestep.sampling import balanced_labels, guidance_cond, sample
 from onestep.train.step import NonFiniteError, TrainStep, make_optimizer
 from onestep.utils import distributed
 from onestep.utils.device import allow_tf32, pick_device
+from onestep.utils.environment import environment
 from onestep.utils.rundir import RunDir, load_checkpoint
 from onestep.utils.seeding import seeded_noise, step_seed
 from onestep.utils.version import versions
@@ -253,7 +254,10 @@ class Trainer:
         return path
 
     def save(self, numbered: bool) -> Path:
-        return self.rundir.save_checkpoint(self.state(), numbered=numbered, keep=self.cfg.train.keep_checkpoints)
+        t = self.cfg.train
+        return self.rundir.save_checkpoint(
+            self.state(), numbered=numbered, keep=t.keep_checkpoints, protected=t.keep_steps
+        )
 
     def periodic_eval(self) -> None:
         ev = self.cfg.eval
@@ -292,6 +296,10 @@ class Trainer:
             if self.step == 0 or not self.rundir.is_run():
                 self.rundir.write_config(self._config_dict)
             self.rundir.truncate_stats(self.step)  # rows a killed run wrote past its last checkpoint
+            # Where this stretch of training ran (a resumed run may have moved machine or torch).
+            self.rundir.append_environment(
+                {"step": self.step, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **environment()}
+            )
             self.loggers = open_loggers(self.cfg.train.loggers, self.rundir, self._config_dict, resumed=self.step > 0)
         handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -345,7 +353,8 @@ class Trainer:
                     raise TrainingInterrupted(self.rundir, self.step, int(self._stop_signal))
                 if main_proc and t.sample_every and self.step % t.sample_every == 0:
                     self.preview()
-                if main_proc and t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step != t.steps:
+                every = t.checkpoint_every and self.step % t.checkpoint_every == 0
+                if main_proc and (every or self.step in t.keep_steps) and self.step != t.steps:
                     self.save(numbered=True)
                 if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step != t.steps:
                     self.periodic_eval()  # on every rank

@@ -22,10 +22,41 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def allow_tf32() -> None:
-    """Let fp32 matmuls and convolutions on CUDA use TensorFloat-32 (``train.tf32``; no effect on the CPU)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+def _precision_api() -> bool:
+    """True where torch has the per-backend ``fp32_precision`` settings (torch >= 2.9), which replace
+    ``allow_tf32``; torch refuses a mix of the two, so onestep uses one or the other, never both."""
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def tf32_settings() -> dict[str, str]:
+    """How fp32 matmuls (cuBLAS) and convolutions (cuDNN) run on CUDA: {"matmul": ..., "cudnn_conv": ...},
+    each "tf32", "ieee" or (new API only) "none" (torch's default for that backend)."""
+    if _precision_api():
+        return {
+            "matmul": str(torch.backends.cuda.matmul.fp32_precision),
+            "cudnn_conv": str(torch.backends.cudnn.conv.fp32_precision),
+        }
+    return {
+        "matmul": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        "cudnn_conv": "tf32" if torch.backends.cudnn.allow_tf32 else "ieee",
+    }
+
+
+def set_tf32_settings(settings: dict[str, str]) -> None:
+    """Set what ``tf32_settings`` reads, through the API the installed torch documents."""
+    if _precision_api():
+        torch.backends.cuda.matmul.fp32_precision = settings["matmul"]
+        torch.backends.cudnn.conv.fp32_precision = settings["cudnn_conv"]
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = settings["matmul"] == "tf32"
+        torch.backends.cudnn.allow_tf32 = settings["cudnn_conv"] == "tf32"
+
+
+def allow_tf32(enabled: bool = True) -> None:
+    """Let fp32 matmuls and convolutions on CUDA use TensorFloat-32 (``train.tf32``; no effect on the
+    CPU); ``enabled=False`` makes them full fp32 ("ieee")."""
+    mode = "tf32" if enabled else "ieee"
+    set_tf32_settings({"matmul": mode, "cudnn_conv": mode})
 
 
 def autocast_ctx(device: torch.device, precision: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +35,7 @@ class RunDir:
     CONFIG = "config.yaml"
     STATS = "stats.jsonl"
     METRICS = "metrics.jsonl"
+    ENVIRONMENT = "environment.jsonl"
     SAMPLES = "samples"
     CHECKPOINTS = "checkpoints"
     LAST = "last.pt"
@@ -64,6 +66,10 @@ class RunDir:
     @property
     def metrics_path(self) -> Path:
         return self.path / self.METRICS
+
+    @property
+    def environment_path(self) -> Path:
+        return self.path / self.ENVIRONMENT
 
     @property
     def samples_dir(self) -> Path:
@@ -102,15 +108,19 @@ class RunDir:
         found = [(int(m.group(1)), p) for p in self.checkpoints_dir.iterdir() if (m := _NUMBERED.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def save_checkpoint(self, state: dict[str, Any], *, numbered: bool, keep: int = 0) -> Path:
+    def save_checkpoint(
+        self, state: dict[str, Any], *, numbered: bool, keep: int = 0, protected: Iterable[int] = ()
+    ) -> Path:
         """Write ``last.pt`` (and a numbered copy), atomically; keep only the ``keep`` newest numbered
-        ones (0 = all)."""
+        ones (0 = all) besides those at the ``protected`` steps, which are never removed."""
         state = {"format": FORMAT, **state}
         if numbered:
             atomic_save(state, self.checkpoint_path(state["step"]))
         atomic_save(state, self.last_checkpoint)
         if keep > 0:
-            for old in self.numbered_checkpoints()[:-keep]:
+            kept = {self.checkpoint_path(s).name for s in protected}
+            rotating = [p for p in self.numbered_checkpoints() if p.name not in kept]
+            for old in rotating[:-keep]:
                 old.unlink(missing_ok=True)
         return self.last_checkpoint
 
@@ -148,8 +158,18 @@ class RunDir:
         return read_jsonl(self.metrics_path)
 
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
+        self._append_rows(self.metrics_path, rows)
+
+    def read_environments(self) -> list[dict[str, Any]]:
+        """One row per training start or resume: {"step": the step it started from, "time", **environment}."""
+        return read_jsonl(self.environment_path)
+
+    def append_environment(self, row: dict[str, Any]) -> None:
+        self._append_rows(self.environment_path, [row])
+
+    def _append_rows(self, path: Path, rows: list[dict[str, Any]]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as f:
+        with open(path, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
 

@@ -293,11 +293,11 @@ def part_numerics(w: Worker) -> None:
 
     from onestep.objectives.meanflow import MeanFlow
     from onestep.registry import OBJECTIVES
+    from onestep.utils.device import allow_tf32
 
     device = _torch_device(w.device)
     if device.type == "cuda":  # fp32 must mean fp32 here
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        allow_tf32(False)
     spec = w.sizes["numerics"]
     ref_net = randomized_net(spec)
     x, y, e, t, r = numerics_inputs(spec)

@@ -1,0 +1,224 @@
+"""The suite's tables: ``results.md`` / ``results.csv``, ``seeds.md`` and the combined sample figure."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+import warnings
+from pathlib import Path
+from typing import Any
+
+from onestep.registry import ConfigError
+from onestep.suite.spec import METRIC_COLUMNS, Suite, trained_step
+from onestep.utils.atomic import atomic_write
+from onestep.utils.rundir import RunDir, read_jsonl
+
+
+def train_seconds(run_dir: Path) -> float | None:
+    """Training wall time from stats.jsonl: the sum over the run's segments (``time_s`` restarts at
+    each resume)."""
+    total, last = 0.0, 0.0
+    rows = RunDir(run_dir).read_stats()
+    if not rows:
+        return None
+    for row in rows:
+        t = float(row.get("time_s", 0.0))
+        if t < last:
+            total += last
+        last = t
+    return total + last
+
+
+def result_rows(suite: Suite) -> list[dict[str, Any]]:
+    rows = []
+    for run in suite.runs:
+        meta = RunDir(run.dir).read_config().get("meta", {}) if RunDir(run.dir).is_run() else {}
+        stats = RunDir(run.dir).read_stats()
+        speed = statistics.median([r["images_per_s"] for r in stats[1:]]) if len(stats) > 1 else None
+        secs = train_seconds(run.dir)
+        base = {
+            "method": run.label,
+            "run": run.name,
+            "params": meta.get("parameters"),
+            "train_min": None if secs is None else round(secs / 60, 2),
+            "images_per_s": speed,
+            "status": run.status if run.status != "pending" else ("trained" if trained_step(run) else "pending"),
+        }
+        step = trained_step(run)
+        metrics = [
+            r
+            for r in RunDir(run.dir).read_metrics()
+            if r.get("step") == step and r.get("num_samples") == suite.num_samples(run)
+        ]
+        keys = sorted({(r["nfe"], r.get("guidance")) for r in metrics}, key=lambda k: (k[1] or 0, k[0]))
+        if not keys:
+            rows.append({**base, "nfe": None, "guidance": None})
+        for nfe, guidance in keys:
+            row = {**base, "nfe": nfe, "guidance": guidance}
+            row["_metrics"] = []
+            for r in metrics:
+                if (r["nfe"], r.get("guidance")) == (nfe, guidance):
+                    row[r["metric"]] = r["value"]
+                    row["_metrics"].append(r["metric"])
+            rows.append(row)
+    return rows
+
+
+def _num(value, digits=3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1 else f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+HEADINGS = {"fd": "FD ↓", "is": "IS ↑", "acc": "acc ↑", "precision": "precision ↑", "recall": "recall ↑"}
+
+
+def metric_columns(suite: Suite, rows: list[dict[str, Any]]) -> list[str]:
+    """The suite's ``eval.metrics``, else every metric its runs were scored with (each data kind has
+    its own defaults: FD/IS/... for labeled images, sliced Wasserstein/... for toy data), in order."""
+    if suite.eval.get("metrics"):
+        return suite.metric_names()
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row.get("_metrics", ()):
+            seen.setdefault(key)
+    return list(seen) or list(METRIC_COLUMNS)
+
+
+def _heading(metric: str, higher: dict[str, bool]) -> str:
+    if metric in HEADINGS:
+        return HEADINGS[metric]
+    return metric + ({True: " ↑", False: " ↓"}.get(higher.get(metric), ""))
+
+
+def write_results(suite: Suite, echo=print) -> None:
+    rows = result_rows(suite)
+    real = read_jsonl(suite.root / "real.jsonl")
+    columns = metric_columns(suite, rows)
+    higher = {
+        r["metric"]: bool(r.get("higher_is_better"))
+        for run in suite.runs
+        for r in RunDir(run.dir).read_metrics()
+        if "metric" in r
+    }
+    cols = ["method", "run", "nfe", "guidance", *columns, "train_min", "params", "images_per_s", "status"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    for split in sorted({r["weights"] for r in real}):
+        writer.writerow(
+            {
+                "method": f"real images ({split})",
+                "nfe": 0,
+                **{r["metric"]: r["value"] for r in real if r["weights"] == split},
+            }
+        )
+    atomic_write(suite.root / "results.csv", lambda f: f.write(buf.getvalue().encode()))
+    head = ["method", "NFE", "guidance", *(_heading(m, higher) for m in columns), "train min", "params", "img/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"] + ("" if r["status"] == "trained" else f" ({r['status']})"), _num(r["nfe"])]
+        cells += [_num(r["guidance"]), *(_num(r.get(m)) for m in columns)]
+        cells += [_num(r["train_min"]), _num(r["params"]), _num(r["images_per_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    for split in sorted({r["weights"] for r in real}):
+        vals = {r["metric"]: r["value"] for r in real if r["weights"] == split}
+        cells = [f"real images ({split.split(':')[1]} split)", "—", "—", *(_num(vals.get(m)) for m in columns)]
+        lines.append("| " + " | ".join(cells + ["—", "—", "—"]) + " |")
+    impl = sorted(
+        {
+            f"{r['metric']}: {r['implementation']}"
+            for run in suite.runs
+            for r in RunDir(run.dir).read_metrics()
+            if r.get("metric") in columns[:1] and r.get("implementation")
+        }
+    )
+    notes = [f"\n{i}" for i in impl[:3]]
+    groups = {r.name: r.seeds for r in suite.runs if r.seeds}
+    seeds = seeds_table(rows, groups)
+    text = "\n".join(lines) + "\n" + "".join(notes) + "\n" + seeds
+    atomic_write(suite.root / "results.md", lambda f: f.write(text.encode()))
+    atomic_write(suite.root / "seeds.md", lambda f: f.write(seeds.encode()))
+    first_of_group = {}
+    for r in suite.runs:
+        if r.in_figure:
+            first_of_group.setdefault(r.seeds or r.name, r)
+    figure = [
+        (r.label + (f" ({r.grid.nfe[0]} NFE)" if r.grid.nfe[0] != 1 else ""), r.dir, r.grid.nfe[0], r.grid.guidance)
+        for r in first_of_group.values()
+        if trained_step(r) is not None
+    ]
+    if figure:
+        try:
+            from onestep.suite.grids import combined_grid
+
+            names = list(getattr(suite.runs[0].cfg, "class_names", None) or [])
+            combined_grid(figure, suite.root / "grid.png", class_names=names or None)
+        except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+            echo(f"[suite] combined grid failed: {exc}")
+    from onestep.suite.curves import write_curves
+
+    write_curves(suite, echo=echo)
+
+
+SEED_METRICS = ("fd", "acc", "precision", "recall")
+
+
+def seeds_table(rows: list[dict], groups: dict[str, str]) -> str:
+    """Mean ± sample std (over runs sharing a ``seeds`` group) of FD, accuracy, precision and recall at
+    1 NFE; a group with one finished run shows that run's value marked "(1 run)". Below it, for each
+    pair of groups with two or more runs each, Welch's t-test p-value of each difference."""
+    by_group: dict[str, list[dict]] = {}
+    for r in rows:
+        group = groups.get(r["run"])
+        if group and r.get("nfe") == 1 and r.get("fd") is not None:
+            by_group.setdefault(group, []).append(r)
+    if not by_group:
+        return ""
+    out = [
+        "",
+        "| seeds group | runs | FD ↓ (mean ± std) | acc ↑ (mean ± std) | precision ↑ (mean ± std) "
+        "| recall ↑ (mean ± std) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for group, rs in by_group.items():
+        cells = []
+        for m in SEED_METRICS:
+            vals = [float(r[m]) for r in rs if r.get(m) is not None]
+            if len(vals) > 1:
+                cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}")
+            else:  # one run has no spread: its value alone, not a std of 0
+                cells.append(f"{vals[0]:.3f} (1 run)" if vals else "—")
+        out.append(f"| {group} | {', '.join(r['run'] for r in rs)} | " + " | ".join(cells) + " |")
+    pairs = [(a, b) for i, a in enumerate(by_group) for b in list(by_group)[i + 1 :]]
+    tests = [welch_row(a, b, by_group[a], by_group[b]) for a, b in pairs]
+    tests = [t for t in tests if t]
+    if tests:
+        out += ["", "| groups | " + " | ".join(f"{m}: difference (p)" for m in SEED_METRICS) + " |"]
+        out += ["|---|" + "---|" * len(SEED_METRICS), *tests]
+        out.append("\np: Welch's two-sided t-test over the seeds (unequal variances); few seeds give little power.")
+    return "\n".join(out) + "\n"
+
+
+def welch_row(a: str, b: str, rows_a: list[dict], rows_b: list[dict]) -> str:
+    """One markdown row: mean(b) - mean(a) of each metric and Welch's p-value; "" when either group has
+    fewer than two runs."""
+    from scipy import stats
+
+    cells = []
+    for m in SEED_METRICS:
+        va = [float(r[m]) for r in rows_a if r.get(m) is not None]
+        vb = [float(r[m]) for r in rows_b if r.get(m) is not None]
+        if len(va) < 2 or len(vb) < 2:
+            return ""
+        with warnings.catch_warnings():  # identical values in both groups: no spread, p is nan
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = float(stats.ttest_ind(vb, va, equal_var=False).pvalue)
+        diff = statistics.mean(vb) - statistics.mean(va)
+        cells.append(f"{diff:+.3f} (p={p:.2g})" if math.isfinite(p) else f"{diff:+.3f} (no spread)")
+    return f"| {b} − {a} | " + " | ".join(cells) + " |"
