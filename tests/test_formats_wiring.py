@@ -359,3 +359,44 @@ def test_import_onestep_stays_light():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_dmf_xl2_recipe_converts_a_repa_file_exactly(tmp_path, latents, capsys):
+    """recipes/dmf_xl2_from_repa.yaml, shrunk to the tiny official-layout REPA file: its dry run, and
+    the conversion: before any fine-tuning the decoupled student at h = 0 is REPA's velocity exactly,
+    and the Euler sampler of flow matching gives the source's samples; then it trains."""
+    spec, _ = official(tmp_path, "repa_sit")
+    tiny = [
+        f"data.root={latents}",
+        f"data.num_classes={CLASSES}",
+        "backbone.name=test_dit",
+        f"backbone.input_shape=[{C},{SIDE},{SIDE}]",
+        f"backbone.num_classes={CLASSES}",
+        "backbone.decoupled_depth=1",
+        f"train.init_from={spec}",
+        "train.steps=2",
+        "train.batch_size=4",
+        "train.precision=fp32",
+        "train.num_preview=2",
+        "train.sample_every=0",
+    ]
+    assert main(["train", "dmf_xl2_from_repa", "--dry-run", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "name: dmf" in out and "decoupled_depth: 1" in out and "# backbone test_dit" in out
+    trainer = Trainer(load_config("dmf_xl2_from_repa", tiny), tmp_path / "run")
+    teacher = load_teacher(spec)
+    z = torch.randn(5, *SHAPE)
+    t = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0])
+    y = torch.tensor([0, 1, 2, 3, CLASSES])
+    with torch.no_grad():
+        assert torch.equal(trainer.net(z, t, torch.zeros_like(t), y), teacher(z, t, None, y))
+        # Flow-map steps of the untrained student are not the flow (the decoder sees r), but its
+        # velocity at h = 0 is: Euler steps of it are the source's Euler samples.
+        from onestep.registry import OBJECTIVES
+        from onestep.sampling import sample
+
+        fm = OBJECTIVES.build("flow_matching")
+        noise, labels = torch.randn(4, *SHAPE), torch.arange(4) % CLASSES
+        assert torch.equal(sample(fm, trainer.net, noise, labels, nfe=4), sample(fm, teacher, noise, labels, nfe=4))
+    trainer.run()
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()

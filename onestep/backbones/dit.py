@@ -4,6 +4,14 @@ Notation: x (B, C, H, W) the network input (z_t in the objectives), t (B,) time 
 h = t - r (B,) the interval, y (B,) class ids (``num_classes`` = null class).
 
 The condition c = emb_t(t) + emb_h(h) + emb_y(y) drives every block's adaLN-Zero modulation.
+
+Decoupled conditioning (``decoupled_depth=K``; Decoupled MeanFlow, Lee et al. 2025): blocks [0, K)
+get c_t = emb_t(t) + emb_h(0) + emb_y(y), blocks [K, depth) and the final layer get
+c_r = emb_t(r) + emb_h(0) + emb_y(y) with r = t − h, through the same embedders: no new parameters,
+the interval reaches the net only through the decoder's time. At h = 0 (r = t) the network computes
+exactly what the plain one computes with h = 0, so a flow-matching DiT (or a converted SiT / REPA
+checkpoint) is a flow map as loaded. emb_h sees 0 in this mode (a learned constant; zero for the
+converted public checkpoints), so every DiT state dict loads into either mode.
 With ``guidance_conditions=True`` c also gets emb_ω(1 − 1/ω) + emb_tmin(t_min) + emb_tmax(t_max)
 from ``cond`` (three more embedders whose last Linear starts at zero, so a fresh guided net computes
 the same function as the unguided one with the same other weights).
@@ -21,6 +29,7 @@ from .attention import Attention
 from .layers import (
     BlockFeatures,
     TimeConditioned,
+    batch_times,
     check_input_shape,
     modulate,
     sincos_pos_embed_2d,
@@ -80,6 +89,9 @@ class DiT(TimeConditioned, BlockFeatures, nn.Module):
     ``forward_features(..., blocks=...)`` also returns the tokens (B, N, hidden_size) after the
     requested blocks. ``encoder_blocks = (depth // 4,)``: the 0-based block index used by the
     dispersive loss (block 3 of 12 for B/2, block 7 of 28 for XL/2).
+    ``decoupled_depth``: None (MeanFlow's (t, h) conditioning), K in [0, depth] or "auto"
+    (round(2·depth / 3), the DMF paper's "2/3 of the depth"; it used 20 of 28 for XL/2): the
+    decoupled (t, r) conditioning of the module docstring.
     """
 
     def __init__(
@@ -95,6 +107,7 @@ class DiT(TimeConditioned, BlockFeatures, nn.Module):
         dropout: float = 0.0,
         frequency_size: int = 256,
         guidance_conditions: bool = False,
+        decoupled_depth: int | str | None = None,
     ):
         super().__init__()
         channels, height, width = check_input_shape(input_shape, 3, "DiT")
@@ -117,6 +130,7 @@ class DiT(TimeConditioned, BlockFeatures, nn.Module):
         self.grid_size = (height // patch_size, width // patch_size)
         self.num_blocks = depth
         self.encoder_blocks = (depth // 4,)
+        self.decoupled_depth = resolve_decoupled_depth(decoupled_depth, depth)
 
         self.x_embedder = nn.Conv2d(channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.register_buffer(
@@ -164,17 +178,43 @@ class DiT(TimeConditioned, BlockFeatures, nn.Module):
     def _run(self, x, t, h, y, blocks: list[int], cond: dict[str, torch.Tensor] | None = None):
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"DiT built for per-sample shape {self.input_shape}, got input of shape {tuple(x.shape)}")
-        c = self.condition(t, h, y, x.shape[0], x.device, cond)
+        c, c_r, first_r = self.conditions(t, h, y, x.shape[0], x.device, cond)
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2)
         tokens = tokens + self.pos_embed.to(tokens.dtype)
         wanted = set(blocks)
         captured: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks):
-            tokens = block(tokens, c)
+            tokens = block(tokens, c if index < first_r else c_r)
             if index in wanted:
                 captured[index] = tokens
-        out = self.unpatchify(self.final_layer(tokens, c))
+        out = self.unpatchify(self.final_layer(tokens, c_r))
         return out, [captured[i] for i in blocks]
+
+    def conditions(self, t, h, y, batch_size: int, device, cond=None):
+        """(c of the first blocks, c of the later blocks and the final layer, index of the first later
+        block): one c for all (MeanFlow's (t, h)), or c_t and c_r = c(t − h) when decoupled."""
+        if self.decoupled_depth is None:
+            c = self.condition(t, h, y, batch_size, device, cond)
+            return c, c, self.num_blocks
+        t = batch_times(t, batch_size, device)
+        r = t if h is None else t - batch_times(h, batch_size, device)
+        c_t = self.condition(t, None, y, batch_size, device, cond)
+        c_r = self.condition(r, None, y, batch_size, device, cond)
+        return c_t, c_r, self.decoupled_depth
+
+
+def resolve_decoupled_depth(value: int | str | None, depth: int) -> int | None:
+    """None, or the number K of blocks that see the current time t (the rest see r): an int in
+    [0, depth], or "auto" = round(2·depth / 3)."""
+    if value is None:
+        return None
+    if value == "auto":
+        return round(2 * depth / 3)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= depth:
+        raise ValueError(
+            f"DiT decoupled_depth must be null, 'auto' or a whole number in 0..{depth} (the depth), got {value!r}"
+        )
+    return value
 
 
 # Literal sizes from the MeanFlow / DiT papers: depth, width, heads, patch.
@@ -203,6 +243,7 @@ def _register_size(name: str, doc: str, default_shape: tuple[int, ...] = (4, 32,
         time_scale: float = 1.0,
         dropout: float = 0.0,
         guidance_conditions: bool = False,
+        decoupled_depth: int | str | None = None,
     ) -> DiT:
         return DiT(
             input_shape,
@@ -210,6 +251,7 @@ def _register_size(name: str, doc: str, default_shape: tuple[int, ...] = (4, 32,
             time_scale=time_scale,
             dropout=dropout,
             guidance_conditions=guidance_conditions,
+            decoupled_depth=decoupled_depth,
             **DIT_SIZES[name],
         )
 

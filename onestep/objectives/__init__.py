@@ -4,6 +4,7 @@ from onestep.objectives.base import LossOutput, Objective
 from onestep.objectives.common import adaptive_weight, batch_time, cfg_velocity, expand_time, interpolate, velocity
 from onestep.objectives.consistency import ConsistencyDistillation, ConsistencyTraining
 from onestep.objectives.consistency_math import consistency_fn
+from onestep.objectives.dmf import DecoupledMeanFlow
 from onestep.objectives.ect import EasyConsistencyTuning
 from onestep.objectives.flow_matching import FlowMatching
 from onestep.objectives.improved_meanflow import ImprovedMeanFlow, imf_jvp
@@ -19,6 +20,7 @@ __all__ = [
     "interpolate",
     "FlowMatching",
     "MeanFlow",
+    "DecoupledMeanFlow",
     "adaptive_weight",
     "cfg_velocity",
     "velocity",
