@@ -39,6 +39,7 @@ import ctypes
 import ctypes.util
 import gc
 import json
+import re
 import statistics
 import sys
 import time
@@ -137,7 +138,7 @@ def bench_one(
     ).to(device)
     name, _, spec = objective.partition(":")  # "meanflow:jvp_only_r_neq_t=false,ratio_r_neq_t=0.5"
     kwargs = dict(objective_kwargs.get(name, {}))
-    for item in filter(None, spec.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", spec)):  # commas inside [...] stay (lists)
         key, _, value = item.partition("=")
         kwargs[key] = yaml.safe_load(value)
     if kwargs.get("teacher") == "copy":  # distillation timing: a frozen copy of the backbone as the teacher

@@ -27,6 +27,8 @@ def shifted_grid(nfe: int, shift: float = 1.0) -> Tensor:
     """Descending times 1 → 0 (length nfe + 1), each t mapped to s·t / (1 + (s − 1)·t)."""
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
+    if shift == 1.0:
+        return torch.linspace(1.0, 0.0, nfe + 1)  # the uniform grid of every other objective, bit for bit
     t = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)
     return (shift * t / (1.0 + (shift - 1.0) * t)).float()
 

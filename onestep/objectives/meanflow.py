@@ -27,12 +27,25 @@ weight; ImageNet defaults p = 1, c = 0.01; CIFAR-10 used p = 0.75, c = 1e-3):
 
 When r = t the correction vanishes and the loss is plain flow matching on those samples.
 
+α-Flow (Zhang et al. 2025, arXiv 2510.20771; ``alpha_start`` set): for r ≠ t and 0 < α ≤ 1 the JVP
+target is replaced by a discrete, self-referential one: one Euler step of size α·(t − r) with ṽ, then
+the no-grad net for the rest of the interval,
+
+    s = t − α·(t − r),  z_s = z_t − α·(t − r)·ṽ,  u_tgt = clip(α·ṽ + (1 − α)·u_θ(z_s, s, h = s − r), ±c_u)
+
+(α = 1: trajectory flow matching, u_tgt = clip(ṽ); α = ½: a shortcut-style target; α = 0: the
+MeanFlow JVP target above, exactly). α follows a sigmoid curriculum over absolute steps
+[k_start, k_end]: α = α_0 + (α_1 − α_0)·sigmoid(γ·(k − (k_start + k_end)/2)/(k_end − k_start)),
+α_0 before k_start and α_1 after k_end, then α < c → 0 and α > 1 − c → 1 (the authors: α_0 = 1,
+α_1 = 0, γ = 25, c = 0.005). The discrete samples' loss is weighted by α (the authors' code).
+
 Sampling: z_r = z_t − (t − r)·u_θ(z_t, t, h = t − r, y); one step is x = e − u_θ(e, t=1, h=1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Literal
 
 import torch
@@ -42,7 +55,6 @@ from onestep.backbones.attention import JVP_KERNELS, jvp_attention
 from onestep.objectives.base import LossOutput, Objective, register_objective
 from onestep.objectives.common import (
     adaptive_weight,
-    batch_time,
     cfg_velocity,
     check_adaptive,
     check_choice,
@@ -58,9 +70,18 @@ from onestep.objectives.common import (
     target_velocity,
     velocity,
 )
+from onestep.objectives.flow_map import FlowMapSampling, Sampler
 from onestep.objectives.time_sampling import check_ratio, sample_t_r
 
-__all__ = ["MeanFlow", "meanflow_target", "meanflow_jvp", "adaptive_weight", "cfg_velocity", "jvp_context"]
+__all__ = [
+    "MeanFlow",
+    "alpha_schedule",
+    "meanflow_target",
+    "meanflow_jvp",
+    "adaptive_weight",
+    "cfg_velocity",
+    "jvp_context",
+]
 
 
 def jvp_context(kernel: str = "fused") -> contextlib.AbstractContextManager:
@@ -128,8 +149,27 @@ def meanflow_jvp(
     return u, dudt, []
 
 
+def alpha_schedule(
+    step: int, start: float, end: float, k_start: int, k_end: int, gamma: float = 25.0, clamp: float = 0.005
+) -> float:
+    """α-Flow's α at ``step``: start before k_start, end after k_end, a sigmoid in between (module
+    docstring); then α < clamp → 0 and α > 1 − clamp → 1."""
+    if step < k_start:
+        alpha = start
+    elif step > k_end:
+        alpha = end
+    else:
+        p = (step - (k_start + k_end) / 2) / max(k_end - k_start, 1)
+        alpha = start + (end - start) / (1.0 + math.exp(-gamma * p))
+    if alpha < clamp:
+        return 0.0
+    if alpha > 1.0 - clamp:
+        return 1.0
+    return float(alpha)
+
+
 @register_objective("meanflow")
-class MeanFlow(Objective):
+class MeanFlow(FlowMapSampling, Objective):
     """MeanFlow (Geng et al. 2025): the average velocity, for one-step sampling; equations in the module docstring.
 
     Args:
@@ -169,6 +209,19 @@ class MeanFlow(Objective):
         teacher_guidance: CFG scale applied to the teacher's velocity (1 = none).
         teacher_guidance_interval: [lo, hi]: guide the teacher only at times lo <= t <= hi (REPA's
             sampler guides t <= 0.7: [0, 0.7]); null (default) guides at every t.
+        alpha_start, alpha_end, alpha_steps, alpha_gamma, alpha_clamp: the α-Flow curriculum (module
+            docstring): α_0, α_1, [k_start, k_end] in absolute steps (so a point of a learning curve
+            is a run stopped there), steepness γ and clamp c; ``alpha_start: null`` (default) is
+            MeanFlow. α-Flow's settings: 1, 0, [0, total steps] (B/2; [600K, 1M] of 1.2M for XL/2),
+            25, 0.005.
+        alpha_weight: weight the discrete-target samples' loss by α (the authors' code; their
+            paper writes α⁻¹).
+        u_target_clamp: c_u, the clip of the discrete target (α-Flow: 4); null: no clip.
+        loss_reduction: "sum" (MeanFlow: l = Σ over elements) or "mean" (α-Flow: the per-element
+            mean; with adaptive_c 1e-3 that is the authors' loss).
+        sampler, time_shift: ``flow_map`` sampling: "euler" flow-map steps (default) or "restart"
+            (jump to the data, re-noise; α-Flow's 2-NFE "consistency sampling" for XL/2), and the
+            grid shift.
         velocity_estimate: v itself: "conditional" (e − x, the paper) or "batch_posterior" (the
             training batch's stable-target-field estimate of E[v | z_t], ``flow_matching`` module
             docstring): the same target in expectation up to the batch's finite size, far lower
@@ -203,6 +256,16 @@ class MeanFlow(Objective):
         teacher_guidance: float = 1.0,
         teacher_guidance_interval: list[float] | None = None,
         velocity_estimate: Literal["conditional", "batch_posterior"] = "conditional",
+        alpha_start: float | None = None,
+        alpha_end: float = 0.0,
+        alpha_steps: list[int] | None = None,
+        alpha_gamma: float = 25.0,
+        alpha_clamp: float = 0.005,
+        alpha_weight: bool = True,
+        u_target_clamp: float | None = None,
+        loss_reduction: Literal["sum", "mean"] = "sum",
+        sampler: Sampler = "euler",
+        time_shift: float = 1.0,
     ):
         check_ratio(ratio_r_neq_t)
         check_choice("pairing", pairing, ("sort", "clip"))
@@ -243,6 +306,41 @@ class MeanFlow(Objective):
                 "teacher's velocity already replaces e − x; use 'conditional'"
             )
         self.velocity_estimate = velocity_estimate
+        if alpha_start is not None:
+            check_range("alpha_start", alpha_start, 0.0, 1.0)
+            check_range("alpha_end", alpha_end, 0.0, 1.0)
+            check_range("alpha_clamp", alpha_clamp, 0.0, 0.5)
+            if (
+                not isinstance(alpha_steps, (list, tuple))
+                or len(alpha_steps) != 2
+                or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in alpha_steps)
+                or alpha_steps[0] > alpha_steps[1]
+            ):
+                raise ValueError(
+                    f"alpha_steps must be [k_start, k_end], whole numbers 0 <= k_start <= k_end (absolute steps), "
+                    f"got {alpha_steps!r}"
+                )
+        self.alpha_start, self.alpha_end = (None if alpha_start is None else float(alpha_start)), float(alpha_end)
+        self.alpha_steps = None if alpha_steps is None else (int(alpha_steps[0]), int(alpha_steps[1]))
+        self.alpha_gamma, self.alpha_clamp, self.alpha_weight = (
+            float(alpha_gamma),
+            float(alpha_clamp),
+            bool(alpha_weight),
+        )
+        if u_target_clamp is not None:
+            check_range("u_target_clamp", u_target_clamp, 0.0, low_open=True)
+        self.u_target_clamp = None if u_target_clamp is None else float(u_target_clamp)
+        check_choice("loss_reduction", loss_reduction, ("sum", "mean"))
+        self.loss_reduction = loss_reduction
+        self.set_sampler(sampler, time_shift)
+
+    def alpha_at(self, step: int) -> float | None:
+        """α-Flow's α at ``step`` (None: plain MeanFlow)."""
+        if self.alpha_start is None:
+            return None
+        return alpha_schedule(
+            step, self.alpha_start, self.alpha_end, *self.alpha_steps, self.alpha_gamma, self.alpha_clamp
+        )
 
     @property
     def cfg_effective_scale(self) -> float:
@@ -283,7 +381,7 @@ class MeanFlow(Objective):
         # Drop labels to the null class.
         y_kept, y = y, drop_labels(y, num_classes_of(net), self.class_dropout)
         v = target_velocity(self.velocity_estimate, x, e, t, y_kept, y, num_classes_of(net))
-        return self.loss_given(net, x, y, e=e, t=t, r=r, v=v, feature_blocks=feature_blocks)
+        return self.loss_given(net, x, y, e=e, t=t, r=r, v=v, feature_blocks=feature_blocks, alpha=self.alpha_at(step))
 
     def loss_given(
         self,
@@ -296,9 +394,11 @@ class MeanFlow(Objective):
         r: Tensor,
         v: Tensor | None = None,
         feature_blocks: tuple[int, ...] = (),
+        alpha: float | None = None,
     ) -> LossOutput:
         """The loss for given noise e (like x), times t, r (B,) and (already dropped) labels y; ``v`` is
-        the velocity standing for e − x (default e − x itself)."""
+        the velocity standing for e − x (default e − x itself); ``alpha`` > 0: α-Flow's discrete
+        target (None or 0: the MeanFlow JVP target)."""
         if num_classes_of(net) == 0:
             y = None
         dtype = torch.float32 if self.target_fp32 else x.dtype
@@ -322,24 +422,67 @@ class MeanFlow(Objective):
             v = e - x if v is None else v.to(dtype)
             # Guided (or teacher) velocity, no grad.
             v_tilde, guided, guided_outputs = self.guided_velocity(net, z, t, v, y, return_outputs=True)
-            # The tangent velocity: ṽ, or the net's own (no-grad) velocity estimate where r != t
-            # (reusing the guided samples' u_θ(·|c), u_θ(·|∅) computed for ṽ).
-            v_tangent = (
-                v_tilde
-                if self.jvp_tangent == "sample"
-                else self.model_tangent(net, z, t, r, y, v_tilde, guided_outputs=guided_outputs)
-            )
-            # u and du/dt from a JVP along (v_tangent, 1, 1) in (z, t, h).
-            u, dudt, features = self.u_and_dudt(net, z, t, r, v_tangent, y, feature_blocks, plain_precision=ambient)
-        # Stop-gradient target, in float32.
-        u_tgt = meanflow_target(v_tilde, dudt, t, r)
-        # Per-sample sum of squares, adaptively weighted.
-        l = sum_squares(u.to(u_tgt.dtype) - u_tgt)
+            if alpha:
+                # α-Flow: the discrete target, no JVP; u from a plain forward.
+                u_tgt = self.discrete_target(net, z, t, r, v_tilde, y, alpha)
+                with ambient:
+                    u, features = self.plain_forward(net, z, t, t - r, y, feature_blocks)
+            else:
+                # The tangent velocity: ṽ, or the net's own (no-grad) velocity estimate where r != t
+                # (reusing the guided samples' u_θ(·|c), u_θ(·|∅) computed for ṽ).
+                v_tangent = (
+                    v_tilde
+                    if self.jvp_tangent == "sample"
+                    else self.model_tangent(net, z, t, r, y, v_tilde, guided_outputs=guided_outputs)
+                )
+                # u and du/dt from a JVP along (v_tangent, 1, 1) in (z, t, h).
+                u, dudt, features = self.u_and_dudt(net, z, t, r, v_tangent, y, feature_blocks, plain_precision=ambient)
+        if not alpha:
+            # Stop-gradient target, in float32.
+            u_tgt = meanflow_target(v_tilde, dudt, t, r)
+        # Per-sample sum (or mean) of squares, adaptively weighted.
+        diff = u.to(u_tgt.dtype) - u_tgt
+        l = sum_squares(diff) if self.loss_reduction == "sum" else sum_squares(diff) / diff[0].numel()
         loss = adaptive_weight(l, self.adaptive_p, self.adaptive_c) * l
+        if alpha and self.alpha_weight:  # the discrete-target samples weigh α
+            loss = torch.where(t != r, alpha * loss, loss)
         logs = {"mse": float(l.detach().mean())}
+        if alpha is not None:
+            logs["alpha"] = float(alpha)
         if guided is not None:
             logs["guided_fraction"] = float(guided.float().mean())
         return LossOutput(loss=loss, features=features, logs=logs)
+
+    @torch.no_grad()
+    def discrete_target(
+        self, net: nn.Module, z: Tensor, t: Tensor, r: Tensor, v_tilde: Tensor, y: Tensor | None, alpha: float
+    ) -> Tensor:
+        """α-Flow's target (module docstring): ṽ where r = t; clip(α·ṽ + (1 − α)·u_θ(z_s, s, s − r)) with
+        s = t − α(t − r), z_s = z_t − α(t − r)·ṽ elsewhere (clip(ṽ) at α = 1, no net call)."""
+        target = v_tilde.clone()
+        index = (t != r).nonzero().squeeze(1)
+        if index.numel() == 0:
+            return target
+        zi, ti, ri, vi = z[index], t[index], r[index], v_tilde[index]
+        step = alpha * (ti - ri)
+        if alpha >= 1.0:
+            moved = vi
+        else:
+            s = ti - step
+            z_s = zi - expand_time(step, zi) * vi
+            rest = net(z_s, s, s - ri, None if y is None else y[index]).to(vi.dtype)
+            moved = alpha * vi + (1.0 - alpha) * rest
+        if self.u_target_clamp is not None:
+            moved = moved.clamp(-self.u_target_clamp, self.u_target_clamp)
+        return target.index_copy(0, index, moved)
+
+    @staticmethod
+    def plain_forward(net: nn.Module, z: Tensor, t: Tensor, h: Tensor, y: Tensor | None, feature_blocks=()):
+        """u_θ(z, t, h, y) with its graph, and the requested block features."""
+        if feature_blocks:
+            u, feats = net.forward_features(z, t, h, y, blocks=tuple(feature_blocks))
+            return u, list(feats)
+        return net(z, t, h, y), []
 
     def u_and_dudt(
         self,
@@ -496,11 +639,3 @@ class MeanFlow(Objective):
         mixed = cfg_velocity(base[index], u_cond, u_uncond, self.cfg_omega, self.cfg_kappa)
         out = base.index_copy(0, index, mixed), guided
         return (*out, (index, u_cond, u_uncond)) if return_outputs else out
-
-    @torch.no_grad()
-    def sample_step(self, net: nn.Module, x: Tensor, t: Tensor | float, r: Tensor | float, y: Tensor | None) -> Tensor:
-        """z_r = z_t − (t − r)·u_θ(z_t, t, h = t − r, y)."""
-        t, r = batch_time(t, x), batch_time(r, x)
-        if num_classes_of(net) == 0:
-            y = None
-        return x - expand_time(t - r, x) * net(x, t, t - r, y)
