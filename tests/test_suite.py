@@ -289,3 +289,37 @@ def test_a_failing_run_is_reported_with_its_cause(tmp_path, capfd, monkeypatch):
     err = capfd.readouterr().err
     cause = [line for line in err.splitlines() if line.startswith("[suite] fm: failed:")]
     assert cause and "onestep train: error:" in cause[0] and "no-data" in cause[0], err
+
+
+def test_the_shipped_1h_dispersive_and_gpu_suites_load():
+    """recipes/suites/fashion_1h.yaml, fashion_dispersive.yaml and fashion_gpu.yaml: every run resolves,
+    the runs that start from or distil flow matching wait for it, each 1-hour run has 4x the steps of
+    its 15-minute recipe and a curve whose 1/4 point (15 minutes) is also scored on the full count."""
+    from onestep.config import REPO_RECIPES, find_recipe, load_yaml
+    from onestep.suite import load_suite
+
+    suites = REPO_RECIPES / "suites"
+    hour = {r.name: r for r in load_suite([str(suites / "fashion_1h.yaml")], overrides=["data.root=DIR"]).runs}
+    for name in ("ect", "sct", "scd", "meanflow_distill", "dmf"):
+        assert hour[name].after == ["flow_matching"], name
+    for name, run in hour.items():
+        base = load_config_steps(find_recipe(run.recipe), load_yaml)
+        assert run.steps == 4 * base or name == "alphaflow" and run.steps == 3790, name
+        assert run.curve.full_steps == [round(run.steps / 4)] and run.curve.steps[-1] == run.steps, name
+        assert run.curve.budget_minutes == 60
+    assert hour["alphaflow"].cfg.objective["alpha_steps"] == [0, 3790]
+    assert [e.nfe for e in hour["flow_matching"].curve.evals] == [[10]]
+    sweep = load_suite([str(suites / "fashion_dispersive.yaml")], overrides=["data.root=DIR"]).runs
+    assert len(sweep) == 10 and all(r.steps == 900 and r.curve is None for r in sweep)
+    gpu = {r.name: r for r in load_suite([str(suites / "fashion_gpu.yaml")], overrides=["data.root=DIR"]).runs}
+    assert set(gpu) == set(hour) - {"meanflow_seed1", "meanflow_seed2"}
+    for name, run in gpu.items():  # 10x the images of the 1-hour run: batch 4x, steps 2.5x
+        assert run.cfg.train.batch_size == 256 and run.cfg.train.precision == "bf16", name
+        assert run.steps * 256 == 10 * hour[name].steps * 64, name
+
+
+def load_config_steps(path, load_yaml):
+    """train.steps of a recipe file, following its ``base``."""
+    from onestep.config import from_dict
+
+    return from_dict(load_yaml(path)).train.steps

@@ -39,7 +39,6 @@ PUBLISHED: list[dict[str, Any]] = [
             ("MeanFlow-L/2", 3.84, "Geng et al. 2025, Tab. 2", "meanflow"),
             ("MeanFlow-XL/2", 3.43, "Geng et al. 2025, Tab. 2", "meanflow"),
             ("MeanFlow+Disp XL/2", 3.21, "secondary source (docs/reference.md, dispersive loss)", "meanflow"),
-            ("AlphaFlow-XL/2+", 2.58, "AlphaFlow paper", "alphaflow"),
             ("SoFlow-XL/2", 2.96, "SoFlow paper", "soflow"),
             ("iMF-XL/2", 1.72, "iMF paper", "meanflow"),
             ("iMF-B/2", 3.39, "iMF paper", "meanflow"),
@@ -63,6 +62,37 @@ PUBLISHED: list[dict[str, Any]] = [
         "implementation": "FID-50K, ADM TF evaluation suite",
         "objective": "imm",
     },
+    *[
+        {
+            "run": f"{m} (published)",
+            "data": "imagenet256",
+            "nfe": n,
+            "value": v,
+            "source": src,
+            "implementation": impl,
+            "objective": o,
+        }
+        for m, n, v, src, impl, o in [
+            (
+                "DMF-XL/2",
+                nfe,
+                fid,
+                "Lee et al. 2025 (DMF), abstract and README",
+                "FID-50K, DMF's EDM2-style pipeline against its imgnet256.pkl",
+                "dmf",
+            )
+            for nfe, fid in ((1, 2.16), (4, 1.51))
+        ]
+        + [
+            (name, nfe, fid, "Zhang et al. 2025 (α-Flow), README", "FID-50K, α-Flow's own fid50k_full", "alphaflow")
+            for name, nfe, fid in (
+                ("AlphaFlow-XL/2+", 1, 2.58),
+                ("AlphaFlow-XL/2+", 2, 2.15),
+                ("AlphaFlow-XL/2", 1, 2.95),
+                ("AlphaFlow-XL/2", 2, 2.34),
+            )
+        ]
+    ],
     *[
         {
             "run": f"{m} (published)",
