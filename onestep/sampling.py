@@ -82,6 +82,22 @@ def with_guidance(objective, net: nn.Module, omega: float | None, interval=None)
     return guided, None
 
 
+def with_sampler(objective, sampler: str | None):
+    """``objective`` (``sampler`` None), or a copy sampling with ``sampler`` ("euler" or "restart": the
+    flow-map samplers of MeanFlow, α-Flow and DMF, ``objectives.flow_map``); ValueError for an
+    objective with one sampler of its own."""
+    if sampler is None:
+        return objective
+    if not hasattr(objective, "set_sampler"):
+        raise ValueError(
+            f"objective {type(objective).__name__} has one sampler of its own; --sampler is for flow maps "
+            f"(meanflow, dmf)"
+        )
+    chosen = copy.copy(objective)
+    chosen.set_sampler(sampler, objective.time_shift)
+    return chosen
+
+
 @torch.no_grad()
 def sample(
     objective,

@@ -12,6 +12,7 @@ def run(args) -> int:
     from onestep.eval.sample_cache import CACHE_DIR, SampleCacheRoot, model_identity
     from onestep.formats import open_model
     from onestep.registry import METRICS
+    from onestep.sampling import with_sampler
     from onestep.utils import distributed
     from onestep.utils.device import pick_device
     from onestep.utils.rundir import run_of_checkpoint
@@ -32,8 +33,12 @@ def run(args) -> int:
     cache = None
     if run_dir is not None and not args.no_cache:
         cache = SampleCacheRoot(run_dir.path / CACHE_DIR, model_identity(run.path, "model" if args.no_ema else "ema"))
+    try:
+        objective = with_sampler(run.objective, args.sampler)
+    except ValueError as exc:
+        raise ConfigError(f"--sampler: {exc}") from None
     rows = evaluate_model(
-        run.objective,
+        objective,
         run.net,
         run.dataset,
         nfes=nfes,

@@ -184,6 +184,12 @@ def _model_options(p: argparse.ArgumentParser, sweep: bool) -> None:
         help="times the guidance applies to (guidance-conditioned models; default 0,1)",
     )
     p.add_argument(
+        "--sampler",
+        choices=["euler", "restart"],
+        help="flow maps (meanflow, dmf): Euler flow-map steps or the restart sampler (jump to the data, "
+        "re-noise; default: the run's objective.sampler)",
+    )
+    p.add_argument(
         "--vae",
         default=None,
         help="decode latents with this VAE (Hugging Face id or local directory; default data.vae of the run)",

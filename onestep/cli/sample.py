@@ -15,7 +15,7 @@ def run(args) -> int:
     from onestep.eval.fidelity import to_uint8_rgb
     from onestep.eval.generate import generate
     from onestep.formats import open_model
-    from onestep.sampling import with_guidance
+    from onestep.sampling import with_guidance, with_sampler
     from onestep.utils.device import pick_device
     from onestep.viz import save_samples_png, to_uint8_images
 
@@ -40,7 +40,11 @@ def run(args) -> int:
     omegas, interval = resolve_guidance(run, requested, args.guidance_interval)
     omega = omegas[0]
     try:
-        objective, cond = with_guidance(run.objective, run.net, omega, interval if omega is not None else None)
+        sampled = with_sampler(run.objective, args.sampler)
+    except ValueError as exc:
+        raise ConfigError(f"--sampler: {exc}") from None
+    try:
+        objective, cond = with_guidance(sampled, run.net, omega, interval if omega is not None else None)
     except ValueError as exc:
         raise ConfigError(f"--guidance: {exc}") from None
     x, y = generate(

@@ -170,6 +170,7 @@ def evaluate_model(
                     seed=seed,
                     guidance=omega,
                     cond=cond,
+                    sampler=getattr(objective, "sampler", None),
                     data=[dataset.name, list(dataset.shape), dataset.num_classes],
                 ),
             )
@@ -215,6 +216,7 @@ def evaluate_model(
                     "samples_per_s": round(num_samples / max(elapsed, 1e-9), 1),
                     "guidance": None if omega is None else float(omega),
                     "guidance_interval": None if cond is None else [cond["t_min"], cond["t_max"]],
+                    **({"sampler": objective.sampler} if hasattr(objective, "sampler") else {}),
                 }
             )
     return rows

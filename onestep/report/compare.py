@@ -183,7 +183,9 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     latest_step: dict[tuple, int] = {}
     points: dict[tuple, dict[tuple, tuple[float, bool]]] = {}
     for row in metrics:
-        key = (row["metric"], row["nfe"], row.get("implementation", "?"), row.get("reference", "?"))
+        # A flow map sampled with the restart sampler is another column than its Euler steps.
+        impl = row.get("implementation", "?") + ("; restart sampler" if row.get("sampler") == "restart" else "")
+        key = (row["metric"], row["nfe"], impl, row.get("reference", "?"))
         step = row.get("step", 0)
         if step > latest_step.get(key, -1):
             latest_step[key], points[key] = step, {}

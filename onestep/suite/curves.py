@@ -28,6 +28,7 @@ COLUMNS = (
     "train_min",
     "nfe",
     "guidance",
+    "sampler",
     "num_samples",
     *CURVE_METRICS,
     "schedule",
@@ -65,9 +66,10 @@ def curve_rows(suite: Suite) -> list[dict[str, Any]]:
         for r in RunDir(run.dir).read_metrics():
             if r.get("step") not in wanted or r.get("seed") != seed or r.get("metric") not in CURVE_METRICS:
                 continue
-            key = (r["step"], r["nfe"], r.get("guidance"), r["num_samples"])
+            sampler = "restart" if r.get("sampler") == "restart" else "euler"
+            key = (r["step"], r["nfe"], r.get("guidance"), r["num_samples"], sampler)
             groups.setdefault(key, {})[r["metric"]] = r["value"]
-        for (step, nfe, guidance, num), values in sorted(groups.items(), key=lambda kv: _order(kv[0])):
+        for (step, nfe, guidance, num, sampler), values in sorted(groups.items(), key=lambda kv: _order(kv[0])):
             secs = train_seconds_at(run.dir, step)
             budget = run.curve.budget_minutes
             out.append(
@@ -79,6 +81,7 @@ def curve_rows(suite: Suite) -> list[dict[str, Any]]:
                     "train_min": None if secs is None else round(secs / 60, 2),
                     "nfe": nfe,
                     "guidance": guidance,
+                    "sampler": sampler,
                     "num_samples": num,
                     **values,
                     "schedule": "" if step == run.steps else run.curve.schedule,
@@ -88,8 +91,8 @@ def curve_rows(suite: Suite) -> list[dict[str, Any]]:
 
 
 def _order(key: tuple) -> tuple:
-    step, nfe, guidance, num = key
-    return (nfe, guidance or 0.0, num, step)
+    step, nfe, guidance, num, sampler = key
+    return (nfe, guidance or 0.0, sampler, num, step)
 
 
 def _num(v) -> str:
@@ -116,7 +119,8 @@ def write_curves(suite: Suite, echo=print) -> list[Path]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mark = " *" if r["schedule"] else ""
-        cells = [r["method"], str(r["step"]) + mark, _num(r["budget_min"]), _num(r["train_min"]), str(r["nfe"])]
+        nfe = str(r["nfe"]) + (" (restart)" if r["sampler"] == "restart" else "")
+        cells = [r["method"], str(r["step"]) + mark, _num(r["budget_min"]), _num(r["train_min"]), nfe]
         cells += [_num(r["guidance"]), str(r["num_samples"]), *(_num(r.get(m)) for m in CURVE_METRICS)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = sorted({f"{r['method']}: {r['schedule']}" for r in rows if r["schedule"]})
@@ -142,6 +146,7 @@ def _line_of(run: SuiteRun, rows: list[dict]) -> list[dict]:
         if r["run"] == run.name
         and r["nfe"] == first.nfe[0]
         and r["guidance"] == first.guidance
+        and r["sampler"] == (first.sampler or "euler")
         and r["num_samples"] == run.curve.num_samples
     ]
     return sorted(mine, key=lambda r: r["step"])

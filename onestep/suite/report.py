@@ -52,14 +52,18 @@ def result_rows(suite: Suite) -> list[dict[str, Any]]:
             for r in RunDir(run.dir).read_metrics()
             if r.get("step") == step and r.get("num_samples") == suite.num_samples(run)
         ]
-        keys = sorted({(r["nfe"], r.get("guidance")) for r in metrics}, key=lambda k: (k[1] or 0, k[0]))
+
+        def key(r: dict) -> tuple:
+            return (r["nfe"], r.get("guidance"), "restart" if r.get("sampler") == "restart" else "")
+
+        keys = sorted({key(r) for r in metrics}, key=lambda k: (k[1] or 0, k[2], k[0]))
         if not keys:
             rows.append({**base, "nfe": None, "guidance": None})
-        for nfe, guidance in keys:
-            row = {**base, "nfe": nfe, "guidance": guidance}
-            row["_metrics"] = []
+        for nfe, guidance, sampler in keys:
+            # The restart sampler's rows are their own row: "2 (restart)".
+            row = {**base, "nfe": f"{nfe} (restart)" if sampler else nfe, "guidance": guidance, "_metrics": []}
             for r in metrics:
-                if (r["nfe"], r.get("guidance")) == (nfe, guidance):
+                if key(r) == (nfe, guidance, sampler):
                     row[r["metric"]] = r["value"]
                     row["_metrics"].append(r["metric"])
             rows.append(row)

@@ -93,6 +93,7 @@ class Runner:
             and r.get("num_samples") == num_samples
             and r.get("seed") == seed
             and r.get("guidance") == e.guidance
+            and (e.sampler is None or (r.get("sampler") or "euler") == e.sampler)
         }
         if self.suite.eval.get("metrics"):
             return any((nfe, m) not in have for nfe in e.nfe for m in self.suite.metric_names())
@@ -111,6 +112,8 @@ class Runner:
             cmd += ["--nfe", str(nfe)]
         if e.guidance is not None:
             cmd += ["--guidance", f"{e.guidance:g}"]
+        if e.sampler is not None:
+            cmd += ["--sampler", e.sampler]
         if self.suite.eval.get("batch_size"):
             cmd += ["--batch-size", str(self.suite.eval["batch_size"])]
         return cmd

@@ -22,7 +22,7 @@ from onestep.utils.rundir import RunDir
 METRIC_COLUMNS = ("fd", "is", "acc", "precision", "recall")
 _SUITE_KEYS = {"root", "eval", "real", "curve", "runs"}
 _RUN_KEYS = {"name", "recipe", "label", "overrides", "after", "evals", "seeds", "grid", "curve"}
-_EVAL_KEYS = {"nfe", "guidance", "late", "yardstick"}
+_EVAL_KEYS = {"nfe", "guidance", "late", "yardstick", "sampler"}
 _CURVE_KEYS = {"points", "steps", "num_samples", "full", "budget_minutes", "evals"}
 
 
@@ -32,6 +32,7 @@ class EvalPass:
     guidance: float | None = None
     late: bool = False
     yardstick: bool = False  # drawn as the reference line of curves.png (its value at the last step)
+    sampler: str | None = None  # flow maps: "euler" / "restart" (None: the run's objective.sampler)
 
 
 @dataclass
@@ -142,7 +143,10 @@ def _eval_passes(entries: Any, cfg, where: str) -> list[EvalPass]:
         if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, int | float)):
             raise ConfigError(f"{here}.guidance: a number, got {guidance!r}")
         nfe = _nfe_list(e["nfe"], here) if "nfe" in e else list(cfg.eval.nfe)
-        passes.append(EvalPass(nfe, guidance, bool(e.get("late", False)), bool(e.get("yardstick", False))))
+        sampler = e.get("sampler")
+        if sampler not in (None, "euler", "restart"):
+            raise ConfigError(f"{here}.sampler: euler or restart, got {sampler!r}")
+        passes.append(EvalPass(nfe, guidance, bool(e.get("late", False)), bool(e.get("yardstick", False)), sampler))
     return passes
 
 
