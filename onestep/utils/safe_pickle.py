@@ -20,7 +20,10 @@ from onestep.registry import ConfigError
 def _resolve() -> dict[tuple[str, str], Any]:
     import codecs
 
-    from numpy import _core
+    try:
+        from numpy import _core
+    except ImportError:  # numpy 1.x: the same module under its old name
+        from numpy import core as _core
 
     table: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): np.ndarray,
