@@ -323,3 +323,31 @@ def load_config_steps(path, load_yaml):
     from onestep.config import from_dict
 
     return from_dict(load_yaml(path)).train.steps
+
+
+def test_a_latent_suite_goes_through_to_its_tables_and_figures(tmp_path, capfd, monkeypatch):
+    """SD-VAE-style latents without a VAE: scored with the latent data's own metrics, drawn as the
+    rough first-three-channel preview (a run with a VAE decodes instead)."""
+    import numpy as np
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root = tmp_path / "latents"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(
+        root / "shard_0.npz",
+        latents=rng.standard_normal((32, 4, 8, 8)).astype(np.float32),
+        labels=np.arange(32) % 4,
+    )
+    (tmp_path / "lat.yaml").write_text(
+        f"data: {{name: latents, root: {root}, num_classes: 4}}\nbackbone: {{name: test_dit}}\n"
+        "objective: {name: meanflow}\n"
+        "train: {steps: 2, batch_size: 8, lr: 0.001, log_every: 1, num_preview: 4, checkpoint_every: 0}\n"
+        "eval: {nfe: [1], num_samples: 32, batch_size: 32}\n"
+    )
+    out = tmp_path / "suite"
+    assert main(["suite", str(tmp_path / "lat.yaml"), "--root", str(out)]) == 0
+    capfd.readouterr()
+    md = (out / "results.md").read_text()
+    assert "| lat | 1 |" in md and "—" not in md.splitlines()[2].split("|")[4]  # a metric value
+    assert (out / "grid.png").is_file() and (out / "grids" / "lat.png").is_file()

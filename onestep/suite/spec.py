@@ -120,6 +120,16 @@ def _read_suite_file(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _is_recipe_file(path: Path) -> bool:
+    """A YAML file that is a recipe (recipe sections, no ``runs``) rather than a suite."""
+    try:
+        raw = yamlio.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False  # _read_suite_file says what is wrong
+    recipe_keys = {"data", "backbone", "objective", "train", "base"}
+    return isinstance(raw, dict) and "runs" not in raw and bool(recipe_keys & set(raw))
+
+
 def _nfe_list(value: Any, where: str) -> list[int]:
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
@@ -223,8 +233,11 @@ def load_suite(args: list[str], *, root: str | None = None, overrides: list[str]
     if path is not None and path.suffix in (".yaml", ".yml") and (path.is_file() or "/" in args[0]):
         if not path.is_file():
             raise ConfigError(f"{path}: no such suite file")
-        raw, source = _read_suite_file(path), str(path)
-        entries = raw["runs"]
+        raw = None if _is_recipe_file(path) else _read_suite_file(path)
+    else:
+        raw = None
+    if raw is not None:
+        source, entries = str(path), raw["runs"]
     else:
         raw, source = {}, " ".join(args)
         entries = [{"name": Path(find_recipe(a)).stem, "recipe": a} for a in args]
