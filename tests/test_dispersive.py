@@ -205,6 +205,7 @@ def test_loop_logs_dispersive(tmp_path):
     for s in stats:
         assert -math.log(16) - 1e-4 <= s["loss_dispersive"] <= 1e-6 and math.isfinite(s["loss_main"])
         assert s["loss"] == pytest.approx(s["loss_main"] + 0.5 * s["loss_dispersive"], abs=1e-5)
+        assert 0 < s["feature_rms_dispersive"] < 1e3  # the scale of the regularized block's features
 
 
 # ----------------------------------------------------------------------------------------------

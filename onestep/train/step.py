@@ -100,6 +100,10 @@ class TrainStep:
             value = torch.stack([reg.fn(feats[b].float()) for b in reg.blocks]).mean()
             total = total + reg.weight * value
             terms[f"loss_{reg.label}"] = value.detach()
+            # The scale of what the regularizer sees (RMS of its blocks' features): an InfoNCE-l2
+            # term can be lowered by growing the features, and this shows whether it is.
+            scale = torch.stack([feats[b].detach().float().square().mean() for b in reg.blocks]).mean().sqrt()
+            terms[f"feature_rms_{reg.label}"] = scale
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         # Average gradients over ranks; the loss and the stop flag ride along in the same all-reduce.
