@@ -209,6 +209,11 @@ runs:
     assert (root / "curves.png").stat().st_size > 0 and "| MeanFlow | 3 | 5 |" in (root / "curves.md").read_text()
     assert main(["suite", str(tmp_path / "curves.yaml")]) == 0
     assert "started" not in capfd.readouterr().err  # nothing trained or scored again
+    # compare shows the last step's full scoring (40 samples), not the curve's 20 written after it.
+    full = next(r for r in rows if (r["run"], r["step"], r["nfe"], r["num_samples"]) == ("mf", "6", "1", "40"))
+    assert main(["compare", str(root / "mf"), "--format", "csv"]) == 0
+    header, line = capfd.readouterr().out.strip().splitlines()[:2]
+    assert dict(zip(header.split(","), line.split(",")))["fd@1"] == f"{float(full['fd']):.4g}"
 
 
 def test_scoring_during_training_leaves_the_weights_alone(tiny_recipe, tmp_path):

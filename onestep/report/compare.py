@@ -178,18 +178,19 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
         "environment": environment_summary(run.read_environments()),
     }
     summary = RunSummary(run.name, info)
-    # Latest step wins; within a step, the last row written per guidance setting wins, and over a
-    # guidance sweep the best value (noting its ω).
-    latest_step: dict[tuple, int] = {}
+    # Latest step wins; within a step the largest sample count (a learning curve's smaller scoring of
+    # the same checkpoint does not replace the full one), then the last row written per guidance
+    # setting, and over a guidance sweep the best value (noting its ω).
+    latest: dict[tuple, tuple[int, int]] = {}
     points: dict[tuple, dict[tuple, tuple[float, bool]]] = {}
     for row in metrics:
         # A flow map sampled with the restart sampler is another column than its Euler steps.
         impl = row.get("implementation", "?") + ("; restart sampler" if row.get("sampler") == "restart" else "")
         key = (row["metric"], row["nfe"], impl, row.get("reference", "?"))
-        step = row.get("step", 0)
-        if step > latest_step.get(key, -1):
-            latest_step[key], points[key] = step, {}
-        if step == latest_step[key]:
+        rank = (row.get("step", 0), row.get("num_samples") or 0)
+        if rank > latest.get(key, (-1, -1)):
+            latest[key], points[key] = rank, {}
+        if rank == latest[key]:
             interval = row.get("guidance_interval")
             guidance = (row.get("guidance"), None if interval is None else tuple(interval))
             points[key][guidance] = (row["value"], bool(row.get("higher_is_better", False)))

@@ -15,24 +15,23 @@ import io
 from pathlib import Path
 from typing import Any
 
-from onestep.suite.spec import Suite, SuiteRun
+from onestep.suite.spec import Suite, SuiteRun, pass_sampler
 from onestep.utils.atomic import atomic_write
 from onestep.utils.rundir import RunDir
 
-CURVE_METRICS = ("fd", "is", "acc", "precision", "recall")
-COLUMNS = (
-    "method",
-    "run",
-    "step",
-    "budget_min",
-    "train_min",
-    "nfe",
-    "guidance",
-    "sampler",
-    "num_samples",
-    *CURVE_METRICS,
-    "schedule",
-)
+HEAD = ("method", "run", "step", "budget_min", "train_min", "nfe", "guidance", "sampler", "num_samples")
+
+
+def curve_metrics(suite: Suite, rows: list[dict[str, Any]]) -> list[str]:
+    """The suite's ``eval.metrics``, else every metric the curve points were scored with, in order
+    (FD, IS, ... for labeled images; the data kind's own metrics otherwise)."""
+    if suite.eval.get("metrics"):
+        return suite.metric_names()
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row.get("_metrics", ()):
+            seen.setdefault(key)
+    return list(seen)
 
 
 def train_seconds_at(run_dir: Path, step: int | None = None) -> float | None:
@@ -62,13 +61,17 @@ def curve_rows(suite: Suite) -> list[dict[str, Any]]:
             continue
         seed = suite.eval_seed(run)
         wanted = set(run.curve.steps) | set(run.curve.full_steps)
+        higher: dict[str, bool] = {}
         groups: dict[tuple, dict[str, Any]] = {}
         for r in RunDir(run.dir).read_metrics():
-            if r.get("step") not in wanted or r.get("seed") != seed or r.get("metric") not in CURVE_METRICS:
+            if r.get("step") not in wanted or r.get("seed") != seed or "metric" not in r:
                 continue
             sampler = "restart" if r.get("sampler") == "restart" else "euler"
             key = (r["step"], r["nfe"], r.get("guidance"), r["num_samples"], sampler)
-            groups.setdefault(key, {})[r["metric"]] = r["value"]
+            values = groups.setdefault(key, {"_metrics": []})
+            values[r["metric"]] = r["value"]
+            values["_metrics"].append(r["metric"])
+            higher[r["metric"]] = bool(r.get("higher_is_better"))
         for (step, nfe, guidance, num, sampler), values in sorted(groups.items(), key=lambda kv: _order(kv[0])):
             secs = train_seconds_at(run.dir, step)
             budget = run.curve.budget_minutes
@@ -85,6 +88,7 @@ def curve_rows(suite: Suite) -> list[dict[str, Any]]:
                     "num_samples": num,
                     **values,
                     "schedule": "" if step == run.steps else run.curve.schedule,
+                    "_higher": higher,
                 }
             )
     return out
@@ -109,19 +113,20 @@ def write_curves(suite: Suite, echo=print) -> list[Path]:
     rows = curve_rows(suite)
     if not rows:
         return []
+    metrics = curve_metrics(suite, rows)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=[*HEAD, *metrics, "schedule"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     root = suite.root
     atomic_write(root / "curves.csv", lambda f: f.write(buf.getvalue().encode()))
-    head = ["method", "step", "budget min", "train min", "NFE", "guidance", "samples", *CURVE_METRICS]
+    head = ["method", "step", "budget min", "train min", "NFE", "guidance", "samples", *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mark = " *" if r["schedule"] else ""
         nfe = str(r["nfe"]) + (" (restart)" if r["sampler"] == "restart" else "")
         cells = [r["method"], str(r["step"]) + mark, _num(r["budget_min"]), _num(r["train_min"]), nfe]
-        cells += [_num(r["guidance"]), str(r["num_samples"]), *(_num(r.get(m)) for m in CURVE_METRICS)]
+        cells += [_num(r["guidance"]), str(r["num_samples"]), *(_num(r.get(m)) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = sorted({f"{r['method']}: {r['schedule']}" for r in rows if r["schedule"]})
     if notes:
@@ -131,14 +136,15 @@ def write_curves(suite: Suite, echo=print) -> list[Path]:
     atomic_write(root / "curves.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
     written = [root / "curves.csv", root / "curves.md"]
     try:
-        written.append(plot_curves(suite, rows, root / "curves.png"))
+        written.append(plot_curves(suite, rows, root / "curves.png", metrics))
     except ImportError:
         echo("[suite] curves.png not drawn: it needs matplotlib (pip install 'onestep[plot]')")
     return written
 
 
 def _line_of(run: SuiteRun, rows: list[dict]) -> list[dict]:
-    """The run's curve at its first curve pass (its first NFE and guidance), on the curve's sample count."""
+    """The run's curve at its first curve pass (its first NFE, guidance and sampler), on the curve's
+    sample count."""
     first = run.curve.evals[0]
     mine = [
         r
@@ -146,21 +152,34 @@ def _line_of(run: SuiteRun, rows: list[dict]) -> list[dict]:
         if r["run"] == run.name
         and r["nfe"] == first.nfe[0]
         and r["guidance"] == first.guidance
-        and r["sampler"] == (first.sampler or "euler")
+        and r["sampler"] == pass_sampler(run, first)
         and r["num_samples"] == run.curve.num_samples
     ]
     return sorted(mine, key=lambda r: r["step"])
 
 
-def plot_curves(suite: Suite, rows: list[dict], path: Path) -> Path:
-    """Two panels against minutes: FD (log scale) and class accuracy, one line per run at its first
-    curve pass; a run's ``yardstick`` pass (its last step, full sample count) is a dashed line."""
+LABELS = {"fd": "FD", "is": "IS", "acc": "class accuracy", "precision": "precision", "recall": "recall"}
+
+
+def panels(metrics: list[str]) -> list[str]:
+    """The figure's metrics: the first one (FD for labeled images) and class accuracy, or the second."""
+    second = "acc" if "acc" in metrics[1:] else (metrics[1] if len(metrics) > 1 else None)
+    return [m for m in (metrics[0] if metrics else None, second) if m]
+
+
+def plot_curves(suite: Suite, rows: list[dict], path: Path, metrics: list[str]) -> Path:
+    """One panel per metric of ``panels`` against minutes (the first on a log scale when lower is
+    better), one line per run at its first curve pass; a run's ``yardstick`` pass (its last step,
+    full sample count) is a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(13, 5))
+    shown = panels(metrics)
+    fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 5), squeeze=False)
+    axes = dict(zip(shown, axes[0]))
+    higher = {k: v for r in rows for k, v in r.get("_higher", {}).items()}
     for run in suite.runs:
         if run.curve is None:
             continue
@@ -169,40 +188,42 @@ def plot_curves(suite: Suite, rows: list[dict], path: Path) -> Path:
             continue
         x_key = "budget_min" if all(r["budget_min"] is not None for r in line) else "train_min"
         first = run.curve.evals[0]
-        label = run.label + ("" if first.nfe[0] == 1 else f" ({first.nfe[0]} NFE")
-        label += (
-            "" if first.guidance is None else (", " if first.nfe[0] != 1 else " (") + f"guidance {first.guidance:g}"
+        how = ([f"{first.nfe[0]} NFE"] if first.nfe[0] != 1 else []) + (
+            [f"guidance {first.guidance:g}"] if first.guidance is not None else []
         )
-        label += "" if first.nfe[0] == 1 and first.guidance is None else ")"
+        label = run.label + (f" ({', '.join(how)})" if how else "")
         xs = [r[x_key] for r in line]
-        for ax, metric in ((ax_fd, "fd"), (ax_acc, "acc")):
+        for metric, ax in axes.items():
             pts = [(x, r[metric]) for x, r in zip(xs, line) if r.get(metric) is not None]
             if pts:
-                (drawn,) = ax.plot(*zip(*pts), marker="o", markersize=3, label=label if ax is ax_fd else None)
+                (drawn,) = ax.plot(*zip(*pts), marker="o", markersize=3, label=label if metric == shown[0] else None)
                 if run.curve.schedule:
                     ax.plot(*zip(*pts[:-1]), linestyle="none", marker="x", color=drawn.get_color())
     for run in suite.runs:
         stick = yardstick(suite, run)
-        if stick is not None:
-            ax_fd.axhline(stick["fd"], linestyle="--", color="gray", linewidth=1)
-            ax_fd.text(
-                0.01,
-                stick["fd"],
-                f" {stick['label']}",
-                color="gray",
-                fontsize=8,
-                va="bottom",
-                transform=ax_fd.get_yaxis_transform(),
-            )
-            if stick.get("acc") is not None:
-                ax_acc.axhline(stick["acc"], linestyle="--", color="gray", linewidth=1)
+        for metric, ax in axes.items():
+            if stick is not None and stick["values"].get(metric) is not None:
+                value = stick["values"][metric]
+                ax.axhline(value, linestyle="--", color="gray", linewidth=1)
+                ax.text(
+                    0.01,
+                    value,
+                    f" {stick['label']}",
+                    color="gray",
+                    fontsize=8,
+                    va="bottom",
+                    transform=ax.get_yaxis_transform(),
+                )
     x_label = "minutes of the run's budget" if any(r["budget_min"] is not None for r in rows) else "training minutes"
-    ax_fd.set_yscale("log")
-    ax_fd.set(xlabel=x_label, ylabel="FD (lower is better)", title="1-NFE FD during training")
-    ax_acc.set(xlabel=x_label, ylabel="class accuracy (higher is better)", title="class accuracy")
-    for ax in (ax_fd, ax_acc):
+    for metric, ax in axes.items():
+        better = "higher" if higher.get(metric) else "lower"
+        ax.set(xlabel=x_label, ylabel=f"{LABELS.get(metric, metric)} ({better} is better)")
+        ax.set_title(f"{LABELS.get(metric, metric)} during training")
         ax.grid(True, which="both", alpha=0.3)
-    ax_fd.legend(fontsize=7, loc="upper right")
+    first_ax = axes[shown[0]]
+    if not higher.get(shown[0]) and all(r.get(shown[0], 1) > 0 for r in rows if r.get(shown[0]) is not None):
+        first_ax.set_yscale("log")
+    first_ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
@@ -211,23 +232,24 @@ def plot_curves(suite: Suite, rows: list[dict], path: Path) -> Path:
 
 
 def yardstick(suite: Suite, run: SuiteRun) -> dict[str, Any] | None:
-    """The run's late passes marked ``yardstick`` in the suite: FD and accuracy at its last step on the
-    full sample count, with a label ("flow matching, 50 NFE, guidance 2")."""
+    """The run's first pass marked ``yardstick``: its metrics at the last step on the full sample
+    count, with a label ("flow matching, 50 NFE, guidance 2")."""
     from onestep.suite.spec import trained_step
 
     marks = [e for e in run.evals if e.yardstick]
     if not marks:
         return None
     e, step, n = marks[0], trained_step(run), suite.num_samples(run)
-    vals = {
+    values = {
         r["metric"]: r["value"]
         for r in RunDir(run.dir).read_metrics()
         if r.get("step") == step
         and r.get("num_samples") == n
         and r.get("nfe") == e.nfe[0]
         and r.get("guidance") == e.guidance
+        and (r.get("sampler") or "euler") == pass_sampler(run, e)
     }
-    if "fd" not in vals:
+    if not values:
         return None
     guided = "" if e.guidance is None else f", guidance {e.guidance:g}"
-    return {"fd": vals["fd"], "acc": vals.get("acc"), "label": f"{run.label}, {e.nfe[0]} NFE{guided}"}
+    return {"values": values, "label": f"{run.label}, {e.nfe[0]} NFE{guided}"}

@@ -178,9 +178,11 @@ def seeds_table(rows: list[dict], groups: dict[str, str]) -> str:
     1 NFE; a group with one finished run shows that run's value marked "(1 run)". Below it, for each
     pair of groups with two or more runs each, Welch's t-test p-value of each difference."""
     by_group: dict[str, list[dict]] = {}
-    for r in rows:
+    counted: set[str] = set()
+    for r in rows:  # one row per run: its first 1-NFE row (rows come sorted by guidance)
         group = groups.get(r["run"])
-        if group and r.get("nfe") == 1 and r.get("fd") is not None:
+        if group and r.get("nfe") == 1 and r.get("fd") is not None and r["run"] not in counted:
+            counted.add(r["run"])
             by_group.setdefault(group, []).append(r)
     if not by_group:
         return ""

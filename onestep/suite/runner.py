@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from onestep.registry import ConfigError
 from onestep.suite.report import write_results
-from onestep.suite.spec import EvalPass, Suite, SuiteRun, trained_step
+from onestep.suite.spec import EvalPass, Suite, SuiteRun, pass_sampler, trained_step
 from onestep.utils.atomic import atomic_write
 from onestep.utils.rundir import RunDir, read_jsonl
 
@@ -35,12 +35,12 @@ class Runner:
         (the command's error line) goes to ``self.causes[name]`` and into the message."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.{what}.log"
-        start = log.stat().st_size if log.exists() else 0
         t0 = time.perf_counter()
         self.echo(f"[suite] {name}: {what} started ({shlex.join(cmd[2:])})")
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
+            start = f.tell()  # the command's own output starts here
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env()).returncode
         minutes = (time.perf_counter() - t0) / 60
         if rc == 0:
@@ -58,7 +58,8 @@ class Runner:
         base = [sys.executable, "-m", "onestep", "train"]
         if step is not None and step >= run.steps:
             return True
-        keep = [f"train.keep_steps=[{','.join(str(k) for k in run.curve.steps)}]"] if run.curve else []
+        kept = sorted(set(run.curve.steps) | set(run.curve.full_steps)) if run.curve else []
+        keep = [f"train.keep_steps=[{','.join(str(k) for k in kept)}]"] if kept else []
         if step is not None:
             cmd = base + ["--resume", str(run.dir), "--no-progress", *keep, f"train.threads={self.threads}"]
         else:
@@ -93,7 +94,7 @@ class Runner:
             and r.get("num_samples") == num_samples
             and r.get("seed") == seed
             and r.get("guidance") == e.guidance
-            and (e.sampler is None or (r.get("sampler") or "euler") == e.sampler)
+            and (r.get("sampler") or "euler") == pass_sampler(run, e)
         }
         if self.suite.eval.get("metrics"):
             return any((nfe, m) not in have for nfe in e.nfe for m in self.suite.metric_names())
@@ -111,7 +112,10 @@ class Runner:
         for nfe in e.nfe:
             cmd += ["--nfe", str(nfe)]
         if e.guidance is not None:
-            cmd += ["--guidance", f"{e.guidance:g}"]
+            cmd += ["--guidance", repr(float(e.guidance))]  # exactly the value the rows are matched on
+            interval = run.cfg.eval.guidance_interval
+            if interval is not None:
+                cmd += ["--guidance-interval", ",".join(repr(float(v)) for v in interval)]
         if e.sampler is not None:
             cmd += ["--sampler", e.sampler]
         if self.suite.eval.get("batch_size"):

@@ -120,6 +120,16 @@ def _read_suite_file(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _has_samplers(objective: str | None) -> bool:
+    """Whether the objective samples as a flow map with a choice of sampler (``flow_map``)."""
+    from onestep.registry import OBJECTIVES
+
+    try:
+        return hasattr(OBJECTIVES.get(str(objective)), "set_sampler")
+    except ConfigError:
+        return False
+
+
 def _is_recipe_file(path: Path) -> bool:
     """A YAML file that is a recipe (recipe sections, no ``runs``) rather than a suite."""
     try:
@@ -156,6 +166,8 @@ def _eval_passes(entries: Any, cfg, where: str) -> list[EvalPass]:
         sampler = e.get("sampler")
         if sampler not in (None, "euler", "restart"):
             raise ConfigError(f"{here}.sampler: euler or restart, got {sampler!r}")
+        if sampler is not None and not _has_samplers(cfg.objective.get("name")):
+            raise ConfigError(f"{here}.sampler: objective {cfg.objective.get('name')} has one sampler of its own")
         passes.append(EvalPass(nfe, guidance, bool(e.get("late", False)), bool(e.get("yardstick", False)), sampler))
     return passes
 
@@ -316,14 +328,28 @@ def load_suite(args: list[str], *, root: str | None = None, overrides: list[str]
     return Suite(base, runs, suite_eval, list(raw.get("real") or []), source)
 
 
+_STEPS: dict[tuple[str, int, int], int | None] = {}
+
+
 def trained_step(run: SuiteRun) -> int | None:
-    """The step of the run's last checkpoint, or None."""
+    """The step of the run's last checkpoint, or None (read once per version of the file)."""
     from onestep.utils.checkpoint import read_checkpoint_file
 
     last = RunDir(run.dir).last_checkpoint
-    if not last.is_file():
-        return None
     try:
-        return int(read_checkpoint_file(last, "cpu")["step"])
-    except (ConfigError, KeyError, ValueError, OSError):
+        stat = last.stat()
+    except OSError:
         return None
+    key = (str(last.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _STEPS:
+        try:
+            _STEPS[key] = int(read_checkpoint_file(last, "cpu")["step"])
+        except (ConfigError, KeyError, ValueError, OSError):
+            return None
+    return _STEPS[key]
+
+
+def pass_sampler(run: SuiteRun, e: EvalPass) -> str:
+    """The sampler a pass's rows carry: its own, else the run's ``objective.sampler`` (Euler when the
+    objective has none: its rows carry no sampler)."""
+    return e.sampler or run.cfg.objective.get("sampler") or "euler"
