@@ -90,7 +90,7 @@ class TrainStep:
         # Objective loss (per sample) and the regularizers on its gradient-carrying features.
         # The EMA target goes only to objectives that declare one (target_decay).
         extra = {} if self.target is None else {"target_net": self.target.model}
-        with autocast_ctx(self.device, self.precision):
+        with autocast_ctx(self.device, self.precision, cache=not self.objective.uses_jvp):
             out = self.objective.loss(self.train_net, x, y, step=step, feature_blocks=self.feature_blocks, **extra)
         main = out.loss.float().mean()
         total = main

@@ -74,8 +74,11 @@ def evaluate_loss(fn, net, device, autocast_bf16: bool, with_dudt=None) -> dict:
     """loss (B,), the gradients of its mean (one flat float64 CPU vector) and du/dt, from ``fn(net)``."""
     import torch
 
+    from onestep.utils.device import autocast_ctx
+
     net.zero_grad(set_to_none=True)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+    # As the training step runs a JVP objective: bf16 autocast without the weight-cast cache.
+    ctx = autocast_ctx(device, "bf16", cache=False) if autocast_bf16 else contextlib.nullcontext()
     with ctx:
         out = fn(net)
     loss = out.loss
