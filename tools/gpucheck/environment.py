@@ -57,11 +57,11 @@ def part_environment(w: Worker) -> None:
     with contextlib.suppress(Exception):
         info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     info["cuda_available"] = torch.cuda.is_available()
-    info["tf32"] = {
-        "matmul": torch.backends.cuda.matmul.allow_tf32,
-        "cudnn": torch.backends.cudnn.allow_tf32,
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-    }
+    from onestep.utils.device import tf32_settings
+
+    # Read through the API the installed torch documents (fp32_precision; allow_tf32 before 2.9):
+    # torch refuses a mix of the two, and get_float32_matmul_precision raises after the new one is used.
+    info["tf32"] = tf32_settings()
     info["sdpa_enabled"] = {
         "flash": torch.backends.cuda.flash_sdp_enabled(),
         "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
