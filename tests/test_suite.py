@@ -252,8 +252,9 @@ def test_a_toy_suite_goes_through_to_its_tables_and_figures(tmp_path, capfd, mon
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     root = tmp_path / "toy"
     args = ["suite", "toy_meanflow", "toy_flow_matching", "train.steps=20", "eval.num_samples=500", "--root", str(root)]
-    assert main(args) == 0
-    capfd.readouterr()
+    assert main([*args, "--threads", "1"]) == 0
+    err = capfd.readouterr().err
+    assert err.count("train.threads=1") == 2 and "OMP" not in err  # --threads reaches every command
     md = (root / "results.md").read_text()
     assert "sliced_wasserstein" in md and "| toy_meanflow | 1 |" in md
     from PIL import Image

@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a suite file (recipes/suites/*.yaml) or recipes; KEY=VALUE overrides apply to every run",
     )
     su.add_argument("--jobs", type=_positive_int, default=1, help="commands at once (each gets cores/N threads)")
+    su.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="threads per command (default cores/jobs; e.g. 1 beside another suite on the same machine)",
+    )
     su.add_argument("--root", help="folder of the run directories (default: the suite's root)")
     su.add_argument("--only", help="comma-separated run names (and what they depend on)")
     su.add_argument("--report-only", action="store_true", help="rewrite the tables and figures; train nothing")

@@ -19,8 +19,8 @@ recipe's ``eval.nfe`` / ``eval.guidance``; ``late`` passes run after every train
 Resumable: a run whose last checkpoint is at its ``train.steps`` is not trained again, a cut one is
 resumed (``--resume``), an evaluation already in ``metrics.jsonl`` (same step, nfe, metric, guidance,
 samples, seed) is not repeated; a directory with a config but no checkpoint is moved aside to
-``NAME.incomplete`` and started again. ``--jobs N`` runs N commands at once, each with
-``cores // N`` threads. Everything is a subprocess of the CLI, logged to ROOT/logs/.
+``NAME.incomplete`` and started again. ``--jobs N`` runs N commands at once, each with ``--threads``
+or ``cores // N`` threads. Everything is a subprocess of the CLI, logged to ROOT/logs/.
 
 Outputs in ROOT: ``results.md`` and ``results.csv`` (method, NFE, FD, IS, acc, precision, recall, train
 minutes, parameters, images/s), ``seeds.md`` (mean ± std over runs that share a ``seeds`` group),
@@ -70,7 +70,7 @@ def main(args, echo=print) -> int:
         for name in keep:
             need(name)
         suite.runs = [r for r in suite.runs if r.name in needed]
-    runner = Runner(suite, jobs=args.jobs, echo=echo)
+    runner = Runner(suite, jobs=args.jobs, echo=echo, threads=getattr(args, "threads", None))
     if args.report_only:
         write_results(suite, echo=echo)
         echo(str(suite.root / "results.md"))

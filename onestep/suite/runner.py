@@ -19,10 +19,10 @@ from onestep.utils.rundir import RunDir, read_jsonl
 
 
 class Runner:
-    def __init__(self, suite: Suite, jobs: int = 1, echo=print):
+    def __init__(self, suite: Suite, jobs: int = 1, echo=print, threads: int | None = None):
         self.suite, self.jobs, self.echo = suite, max(1, jobs), echo
         cores = os.cpu_count() or 1
-        self.threads = max(1, cores // self.jobs)
+        self.threads = threads or max(1, cores // self.jobs)
         self.logs = suite.root / "logs"
         self._lock = threading.Lock()
         self.causes: dict[str, str] = {}
