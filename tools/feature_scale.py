@@ -1,0 +1,97 @@
+"""The scale of a block's features along a run: for every numbered checkpoint of each run (EMA
+weights), the RMS of the block's output tokens and the dispersive loss (InfoNCE-l2 and -cosine) of
+them, on one fixed batch. Runs with and without the dispersive loss are measured on the same batch,
+noise and times, so their columns compare; it answers whether an InfoNCE-l2 term is lowered by
+growing the features.
+
+    python tools/feature_scale.py runs/fashion_1h/meanflow runs/fashion_1h/meanflow_disp --block 1
+    python tools/feature_scale.py RUN ... --csv scale.csv    # also write the rows
+
+The batch: ``--batch`` training samples of the run's data (seed ``--seed``), noised at
+t ~ logit-normal(0, 1) with h = 0 (the flow-matching slice every objective trains). Prints one row per
+(run, step); the block defaults to the backbone's ``encoder_blocks[0]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from onestep.formats import load_run  # noqa: E402
+from onestep.objectives.common import interpolate  # noqa: E402
+from onestep.objectives.time_sampling import logit_normal  # noqa: E402
+from onestep.regularizers.dispersive import DispersiveLoss  # noqa: E402
+from onestep.utils.rundir import RunDir  # noqa: E402
+
+
+def fixed_batch(run, n: int, seed: int):
+    """(z_t, t, y): n training samples of the run's data, noised with seeded noise at seeded times."""
+    x, y = run.dataset.reference(n, seed=seed)
+    x = x.float()
+    g = torch.Generator().manual_seed(seed)
+    t = logit_normal(n, 0.0, 1.0, generator=g)
+    e = torch.randn(x.shape, generator=g)
+    return interpolate(x, e, t), t, (None if y is None or not run.dataset.num_classes else y)
+
+
+@torch.no_grad()
+def scale_rows(run_dir: str, block: int | None, n: int, seed: int) -> list[dict]:
+    rows, batch = [], None
+    l2 = DispersiveLoss(variant="infonce_l2", tau=0.5, gather=False)
+    cosine = DispersiveLoss(variant="infonce_cosine", tau=0.5, gather=False)
+    for ckpt in RunDir(run_dir).numbered_checkpoints():
+        run = load_run(ckpt)
+        if batch is None:
+            batch = fixed_batch(run, n, seed)
+        z, t, y = batch
+        b = run.net.encoder_blocks[0] if block is None else block
+        _, (feats,) = run.net.forward_features(z, t, torch.zeros_like(t), y, blocks=[b])
+        flat = feats.flatten(1).double()
+        rows.append(
+            {
+                "run": Path(run_dir).name,
+                "step": run.step,
+                "block": b,
+                "feature_rms": float(flat.square().mean().sqrt()),
+                "infonce_l2": float(l2(feats.double())),
+                "infonce_cosine": float(cosine(feats.double())),
+                "floor": -math.log(flat.shape[0]),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--block", type=int, help="block index (default: the backbone's encoder block)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", help="also write the rows to this CSV file")
+    args = p.parse_args(argv)
+    rows = [r for run in args.runs for r in scale_rows(run, args.block, args.batch, args.seed)]
+    if not rows:
+        print("no numbered checkpoints in " + ", ".join(args.runs), file=sys.stderr)
+        return 2
+    cols = list(rows[0])
+    print(" ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r[c]:>14.5g}" if isinstance(r[c], float) else f"{r[c]!s:>14}" for c in cols))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=cols)
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
