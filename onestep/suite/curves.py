@@ -15,23 +15,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-from onestep.suite.spec import Suite, SuiteRun, pass_sampler
+from onestep.suite.spec import Suite, SuiteRun, metric_columns, pass_sampler
 from onestep.utils.atomic import atomic_write
 from onestep.utils.rundir import RunDir
 
 HEAD = ("method", "run", "step", "budget_min", "train_min", "nfe", "guidance", "sampler", "num_samples")
-
-
-def curve_metrics(suite: Suite, rows: list[dict[str, Any]]) -> list[str]:
-    """The suite's ``eval.metrics``, else every metric the curve points were scored with, in order
-    (FD, IS, ... for labeled images; the data kind's own metrics otherwise)."""
-    if suite.eval.get("metrics"):
-        return suite.metric_names()
-    seen: dict[str, None] = {}
-    for row in rows:
-        for key in row.get("_metrics", ()):
-            seen.setdefault(key)
-    return list(seen)
 
 
 def train_seconds_at(run_dir: Path, step: int | None = None) -> float | None:
@@ -113,7 +101,7 @@ def write_curves(suite: Suite, echo=print) -> list[Path]:
     rows = curve_rows(suite)
     if not rows:
         return []
-    metrics = curve_metrics(suite, rows)
+    metrics = metric_columns(suite, rows)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*HEAD, *metrics, "schedule"], extrasaction="ignore")
     writer.writeheader()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from onestep.registry import ConfigError
-from onestep.suite.spec import METRIC_COLUMNS, Suite, trained_step
+from onestep.suite.spec import METRIC_COLUMNS, Suite, metric_columns, trained_step
 from onestep.utils.atomic import atomic_write
 from onestep.utils.rundir import RunDir, read_jsonl
 
@@ -81,18 +81,6 @@ def _num(value, digits=3) -> str:
 HEADINGS = {"fd": "FD ↓", "is": "IS ↑", "acc": "acc ↑", "precision": "precision ↑", "recall": "recall ↑"}
 
 
-def metric_columns(suite: Suite, rows: list[dict[str, Any]]) -> list[str]:
-    """The suite's ``eval.metrics``, else every metric its runs were scored with (each data kind has
-    its own defaults: FD/IS/... for labeled images, sliced Wasserstein/... for toy data), in order."""
-    if suite.eval.get("metrics"):
-        return suite.metric_names()
-    seen: dict[str, None] = {}
-    for row in rows:
-        for key in row.get("_metrics", ()):
-            seen.setdefault(key)
-    return list(seen) or list(METRIC_COLUMNS)
-
-
 def _heading(metric: str, higher: dict[str, bool]) -> str:
     if metric in HEADINGS:
         return HEADINGS[metric]
@@ -102,7 +90,7 @@ def _heading(metric: str, higher: dict[str, bool]) -> str:
 def write_results(suite: Suite, echo=print) -> None:
     rows = result_rows(suite)
     real = read_jsonl(suite.root / "real.jsonl")
-    columns = metric_columns(suite, rows)
+    columns = metric_columns(suite, rows) or list(METRIC_COLUMNS)
     higher = {
         r["metric"]: bool(r.get("higher_is_better"))
         for run in suite.runs

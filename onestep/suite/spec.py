@@ -353,3 +353,16 @@ def pass_sampler(run: SuiteRun, e: EvalPass) -> str:
     """The sampler a pass's rows carry: its own, else the run's ``objective.sampler`` (Euler when the
     objective has none: its rows carry no sampler)."""
     return e.sampler or run.cfg.objective.get("sampler") or "euler"
+
+
+def metric_columns(suite: Suite, rows: list[dict[str, Any]]) -> list[str]:
+    """The suite's ``eval.metrics``, else every metric the rows were scored with (their ``_metrics``),
+    in order: each data kind has its own defaults (FD/IS/... for labeled images, sliced Wasserstein/...
+    for toy data)."""
+    if suite.eval.get("metrics"):
+        return suite.metric_names()
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row.get("_metrics", ()):
+            seen.setdefault(key)
+    return list(seen)
