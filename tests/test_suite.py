@@ -94,6 +94,9 @@ def test_suite_trains_scores_resumes_and_writes_the_table(tiny_suite, capfd):
     step2 = run.checkpoint_path(2)
     torch.save(torch.load(step2, weights_only=True), run.last_checkpoint)
     run.truncate_stats(2)
+    assert main(["suite", str(tmp_path / "suite.yaml"), "--report-only"]) == 0
+    status = {r["run"]: r["status"] for r in _table(root) if r["run"]}
+    assert status["mf"] == "at step 2 of 6" and status["fm"] == "trained"  # a cut run is not a result
     assert main(["suite", str(tmp_path / "suite.yaml"), "--only", "mf"]) == 0
     err = capfd.readouterr().err
     assert "mf: train started (onestep train --resume" in err and load_checkpoint(run.path)["step"] == ckpt["step"]

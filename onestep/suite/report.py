@@ -44,7 +44,7 @@ def result_rows(suite: Suite) -> list[dict[str, Any]]:
             "params": meta.get("parameters"),
             "train_min": None if secs is None else round(secs / 60, 2),
             "images_per_s": speed,
-            "status": run.status if run.status != "pending" else ("trained" if trained_step(run) else "pending"),
+            "status": run.status if run.status != "pending" else training_status(run),
         }
         step = trained_step(run)
         metrics = [
@@ -68,6 +68,14 @@ def result_rows(suite: Suite) -> list[dict[str, Any]]:
                     row["_metrics"].append(r["metric"])
             rows.append(row)
     return rows
+
+
+def training_status(run) -> str:
+    """ "trained" (its last checkpoint is at train.steps), "at step K of N" (cut) or "pending"."""
+    step = trained_step(run)
+    if step is None:
+        return "pending"
+    return "trained" if step >= run.steps else f"at step {step} of {run.steps}"
 
 
 def _num(value, digits=3) -> str:
@@ -143,7 +151,7 @@ def write_results(suite: Suite, echo=print) -> None:
     figure = [
         (r.label + (f" ({r.grid.nfe[0]} NFE)" if r.grid.nfe[0] != 1 else ""), r.dir, r.grid.nfe[0], r.grid.guidance)
         for r in first_of_group.values()
-        if trained_step(r) is not None
+        if (trained_step(r) or 0) >= r.steps  # finished runs only: a cut run's samples are not its result
     ]
     if figure:
         try:
