@@ -227,6 +227,21 @@ def test_plot_writes_pngs(tiny_recipe, tmp_path):
         assert (run / "plots" / name).stat().st_size > 1000
 
 
+def test_plot_panels_include_every_loss_term_and_the_feature_scale():
+    from onestep.report.plot import training_panels
+
+    stats = {
+        "plain": [{"step": 10, "loss": 1.0, "loss_main": 1.0, "lr": 0.1, "images_per_s": 5.0}],
+        "disp": [
+            {"step": 10, "loss": 0.5, "loss_main": 1.0, "loss_dispersive": -1.0, "feature_rms_dispersive": 2.5},
+            {"step": 20, "loss": 0.4, "loss_main": 0.9, "loss_dispersive": -1.0, "feature_rms_dispersive": 3.0},
+        ],
+    }
+    panels = training_panels(stats)
+    assert set(panels) == {"loss", "loss_main", "loss_dispersive", "feature_rms_dispersive", "lr"}
+    assert panels["feature_rms_dispersive"] == {"plain": [], "disp": [(10, 2.5), (20, 3.0)]}
+
+
 def test_keep_checkpoints_retention(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     assert (

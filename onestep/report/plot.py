@@ -25,19 +25,7 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
     metrics = {RunDir(r).name: RunDir(r).read_metrics() for r in runs}
     if not any(stats.values()):
         raise ConfigError(f"no {RunDir.STATS} rows in {', '.join(map(str, runs))}")
-    keys = sorted(
-        {
-            k
-            for rows in stats.values()
-            for row in rows
-            for k in row
-            if k.startswith("loss") or k in ("grad_norm", "lr", "mse")
-        }
-    )
-    panels = {
-        key: {name: [(r["step"], r[key]) for r in rows if key in r] for name, rows in stats.items()} for key in keys
-    }
-    written = [_stacked_plot(plt, panels, out_dir / "training.png")]
+    written = [_stacked_plot(plt, training_panels(stats), out_dir / "training.png")]
     series = sorted({(r["metric"], r["nfe"]) for rows in metrics.values() for r in rows})
     if series:
         panels = {
@@ -52,6 +40,27 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
     if sweeps:
         written.append(_stacked_plot(plt, sweeps, out_dir / "guidance.png", marker="o", xlabel="guidance scale ω"))
     return written
+
+
+TRAINING_KEYS = ("grad_norm", "lr", "mse")
+TRAINING_PREFIXES = ("loss", "feature_rms")  # loss terms; a regularizer's feature scale (feature_rms_<name>)
+
+
+def training_panels(stats: dict[str, list[dict]]) -> dict[str, dict[str, list[tuple]]]:
+    """{stats key: {run: [(step, value), ...]}} for the plotted keys of stats.jsonl: every loss term,
+    each regularizer's feature RMS, grad norm, lr and the per-sample MSE."""
+    keys = sorted(
+        {
+            k
+            for rows in stats.values()
+            for row in rows
+            for k in row
+            if k.startswith(TRAINING_PREFIXES) or k in TRAINING_KEYS
+        }
+    )
+    return {
+        key: {name: [(r["step"], r[key]) for r in rows if key in r] for name, rows in stats.items()} for key in keys
+    }
 
 
 def guidance_sweeps(metrics: dict[str, list[dict]]) -> dict[str, dict[str, list[tuple]]]:
