@@ -162,8 +162,10 @@ def test_the_shipped_fashion_suite_loads_with_its_dependencies():
     suite = load_suite([str(REPO_RECIPES / "suites" / "fashion.yaml")], overrides=["data.root=DIR"])
     runs = {r.name: r for r in suite.runs}
     assert len(runs) == len(suite.runs) and suite.root == Path("runs/fashion")
-    for name in ("ect", "sct", "cd", "scd", "meanflow_distill"):
+    for name in ("ect", "sct", "cd", "scd", "meanflow_distill", "dmf"):
         assert runs[name].after == ["flow_matching"], name
+    assert runs["dmf"].cfg.backbone["decoupled_depth"] == 4 and [e.nfe for e in runs["dmf"].evals] == [[1, 2, 4]]
+    assert runs["alphaflow"].cfg.objective["alpha_steps"] == [0, runs["alphaflow"].steps]
     assert all(r.cfg.data["root"] == "DIR" and r.cfg.data["name"] == "fashion_mnist" for r in suite.runs)
     groups = {r.seeds for r in suite.runs if r.seeds}
     assert groups == {"meanflow_1400", "meanflow_disp_1400"}
@@ -317,6 +319,10 @@ def test_the_shipped_1h_dispersive_and_gpu_suites_load():
         assert run.curve.full_steps == [round(run.steps / 4)] and run.curve.steps[-1] == run.steps, name
         assert run.curve.budget_minutes == 60
     assert hour["alphaflow"].cfg.objective["alpha_steps"] == [0, 3790]
+    # Its curriculum ends at its last step: its earlier points are mid-curriculum, marked as such; every
+    # other 1-hour run's schedules are in absolute steps (its points are the runs that stopped there).
+    assert "alpha_steps" in hour["alphaflow"].curve.schedule
+    assert all(not run.curve.schedule for name, run in hour.items() if name != "alphaflow")
     assert [e.nfe for e in hour["flow_matching"].curve.evals] == [[10]]
     sweep = load_suite([str(suites / "fashion_dispersive.yaml")], overrides=["data.root=DIR"]).runs
     assert len(sweep) == 10 and all(r.steps == 900 and r.curve is None for r in sweep)

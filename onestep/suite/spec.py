@@ -174,12 +174,22 @@ def _eval_passes(entries: Any, cfg, where: str) -> list[EvalPass]:
 
 def _schedule_note(cfg) -> str:
     """Why a point before a run's last step is not the run that stopped there: a schedule set by the
-    total number of steps (a cosine learning rate, iCT's discretisation curriculum)."""
+    total number of steps (a cosine learning rate, iCT's discretisation curriculum, an α-Flow
+    curriculum that ends at the run's last step, so that an earlier point is mid-curriculum while the
+    same recipe stopped there would have finished it)."""
     notes = []
     if cfg.train.lr_schedule != "constant":
         notes.append(f"train.lr_schedule {cfg.train.lr_schedule} decays over train.steps")
     if "total_steps" in cfg.objective:
         notes.append("objective.total_steps sets its curriculum")
+    alpha = cfg.objective.get("alpha_steps")
+    if (
+        isinstance(alpha, (list, tuple))
+        and len(alpha) == 2
+        and alpha[1] == cfg.train.steps
+        and cfg.objective.get("alpha_start", 1.0) != cfg.objective.get("alpha_end", 0.0)
+    ):
+        notes.append(f"objective.alpha_steps anneals α until train.steps ({alpha[1]})")
     return "; ".join(notes)
 
 
