@@ -164,7 +164,8 @@ def test_the_shipped_fashion_suite_loads_with_its_dependencies():
     assert len(runs) == len(suite.runs) and suite.root == Path("runs/fashion")
     for name in ("ect", "sct", "cd", "scd", "meanflow_distill", "dmf"):
         assert runs[name].after == ["flow_matching"], name
-    assert runs["dmf"].cfg.backbone["decoupled_depth"] == 4 and [e.nfe for e in runs["dmf"].evals] == [[1, 2, 4]]
+    assert runs["dmf"].cfg.backbone["decoupled_depth"] == 4
+    assert [(e.nfe, e.sampler) for e in runs["dmf"].evals] == [([1, 2, 4], None), ([2], "restart")]
     assert runs["alphaflow"].cfg.objective["alpha_steps"] == [0, runs["alphaflow"].steps]
     assert all(r.cfg.data["root"] == "DIR" and r.cfg.data["name"] == "fashion_mnist" for r in suite.runs)
     groups = {r.seeds for r in suite.runs if r.seeds}
@@ -324,6 +325,9 @@ def test_the_shipped_1h_dispersive_and_gpu_suites_load():
     assert "alpha_steps" in hour["alphaflow"].curve.schedule
     assert all(not run.curve.schedule for name, run in hour.items() if name != "alphaflow")
     assert [e.nfe for e in hour["flow_matching"].curve.evals] == [[10]]
+    for name in ("dmf", "alphaflow"):  # the restart sampler at 2 NFE at the end, Euler along the curve
+        assert ([2], "restart") in [(e.nfe, e.sampler) for e in hour[name].evals], name
+        assert all(e.sampler is None for e in hour[name].curve.evals), name
     sweep = load_suite([str(suites / "fashion_dispersive.yaml")], overrides=["data.root=DIR"]).runs
     assert len(sweep) == 10 and all(r.steps == 900 and r.curve is None for r in sweep)
     gpu = {r.name: r for r in load_suite([str(suites / "fashion_gpu.yaml")], overrides=["data.root=DIR"]).runs}
