@@ -208,6 +208,32 @@ def test_loop_logs_dispersive(tmp_path):
         assert 0 < s["feature_rms_dispersive"] < 1e3  # the scale of the regularized block's features
 
 
+@pytest.mark.parametrize("objective", ["meanflow", "flow_matching"])
+def test_weight_zero_trains_the_plain_runs_weights(tmp_path, objective):
+    """The control of every dispersive comparison: the regularizer's machinery (block features from
+    the JVP's primal pass, the hooks, the extra logs) changes nothing by itself, so a run with the term
+    at weight 0 trains bit for bit the weights of the run without it, and weight 0.5 does not."""
+    from onestep.config import load_config
+    from onestep.train.loop import Trainer
+
+    def train(regularizers: str):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(
+            "seed: 1\ndata: {name: checkerboard}\nbackbone: {name: test_mlp}\n"
+            f"objective: {{name: {objective}}}\n{regularizers}"
+            "train: {steps: 4, batch_size: 16, lr: 0.001, log_every: 1, num_preview: 4, sample_every: 0}\n"
+        )
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        trainer = Trainer(load_config(recipe), run)
+        trainer.run()
+        return trainer.net.state_dict()
+
+    term = "regularizers:\n  - {{name: dispersive, variant: infonce_l2, weight: {}, tau: 0.5, blocks: encoder}}\n"
+    plain, zero, half = train(""), train(term.format(0.0)), train(term.format(0.5))
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    assert not all(torch.equal(plain[k], half[k]) for k in plain)
+
+
 # ----------------------------------------------------------------------------------------------
 # gather: true on a 2-process gloo group.
 
