@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from onestep.formats import load_run  # noqa: E402
 from onestep.objectives.common import interpolate  # noqa: E402
 from onestep.objectives.time_sampling import logit_normal  # noqa: E402
-from onestep.regularizers.dispersive import DispersiveLoss  # noqa: E402
+from onestep.regularizers.dispersive import DispersiveLoss, feature_rms  # noqa: E402
 from onestep.utils.rundir import RunDir  # noqa: E402
 
 
@@ -54,16 +54,15 @@ def scale_rows(run_dir: str, block: int | None, n: int, seed: int) -> list[dict]
         z, t, y = batch
         b = run.net.encoder_blocks[0] if block is None else block
         _, (feats,) = run.net.forward_features(z, t, torch.zeros_like(t), y, blocks=[b])
-        flat = feats.flatten(1).double()
         rows.append(
             {
                 "run": Path(run_dir).name,
                 "step": run.step,
                 "block": b,
-                "feature_rms": float(flat.square().mean().sqrt()),
+                "feature_rms": float(feature_rms([feats], torch.float64)),
                 "infonce_l2": float(l2(feats.double())),
                 "infonce_cosine": float(cosine(feats.double())),
-                "floor": -math.log(flat.shape[0]),
+                "floor": -math.log(feats.shape[0]),
             }
         )
     return rows

@@ -194,6 +194,14 @@ VARIANTS: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def feature_rms(blocks: list[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The scale of what a regularizer sees: the RMS of its blocks' features (the mean square of each
+    block, averaged over blocks; no graph), computed in ``dtype``. An InfoNCE-l2 term can be lowered
+    by growing the features; this shows whether it is (``stats.jsonl`` ``feature_rms_<name>``,
+    ``tools/feature_scale.py``)."""
+    return torch.stack([z.detach().to(dtype).square().mean() for z in blocks]).mean().sqrt()
+
+
 def gather_features(z: Tensor) -> Tensor:
     """Concatenate z (B, ...) over all ranks, rank order, with gradients; z itself when not distributed.
 

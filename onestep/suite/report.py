@@ -151,7 +151,7 @@ def write_results(suite: Suite, echo=print) -> None:
     figure = [
         (r.label + (f" ({r.grid.nfe[0]} NFE)" if r.grid.nfe[0] != 1 else ""), r.dir, r.grid.nfe[0], r.grid.guidance)
         for r in first_of_group.values()
-        if (trained_step(r) or 0) >= r.steps  # finished runs only: a cut run's samples are not its result
+        if training_status(r) == "trained"  # finished runs only: a cut run's samples are not its result
     ]
     if figure:
         try:

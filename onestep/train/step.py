@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from onestep.build import RegularizerTerm
+from onestep.regularizers.dispersive import feature_rms
 from onestep.train.ema import EMA
 from onestep.utils import distributed
 from onestep.utils.device import autocast_ctx
@@ -100,10 +101,7 @@ class TrainStep:
             value = torch.stack([reg.fn(feats[b].float()) for b in reg.blocks]).mean()
             total = total + reg.weight * value
             terms[f"loss_{reg.label}"] = value.detach()
-            # The scale of what the regularizer sees (RMS of its blocks' features): an InfoNCE-l2
-            # term can be lowered by growing the features, and this shows whether it is.
-            scale = torch.stack([feats[b].detach().float().square().mean() for b in reg.blocks]).mean().sqrt()
-            terms[f"feature_rms_{reg.label}"] = scale
+            terms[f"feature_rms_{reg.label}"] = feature_rms([feats[b] for b in reg.blocks])
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         # Average gradients over ranks; the loss and the stop flag ride along in the same all-reduce.
