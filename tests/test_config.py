@@ -133,6 +133,17 @@ def test_floats_the_way_people_write_them(tmp_path):
     assert cfg.train.lr == 1e30 and cfg.train.betas == (0.9, 0.95) and cfg.train.device == "cpu"
 
 
+def test_strings_that_read_as_floats_survive_a_round_trip():
+    """What onestep writes (config.yaml, exports) it reads back unchanged: a string that the YAML 1.2
+    float pattern would take for a number (a git commit such as 8e70025, the text "1e-4") is quoted."""
+    from onestep.utils import yamlio
+
+    data = {"commit": "8e70025", "text": "1e-4", "upper": "1E5", "dot": ".5", "lr": 1e-4, "big": 1e30, "n": 5}
+    text = yamlio.safe_dump(data)
+    assert yamlio.safe_load(text) == data
+    assert "'8e70025'" in text and "lr: 0.0001" in text
+
+
 def test_validate_builds_components_so_range_errors_are_one_line(capsys):
     from onestep.cli import main
 

@@ -34,9 +34,18 @@ Loader.add_implicit_resolver(
 )
 
 
+class Dumper(yaml.SafeDumper):
+    """SafeDumper that resolves plain scalars as ``Loader`` reads them, so that a string which YAML 1.2
+    reads as a float (a git commit such as ``8e70025``, the text ``1e-4``) is written quoted and reads
+    back as the same string."""
+
+
+Dumper.yaml_implicit_resolvers = Loader.yaml_implicit_resolvers
+
+
 def safe_load(text: str) -> Any:
     return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader subclass
 
 
 def safe_dump(obj: Any) -> str:
-    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=None)
+    return yaml.dump(obj, Dumper=Dumper, sort_keys=False, default_flow_style=None)
