@@ -1,12 +1,17 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-# Caches the toolkit writes (digits classifier, FID statistics) go to a per-session folder, never ~/.cache.
-os.environ.setdefault("ONESTEP_CACHE", tempfile.mkdtemp(prefix="onestep-test-cache-"))
+# Caches the toolkit writes (digits classifier, FID statistics) go to a per-session folder, never ~/.cache,
+# removed when the session ends.
+if "ONESTEP_CACHE" not in os.environ:
+    os.environ["ONESTEP_CACHE"] = tempfile.mkdtemp(prefix="onestep-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ONESTEP_CACHE"], True)
 
 TINY_RECIPE = """
 seed: 3

@@ -73,10 +73,12 @@ def test_suite_trains_scores_resumes_and_writes_the_table(tiny_suite, capfd):
     assert err.index("fm: train done") < err.index("cd: train started")
     md = (root / "results.md").read_text()
     assert "| flow matching | 4 |" in md and "real images (train split)" in md and "fashion_mnist-CNN v1" in md
+    from PIL import Image
+
     assert "| mf | mf, mf_s1 |" in md  # the seeds group's mean ± std
+    assert Image.open(root / "seeds.png").size[0] > 0  # and its figure: each seed, mean ± std
     for name in ("fm", "cd", "mf", "mf_s1"):
         assert (root / "grids" / f"{name}.png").is_file()
-    from PIL import Image
 
     grid = Image.open(root / "grid.png")
     assert grid.size[1] > 3 * 28  # one row per method (fm, cd, mf; mf_s1 shares mf's row)
@@ -132,6 +134,13 @@ def test_seeds_table_mean_std_and_single_run():
 
     p = stats.ttest_ind([20.0, 22.0], [10.0, 14.0], equal_var=False).pvalue
     assert f"| B − A | +9.000 (p={p:.2g})" in md and "Welch" in md
+
+    from onestep.suite.report import seed_groups, seeds_panel_title
+
+    groups = seed_groups(rows, {"a": "A", "a1": "A", "b": "B", "b1": "B"})
+    assert [r["run"] for r in groups["A"]] == ["a", "a1"]  # the 2-NFE row of a is not a seed
+    assert seeds_panel_title(groups, "fd") == f"FD (1 NFE)\nB vs A: Welch p = {p:.2g}"
+    assert seeds_panel_title({"A": groups["A"]}, "acc") == "class accuracy (1 NFE)"  # one group: no test
 
 
 def test_suite_grid_false_leaves_the_run_out_of_the_figure(tmp_path, capsys):

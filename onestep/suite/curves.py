@@ -15,6 +15,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from onestep.suite.spec import METRIC_LABELS as LABELS
 from onestep.suite.spec import Suite, SuiteRun, metric_columns, pass_sampler
 from onestep.utils.atomic import atomic_write
 from onestep.utils.rundir import RunDir
@@ -144,9 +145,6 @@ def _line_of(run: SuiteRun, rows: list[dict]) -> list[dict]:
         and r["num_samples"] == run.curve.num_samples
     ]
     return sorted(mine, key=lambda r: r["step"])
-
-
-LABELS = {"fd": "FD", "is": "IS", "acc": "class accuracy", "precision": "precision", "recall": "recall"}
 
 
 def panels(metrics: list[str]) -> list[str]:

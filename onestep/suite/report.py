@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from onestep.registry import ConfigError
-from onestep.suite.spec import METRIC_COLUMNS, Suite, metric_columns, trained_step
+from onestep.suite.spec import METRIC_COLUMNS, METRIC_LABELS, Suite, metric_columns, trained_step
 from onestep.utils.atomic import atomic_write
 from onestep.utils.rundir import RunDir, read_jsonl
 
@@ -144,6 +144,12 @@ def write_results(suite: Suite, echo=print) -> None:
     text = "\n".join(lines) + "\n" + "".join(notes) + "\n" + seeds
     atomic_write(suite.root / "results.md", lambda f: f.write(text.encode()))
     atomic_write(suite.root / "seeds.md", lambda f: f.write(seeds.encode()))
+    by_group = seed_groups(rows, groups)
+    if any(len(rs) > 1 for rs in by_group.values()):
+        try:
+            plot_seeds(by_group, suite.root / "seeds.png")
+        except ImportError:
+            echo("[suite] seeds.png not drawn: it needs matplotlib (pip install 'onestep[plot]')")
     first_of_group = {}
     for r in suite.runs:
         if r.in_figure:
@@ -169,17 +175,24 @@ def write_results(suite: Suite, echo=print) -> None:
 SEED_METRICS = ("fd", "acc", "precision", "recall")
 
 
-def seeds_table(rows: list[dict], groups: dict[str, str]) -> str:
-    """Mean ± sample std (over runs sharing a ``seeds`` group) of FD, accuracy, precision and recall at
-    1 NFE; a group with one finished run shows that run's value marked "(1 run)". Below it, for each
-    pair of groups with two or more runs each, Welch's t-test p-value of each difference."""
+def seed_groups(rows: list[dict], groups: dict[str, str]) -> dict[str, list[dict]]:
+    """Each ``seeds`` group's runs, one result row per run: its first 1-NFE row with an FD (rows come
+    sorted by guidance), in the suite's order."""
     by_group: dict[str, list[dict]] = {}
     counted: set[str] = set()
-    for r in rows:  # one row per run: its first 1-NFE row (rows come sorted by guidance)
+    for r in rows:
         group = groups.get(r["run"])
         if group and r.get("nfe") == 1 and r.get("fd") is not None and r["run"] not in counted:
             counted.add(r["run"])
             by_group.setdefault(group, []).append(r)
+    return by_group
+
+
+def seeds_table(rows: list[dict], groups: dict[str, str]) -> str:
+    """Mean ± sample std (over runs sharing a ``seeds`` group) of FD, accuracy, precision and recall at
+    1 NFE; a group with one finished run shows that run's value marked "(1 run)". Below it, for each
+    pair of groups with two or more runs each, Welch's t-test p-value of each difference."""
+    by_group = seed_groups(rows, groups)
     if not by_group:
         return ""
     out = [
@@ -191,7 +204,7 @@ def seeds_table(rows: list[dict], groups: dict[str, str]) -> str:
     for group, rs in by_group.items():
         cells = []
         for m in SEED_METRICS:
-            vals = [float(r[m]) for r in rs if r.get(m) is not None]
+            vals = _values(rs, m)
             if len(vals) > 1:
                 cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}")
             else:  # one run has no spread: its value alone, not a std of 0
@@ -207,20 +220,72 @@ def seeds_table(rows: list[dict], groups: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _values(rows: list[dict], metric: str) -> list[float]:
+    return [float(r[metric]) for r in rows if r.get(metric) is not None]
+
+
+def welch_p(va: list[float], vb: list[float]) -> float:
+    """Welch's two-sided t-test p-value of two samples (nan when neither has spread)."""
+    from scipy import stats
+
+    with warnings.catch_warnings():  # identical values in both groups: no spread, p is nan
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(vb, va, equal_var=False).pvalue)
+
+
+def seeds_panel_title(by_group: dict[str, list[dict]], metric: str) -> str:
+    """A seeds.png panel's title: the metric, and Welch's p of the last group against the first when
+    both have two or more runs."""
+    title = f"{METRIC_LABELS.get(metric, metric)} (1 NFE)"
+    names = list(by_group)
+    first, last = _values(by_group[names[0]], metric), _values(by_group[names[-1]], metric)
+    if len(names) > 1 and len(first) > 1 and len(last) > 1:
+        p = welch_p(first, last)
+        title += f"\n{names[-1]} vs {names[0]}: Welch p = {p:.2g}" if math.isfinite(p) else "\nno spread"
+    return title
+
+
+def plot_seeds(by_group: dict[str, list[dict]], path: Path) -> Path:
+    """``seeds.png``: one panel per metric of ``SEED_METRICS``, one column per seeds group: each run
+    as a dot, the group's mean ± sample std as a bar; a panel's title
+    gives Welch's p of the last group against the first when both have two or more runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(by_group)
+    fig, axes = plt.subplots(1, len(SEED_METRICS), figsize=(3.2 * len(SEED_METRICS), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], SEED_METRICS):
+        for i, g in enumerate(names):
+            vals = _values(by_group[g], m)
+            offsets = [0.08 * (k - (len(vals) - 1) / 2) for k in range(len(vals))]
+            ax.plot([i + o for o in offsets], vals, "o", markersize=4, alpha=0.7)
+            if len(vals) > 1:
+                mean, std = statistics.mean(vals), statistics.stdev(vals)
+                ax.errorbar([i + 0.3], [mean], yerr=[std], fmt="_", color="black", capsize=4, markersize=12)
+        title = seeds_panel_title(by_group, m)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("per seed (dots) and mean ± std (bars)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
 def welch_row(a: str, b: str, rows_a: list[dict], rows_b: list[dict]) -> str:
     """One markdown row: mean(b) - mean(a) of each metric and Welch's p-value; "" when either group has
     fewer than two runs."""
-    from scipy import stats
-
     cells = []
     for m in SEED_METRICS:
-        va = [float(r[m]) for r in rows_a if r.get(m) is not None]
-        vb = [float(r[m]) for r in rows_b if r.get(m) is not None]
+        va, vb = _values(rows_a, m), _values(rows_b, m)
         if len(va) < 2 or len(vb) < 2:
             return ""
-        with warnings.catch_warnings():  # identical values in both groups: no spread, p is nan
-            warnings.simplefilter("ignore", RuntimeWarning)
-            p = float(stats.ttest_ind(vb, va, equal_var=False).pvalue)
+        p = welch_p(va, vb)
         diff = statistics.mean(vb) - statistics.mean(va)
         cells.append(f"{diff:+.3f} (p={p:.2g})" if math.isfinite(p) else f"{diff:+.3f} (no spread)")
     return f"| {b} − {a} | " + " | ".join(cells) + " |"

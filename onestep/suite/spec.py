@@ -20,6 +20,8 @@ from onestep.utils import yamlio
 from onestep.utils.rundir import RunDir
 
 METRIC_COLUMNS = ("fd", "is", "acc", "precision", "recall")
+# How a figure names each metric.
+METRIC_LABELS = {"fd": "FD", "is": "IS", "acc": "class accuracy", "precision": "precision", "recall": "recall"}
 _SUITE_KEYS = {"root", "eval", "real", "curve", "runs"}
 _RUN_KEYS = {"name", "recipe", "label", "overrides", "after", "evals", "seeds", "grid", "curve"}
 _EVAL_KEYS = {"nfe", "guidance", "late", "yardstick", "sampler"}
