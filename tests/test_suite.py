@@ -102,6 +102,10 @@ def test_suite_trains_scores_resumes_and_writes_the_table(tiny_suite, capfd):
     assert main(["suite", str(tmp_path / "suite.yaml"), "--only", "mf"]) == 0
     err = capfd.readouterr().err
     assert "mf: train started (onestep train --resume" in err and load_checkpoint(run.path)["step"] == ckpt["step"]
+    assert "fm: " not in err and "1 of 1 runs trained" in err  # --only trains and scores mf alone...
+    scores = [(r["run"], r["nfe"], r["fd"]) for r in rows]
+    assert [(r["run"], r["nfe"], r["fd"]) for r in _table(root)] == scores  # ...the tables cover every run
+    assert "| flow matching | 4 |" in (root / "results.md").read_text()
 
 
 def test_suite_refuses_bad_files(tmp_path, capsys):

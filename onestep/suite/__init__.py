@@ -69,8 +69,10 @@ def main(args, echo=print) -> int:
 
         for name in keep:
             need(name)
-        suite.runs = [r for r in suite.runs if r.name in needed]
-    runner = Runner(suite, jobs=args.jobs, echo=echo, threads=getattr(args, "threads", None))
+    else:
+        needed = None
+    # --only picks what is trained and scored; the tables and figures still cover every run.
+    runner = Runner(suite, jobs=args.jobs, echo=echo, threads=getattr(args, "threads", None), only=needed)
     if args.report_only:
         write_results(suite, echo=echo)
         echo(str(suite.root / "results.md"))

@@ -19,8 +19,12 @@ from onestep.utils.rundir import RunDir, read_jsonl
 
 
 class Runner:
-    def __init__(self, suite: Suite, jobs: int = 1, echo=print, threads: int | None = None):
+    def __init__(
+        self, suite: Suite, jobs: int = 1, echo=print, threads: int | None = None, only: set[str] | None = None
+    ):
+        """``only``: the names of the runs to train and score (None: all); the report covers every run."""
         self.suite, self.jobs, self.echo = suite, max(1, jobs), echo
+        self.selected = [r for r in suite.runs if only is None or r.name in only]
         cores = os.cpu_count() or 1
         self.threads = threads or max(1, cores // self.jobs)
         self.logs = suite.root / "logs"
@@ -188,27 +192,25 @@ class Runner:
             self.echo(f"[suite] {run.name}: grid failed: {exc}")
 
     def run(self) -> int:
-        self.by_name = {r.name: r for r in self.suite.runs}
+        self.by_name = {r.name: r for r in self.selected}
         t0 = time.perf_counter()
         with RunDir(self.suite.root).lock():
             with ThreadPoolExecutor(self.jobs) as pool:
                 list(pool.map(self.run_one, self._ordered()))
             with ThreadPoolExecutor(self.jobs) as pool:
                 list(
-                    pool.map(
-                        lambda r: self.evaluate(r, late=True), [r for r in self.suite.runs if r.status == "trained"]
-                    )
+                    pool.map(lambda r: self.evaluate(r, late=True), [r for r in self.selected if r.status == "trained"])
                 )
             self.real_rows()
             write_results(self.suite, echo=self.echo)
-        failed = [r for r in self.suite.runs if r.status != "trained"]
+        failed = [r for r in self.selected if r.status != "trained"]
         self.echo(
-            f"[suite] {len(self.suite.runs) - len(failed)} of {len(self.suite.runs)} runs trained; "
+            f"[suite] {len(self.selected) - len(failed)} of {len(self.selected)} runs trained; "
             f"wall time {(time.perf_counter() - t0) / 60:.1f} min; results in {self.suite.root / 'results.md'}"
         )
         for r in failed:
             self.echo(f"[suite] {r.name}: {r.status}: {r.error}")
-        for r in self.suite.runs:
+        for r in self.selected:
             if r.status == "trained" and r.error:
                 self.echo(f"[suite] {r.name}: trained, but {r.error}")
         return 0 if not failed else 1
@@ -228,7 +230,7 @@ class Runner:
             seen.add(r.name)
             out.append(r)
 
-        for r in self.suite.runs:
+        for r in self.selected:
             visit(r, ())
         return out
 
