@@ -383,3 +383,38 @@ def test_a_latent_suite_goes_through_to_its_tables_and_figures(tmp_path, capfd, 
     md = (out / "results.md").read_text()
     assert "| lat | 1 |" in md and "—" not in md.splitlines()[2].split("|")[4]  # a metric value
     assert (out / "grid.png").is_file() and (out / "grids" / "lat.png").is_file()
+
+
+def test_a_signal_stops_the_suite_and_its_commands(tmp_path):
+    """SIGTERM to the suite reaches the training it runs (which saves a checkpoint and exits), no
+    further command starts, the suite exits 143, and nothing is left running on the run directory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from waiting import HANG_GUARD_S, wait_for
+
+    from onestep.utils.rundir import _alive
+
+    root = tmp_path / "toy"
+    cmd = [sys.executable, "-m", "onestep", "suite", "toy_meanflow", "toy_flow_matching", "--root", str(root)]
+    cmd += ["train.steps=1000000", "train.log_every=1", "--jobs", "1", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = RunDir(root / "toy_meanflow")
+    trainer = None
+    try:
+        wait_for(lambda: run.read_stats(), proc, "the first training row")  # the training loop is running
+        trainer = int((run.path / RunDir.LOCK).read_text())
+        assert trainer not in (os.getpid(), proc.pid)  # the lock is the training command's
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=HANG_GUARD_S)
+        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert "stopped by SIGTERM" in err and "toy_flow_matching: train started" not in err
+        assert not _alive(trainer) and not (run.path / RunDir.LOCK).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if trainer is not None and _alive(trainer):  # an orphan left by a failing suite
+            os.kill(trainer, signal.SIGKILL)
+    assert load_checkpoint(run.path)["step"] >= 1  # the training saved where it stopped: resumable

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -30,6 +32,8 @@ class Runner:
         self.logs = suite.root / "logs"
         self._lock = threading.Lock()
         self.causes: dict[str, str] = {}
+        self._procs: set[subprocess.Popen] = set()  # the commands running now
+        self.stopped_by: int | None = None  # the signal that stopped the suite
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
@@ -40,12 +44,21 @@ class Runner:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.{what}.log"
         t0 = time.perf_counter()
-        self.echo(f"[suite] {name}: {what} started ({shlex.join(cmd[2:])})")
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
             start = f.tell()  # the command's own output starts here
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env()).returncode
+            with self._lock:  # no command starts once a signal has stopped the suite
+                if self.stopped_by is not None:
+                    return False
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env())
+                self._procs.add(proc)
+            self.echo(f"[suite] {name}: {what} started ({shlex.join(cmd[2:])})")
+            try:
+                rc = proc.wait()
+            finally:
+                with self._lock:
+                    self._procs.discard(proc)
         minutes = (time.perf_counter() - t0) / 60
         if rc == 0:
             self.echo(f"[suite] {name}: {what} done in {minutes:.1f} min")
@@ -194,9 +207,15 @@ class Runner:
     def run(self) -> int:
         self.by_name = {r.name: r for r in self.selected}
         t0 = time.perf_counter()
-        with RunDir(self.suite.root).lock():
+        with RunDir(self.suite.root).lock(), self._stop_on_signals():
             with ThreadPoolExecutor(self.jobs) as pool:
                 list(pool.map(self.run_one, self._ordered()))
+            if self.stopped_by is not None:
+                self.echo(
+                    f"[suite] stopped by {signal.Signals(self.stopped_by).name}: its commands were stopped "
+                    f"(a training saves a checkpoint); run the same `onestep suite` to resume"
+                )
+                return 128 + self.stopped_by
             with ThreadPoolExecutor(self.jobs) as pool:
                 list(
                     pool.map(lambda r: self.evaluate(r, late=True), [r for r in self.selected if r.status == "trained"])
@@ -214,6 +233,30 @@ class Runner:
             if r.status == "trained" and r.error:
                 self.echo(f"[suite] {r.name}: trained, but {r.error}")
         return 0 if not failed else 1
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While the suite runs, SIGTERM or SIGINT stops it: the signal goes on to every running command
+        (training saves a checkpoint and exits), no new command starts, and ``run`` returns 128 + the
+        signal. Without this a killed suite would leave its commands running, orphaned."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(signum, frame):
+            with self._lock:
+                self.stopped_by = signum
+                procs = list(self._procs)
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _ordered(self) -> list[SuiteRun]:
         """Runs in an order where each comes after its dependencies (the pool takes them in order, so
