@@ -418,3 +418,19 @@ def test_a_signal_stops_the_suite_and_its_commands(tmp_path):
         if trainer is not None and _alive(trainer):  # an orphan left by a failing suite
             os.kill(trainer, signal.SIGKILL)
     assert load_checkpoint(run.path)["step"] >= 1  # the training saved where it stopped: resumable
+
+
+def test_grid_labels_draw_greek_letters_or_spell_them():
+    """ "α-Flow" in a grid's label is drawn as α (not the font's missing-glyph box), or spelled out
+    where only a Latin font is at hand."""
+    from onestep.suite.grids import label_font, latin_label
+
+    assert latin_label("α-Flow (ω 2)") == "alpha-Flow (omega 2)" and latin_label("Décor") == "Décor"
+    font, unicode = label_font()
+    assert unicode  # matplotlib (a dev dependency) brings DejaVu Sans
+
+    def glyph(c):
+        mask = font.getmask(c)
+        return mask.size, bytes(mask)
+
+    assert glyph("α") != glyph("\ue000")  # a private-use code point: drawn as the missing-glyph box

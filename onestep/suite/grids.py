@@ -59,12 +59,34 @@ def _image(img: np.ndarray, upscale: int) -> Image.Image:
     return tile.resize((tile.width * upscale, tile.height * upscale), Image.NEAREST)
 
 
+def label_font() -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, bool]:
+    """The font of the grids' labels and whether it draws any Unicode letter: matplotlib's DejaVu Sans
+    (Greek included: "α-Flow") where matplotlib is installed, else Pillow's default font (Latin only)."""
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 11), True
+    except (ImportError, OSError, ValueError):
+        return ImageFont.load_default(), False
+
+
+def latin_label(text: str) -> str:
+    """``text`` for a font without Greek: each letter outside Latin-1 spelled by its Unicode name's
+    last word ("α-Flow" -> "alpha-Flow"), never a missing-glyph box."""
+    import unicodedata
+
+    return "".join(c if ord(c) < 256 else unicodedata.name(c, "?").split()[-1].lower() for c in text)
+
+
 def _canvas(rows: list[list[Image.Image]], labels: list[str] | None, header: list[str] | None) -> Image.Image:
     """Tiles in rows (all tiles scaled to the first tile's height), labels on the left, a header row."""
     pad = 2
     h = rows[0][0].height
     rows = [[t if t.height == h else t.resize((max(1, t.width * h // t.height), h)) for t in row] for row in rows]
-    font = ImageFont.load_default()
+    font, unicode = label_font()
+    if not unicode:
+        labels = None if labels is None else [latin_label(s) for s in labels]
+        header = None if header is None else [latin_label(s) for s in header]
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     label_w = 8 + max(int(measure.textlength(s, font=font)) for s in labels) if labels else 0
     head = 14 if header else 0
