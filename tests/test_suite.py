@@ -410,7 +410,8 @@ def test_a_signal_stops_the_suite_and_its_commands(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=HANG_GUARD_S)
         assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-        assert "stopped by SIGTERM" in err and "toy_flow_matching: train started" not in err
+        assert "[suite] stopped by SIGTERM" in err and "toy_flow_matching: train started" not in err
+        assert "toy_meanflow: train stopped by SIGTERM" in err and "FAILED" not in err
         assert not _alive(trainer) and not (run.path / RunDir.LOCK).exists()
     finally:
         if proc.poll() is None:

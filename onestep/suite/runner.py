@@ -63,6 +63,9 @@ class Runner:
         if rc == 0:
             self.echo(f"[suite] {name}: {what} done in {minutes:.1f} min")
             return True
+        if self.stopped_by is not None:  # the suite's signal stopped it: not a failure of the command
+            self.echo(f"[suite] {name}: {what} stopped by {signal.Signals(self.stopped_by).name} ({minutes:.1f} min)")
+            return False
         cause = failure_cause(log, start)
         with self._lock:
             self.causes[name] = f"{what}: {cause}" if cause else f"{what} exited with {rc}"
