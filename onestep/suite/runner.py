@@ -41,6 +41,8 @@ class Runner:
     def _call(self, name: str, what: str, cmd: list[str]) -> bool:
         """Run one CLI command, its output appended to ROOT/logs/NAME.WHAT.log; on failure the cause
         (the command's error line) goes to ``self.causes[name]`` and into the message."""
+        if self.stopped_by is not None:  # stopped: nothing more starts (checked again under the lock)
+            return False
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.{what}.log"
         t0 = time.perf_counter()
