@@ -435,3 +435,39 @@ def test_grid_labels_draw_greek_letters_or_spell_them():
         return mask.size, bytes(mask)
 
     assert glyph("α") != glyph("\ue000")  # a private-use code point: drawn as the missing-glyph box
+
+
+def test_curve_standings_name_the_leader_per_point_and_how_each_curve_ends():
+    """curves.md's reading of the curves: per budget point the best 1-NFE value (seeds of one label
+    averaged, mid-schedule points left out, accuracy ranked the other way), and each curve's last move."""
+    from types import SimpleNamespace
+
+    from onestep.suite.curves import standings
+
+    def run(name, label, schedule=""):
+        return SimpleNamespace(name=name, label=label, curve=SimpleNamespace(num_samples=100, schedule=schedule))
+
+    suite = SimpleNamespace(runs=[run("a", "A"), run("a1", "A"), run("b", "B"), run("c", "C", "curriculum")])
+    higher = {"fd": False, "acc": True}
+
+    def row(name, label, step, fd, acc, schedule="", nfe=1, guidance=None, num=100):
+        return {"run": name, "method": label, "step": step, "budget_min": step / 10, "nfe": nfe,
+                "guidance": guidance, "sampler": "euler", "num_samples": num, "fd": fd, "acc": acc,
+                "schedule": schedule, "_higher": higher}
+
+    rows = [
+        row("a", "A", 150, 50.0, 0.70), row("a1", "A", 150, 70.0, 0.72), row("b", "B", 150, 55.0, 0.80),
+        row("c", "C", 150, 10.0, 0.99, schedule="curriculum"),  # mid-curriculum: does not compete
+        row("b", "B", 150, 1.0, 0.99, num=1000),  # the full count is not the curve's
+        row("b", "B", 150, 2.0, 0.99, nfe=2), row("b", "B", 150, 3.0, 0.99, guidance=2.0),
+        row("a", "A", 600, 40.0, 0.90), row("a1", "A", 600, 42.0, 0.92), row("b", "B", 600, 58.0, 0.95),
+        row("c", "C", 600, 20.0, 0.93),
+    ]
+    text = "\n".join(standings(suite, rows, ["fd", "is", "acc"]))
+    assert "| 15 | B 55 (A (mean of 2) 60) | B 0.8 (A (mean of 2) 0.71) |" in text
+    assert "| 60 | C 20 (A (mean of 2) 41) | B 0.95 (C 0.93) |" in text
+    assert "Left out before their last step (mid-schedule, marked \\*): C." in text
+    assert "| B (b) | 15 → 60 | 55 → 58 | +5 % (not improving) |" in text
+    assert "| A (a) | 15 → 60 | 50 → 40 | -20 % (still improving) |" in text
+    assert "| C (c) | 15 → 60 | 10 → 20 | +100 % (not improving), from a mid-schedule point \\* |" in text
+    assert standings(suite, [r for r in rows if r["nfe"] == 2], ["fd", "acc"]) == []

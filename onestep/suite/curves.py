@@ -122,6 +122,7 @@ def write_curves(suite: Suite, echo=print) -> list[Path]:
         lines.append(
             "\n\\* a point before the run's last step that differs from a run stopped there: " + "; ".join(notes)
         )
+    lines += standings(suite, rows, metrics)
     atomic_write(root / "curves.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
     written = [root / "curves.csv", root / "curves.md"]
     try:
@@ -129,6 +130,78 @@ def write_curves(suite: Suite, echo=print) -> list[Path]:
     except ImportError:
         echo("[suite] curves.png not drawn: it needs matplotlib (pip install 'onestep[plot]')")
     return written
+
+
+def _better(metric: str, higher: dict[str, bool]):
+    """Sort key putting the best value of ``metric`` first."""
+    sign = -1.0 if higher.get(metric) else 1.0
+    return lambda item: sign * item[1]
+
+
+def standings(suite: Suite, rows: list[dict], metrics: list[str]) -> list[str]:
+    """Markdown that reads the curves for a reader: which method leads at each point of the budget at
+    one step (1 NFE, unguided, the curve's sample count; runs sharing a label, such as seeds, are
+    averaged), and how each run's curve moved between its last two points. Points marked as
+    differing from a run stopped there (mid-curriculum) do not compete."""
+    shown = panels(metrics)
+    curve_n = {run.name: run.curve.num_samples for run in suite.runs if run.curve is not None}
+    one = [
+        r
+        for r in rows
+        if r["nfe"] == 1
+        and r["guidance"] is None
+        and r["sampler"] == "euler"
+        and r["num_samples"] == curve_n.get(r["run"])
+        and r["budget_min"] is not None
+    ]
+    if not shown or not one:
+        return []
+    higher = {k: v for r in rows for k, v in r.get("_higher", {}).items()}
+    points: dict[float, dict[str, list[dict]]] = {}
+    for r in one:
+        if not r["schedule"]:
+            points.setdefault(round(float(r["budget_min"]), 1), {}).setdefault(r["method"], []).append(r)
+    lines = [
+        "",
+        f"Who leads at each point of the budget (1 NFE, {'/'.join(sorted({str(n) for n in curve_n.values()}))} samples):",
+        "",
+        "| minutes | " + " | ".join(f"best {LABELS.get(m, m)} (next)" for m in shown) + " |",
+        "|" + "---|" * (1 + len(shown)),
+    ]
+    for minute in sorted(points):
+        cells = [_num(minute)]
+        for metric in shown:
+            means = []
+            for method, group in points[minute].items():
+                vals = [float(r[metric]) for r in group if r.get(metric) not in (None, "")]
+                if vals:
+                    means.append((method + (f" (mean of {len(vals)})" if len(vals) > 1 else ""), sum(vals) / len(vals)))
+            ranked = sorted(means, key=_better(metric, higher))
+            cell = " ".join(f"{name} {_num(v)}" for name, v in ranked[:1])
+            if len(ranked) > 1:
+                cell += f" ({ranked[1][0]} {_num(ranked[1][1])})"
+            cells.append(cell or "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    marked = sorted({r["method"] for r in one if r["schedule"]})
+    if marked:
+        lines.append(f"\nLeft out before their last step (mid-schedule, marked \\*): {', '.join(marked)}.")
+    metric = shown[0]
+    lines += ["", f"How each curve ends (1 NFE, {LABELS.get(metric, metric)} at its last two points):", ""]
+    lines += ["| run | minutes | " + f"{LABELS.get(metric, metric)} | change |", "|---|---|---|---|"]
+    for run in suite.runs:
+        mine = sorted((r for r in one if r["run"] == run.name and r.get(metric) not in (None, "")), key=lambda r: r["step"])
+        if len(mine) < 2:
+            continue
+        a, b = mine[-2], mine[-1]
+        va, vb = float(a[metric]), float(b[metric])
+        improved = (vb > va) if higher.get(metric) else (vb < va)
+        change = f"{100 * (vb - va) / abs(va):+.0f} % ({'still improving' if improved else 'not improving'})" if va else "—"
+        if a["schedule"]:
+            change += ", from a mid-schedule point \\*"
+        lines.append(
+            f"| {run.label} ({run.name}) | {_num(a['budget_min'])} → {_num(b['budget_min'])} | {_num(va)} → {_num(vb)} | {change} |"
+        )
+    return lines
 
 
 def _line_of(run: SuiteRun, rows: list[dict]) -> list[dict]:
