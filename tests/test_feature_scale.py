@@ -25,7 +25,9 @@ def test_rows_per_checkpoint_and_the_same_batch_for_every_run(tiny_recipe, tmp_p
         assert main(["train", str(tiny_recipe), "--run-dir", str(run), "--no-progress", f"seed={seed}"]) == 0
     tool = _tool()
     out = tmp_path / "scale.csv"
-    assert tool.main([str(a), str(b), "--batch", "32", "--csv", str(out)]) == 0
+    png = tmp_path / "scale.png"
+    assert tool.main([str(a), str(b), "--batch", "32", "--csv", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(out)))
     assert [(r["run"], r["step"]) for r in rows] == [("a", "6"), ("a", "12"), ("b", "6"), ("b", "12")]
     for r in rows:

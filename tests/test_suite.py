@@ -451,16 +451,32 @@ def test_curve_standings_name_the_leader_per_point_and_how_each_curve_ends():
     higher = {"fd": False, "acc": True}
 
     def row(name, label, step, fd, acc, schedule="", nfe=1, guidance=None, num=100):
-        return {"run": name, "method": label, "step": step, "budget_min": step / 10, "nfe": nfe,
-                "guidance": guidance, "sampler": "euler", "num_samples": num, "fd": fd, "acc": acc,
-                "schedule": schedule, "_higher": higher}
+        return {
+            "run": name,
+            "method": label,
+            "step": step,
+            "budget_min": step / 10,
+            "nfe": nfe,
+            "guidance": guidance,
+            "sampler": "euler",
+            "num_samples": num,
+            "fd": fd,
+            "acc": acc,
+            "schedule": schedule,
+            "_higher": higher,
+        }
 
     rows = [
-        row("a", "A", 150, 50.0, 0.70), row("a1", "A", 150, 70.0, 0.72), row("b", "B", 150, 55.0, 0.80),
+        row("a", "A", 150, 50.0, 0.70),
+        row("a1", "A", 150, 70.0, 0.72),
+        row("b", "B", 150, 55.0, 0.80),
         row("c", "C", 150, 10.0, 0.99, schedule="curriculum"),  # mid-curriculum: does not compete
         row("b", "B", 150, 1.0, 0.99, num=1000),  # the full count is not the curve's
-        row("b", "B", 150, 2.0, 0.99, nfe=2), row("b", "B", 150, 3.0, 0.99, guidance=2.0),
-        row("a", "A", 600, 40.0, 0.90), row("a1", "A", 600, 42.0, 0.92), row("b", "B", 600, 58.0, 0.95),
+        row("b", "B", 150, 2.0, 0.99, nfe=2),
+        row("b", "B", 150, 3.0, 0.99, guidance=2.0),
+        row("a", "A", 600, 40.0, 0.90),
+        row("a1", "A", 600, 42.0, 0.92),
+        row("b", "B", 600, 58.0, 0.95),
         row("c", "C", 600, 20.0, 0.93),
     ]
     text = "\n".join(standings(suite, rows, ["fd", "is", "acc"]))

@@ -6,6 +6,7 @@ growing the features.
 
     python tools/feature_scale.py runs/fashion_1h/meanflow runs/fashion_1h/meanflow_disp --block 1
     python tools/feature_scale.py RUN ... --csv scale.csv    # also write the rows
+    python tools/feature_scale.py RUN ... --plot scale.png   # and draw them (needs matplotlib)
 
 The batch: ``--batch`` training samples of the run's data (seed ``--seed``), noised at
 t ~ logit-normal(0, 1) with h = 0 (the flow-matching slice every objective trains). Prints one row per
@@ -63,9 +64,50 @@ def scale_rows(run_dir: str, block: int | None, n: int, seed: int) -> list[dict]
                 "infonce_l2": float(l2(feats.double())),
                 "infonce_cosine": float(cosine(feats.double())),
                 "floor": -math.log(feats.shape[0]),
+                "batch": feats.shape[0],
             }
         )
     return rows
+
+
+def plot_rows(rows: list[dict], path: str) -> None:
+    """Three panels against the training step, one line per run: the block's feature RMS, and the
+    InfoNCE-l2 (with its floor -log B) and InfoNCE-cosine values of those features on the fixed batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("feature_rms", "feature RMS of the block's tokens"),
+        ("infonce_l2", "InfoNCE-l2 (tau 0.5) on the batch"),
+        ("infonce_cosine", "InfoNCE-cosine (tau 0.5) on the batch"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
+    for ax, (key, title) in zip(axes, panels):
+        for run in dict.fromkeys(r["run"] for r in rows):
+            mine = sorted((r for r in rows if r["run"] == run), key=lambda r: r["step"])
+            ax.plot([r["step"] for r in mine], [r[key] for r in mine], marker="o", markersize=3, label=run)
+        if key == "infonce_l2":
+            ax.axhline(rows[0]["floor"], linestyle="--", color="gray", linewidth=1)
+            ax.text(
+                0.01,
+                rows[0]["floor"],
+                " floor -log B",
+                color="gray",
+                fontsize=8,
+                va="bottom",
+                transform=ax.get_yaxis_transform(),
+            )
+        ax.set(xlabel="training step", title=title)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    first = rows[0]
+    title = f"block {first['block']}, EMA weights, one fixed batch of {first['batch']} training samples"
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.add_argument("--plot", help="also draw them to this PNG file (needs matplotlib)")
     args = p.parse_args(argv)
     rows = [r for run in args.runs for r in scale_rows(run, args.block, args.batch, args.seed)]
     if not rows:
@@ -89,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             writer = csv.DictWriter(f, fieldnames=cols)
             writer.writeheader()
             writer.writerows(rows)
+    if args.plot:
+        plot_rows(rows, args.plot)
     return 0
 
 

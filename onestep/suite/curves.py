@@ -161,9 +161,10 @@ def standings(suite: Suite, rows: list[dict], metrics: list[str]) -> list[str]:
     for r in one:
         if not r["schedule"]:
             points.setdefault(round(float(r["budget_min"]), 1), {}).setdefault(r["method"], []).append(r)
+    counts = "/".join(sorted({str(n) for n in curve_n.values()}))
     lines = [
         "",
-        f"Who leads at each point of the budget (1 NFE, {'/'.join(sorted({str(n) for n in curve_n.values()}))} samples):",
+        f"Who leads at each point of the budget (1 NFE, {counts} samples):",
         "",
         "| minutes | " + " | ".join(f"best {LABELS.get(m, m)} (next)" for m in shown) + " |",
         "|" + "---|" * (1 + len(shown)),
@@ -189,18 +190,19 @@ def standings(suite: Suite, rows: list[dict], metrics: list[str]) -> list[str]:
     lines += ["", f"How each curve ends (1 NFE, {LABELS.get(metric, metric)} at its last two points):", ""]
     lines += ["| run | minutes | " + f"{LABELS.get(metric, metric)} | change |", "|---|---|---|---|"]
     for run in suite.runs:
-        mine = sorted((r for r in one if r["run"] == run.name and r.get(metric) not in (None, "")), key=lambda r: r["step"])
+        mine = [r for r in one if r["run"] == run.name and r.get(metric) not in (None, "")]
+        mine.sort(key=lambda r: r["step"])
         if len(mine) < 2:
             continue
         a, b = mine[-2], mine[-1]
         va, vb = float(a[metric]), float(b[metric])
         improved = (vb > va) if higher.get(metric) else (vb < va)
-        change = f"{100 * (vb - va) / abs(va):+.0f} % ({'still improving' if improved else 'not improving'})" if va else "—"
+        trend = "still improving" if improved else "not improving"
+        change = f"{100 * (vb - va) / abs(va):+.0f} % ({trend})" if va else "—"
         if a["schedule"]:
             change += ", from a mid-schedule point \\*"
-        lines.append(
-            f"| {run.label} ({run.name}) | {_num(a['budget_min'])} → {_num(b['budget_min'])} | {_num(va)} → {_num(vb)} | {change} |"
-        )
+        minutes = f"{_num(a['budget_min'])} → {_num(b['budget_min'])}"
+        lines.append(f"| {run.label} ({run.name}) | {minutes} | {_num(va)} → {_num(vb)} | {change} |")
     return lines
 
 
