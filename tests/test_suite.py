@@ -442,7 +442,7 @@ def test_curve_standings_name_the_leader_per_point_and_how_each_curve_ends():
     averaged, mid-schedule points left out, accuracy ranked the other way), and each curve's last move."""
     from types import SimpleNamespace
 
-    from onestep.suite.curves import standings
+    from onestep.suite.curves import budget_tables, standings
 
     def run(name, label, schedule=""):
         return SimpleNamespace(name=name, label=label, curve=SimpleNamespace(num_samples=100, schedule=schedule))
@@ -487,3 +487,8 @@ def test_curve_standings_name_the_leader_per_point_and_how_each_curve_ends():
     assert "| A (a) | 15 → 60 | 50 → 40 | -20 % (still improving) |" in text
     assert "| C (c) | 15 → 60 | 10 → 20 | +100 % (not improving), from a mid-schedule point \\* |" in text
     assert standings(suite, [r for r in rows if r["nfe"] == 2], ["fd", "acc"]) == []
+
+    # The tables at the points scored on the full count: the 1000-sample row alone, at its minutes.
+    tables = "\n".join(budget_tables(suite, rows, ["fd", "acc"]))
+    assert "At 15 minutes of the budget:" in tables and "| B | 150 | 1 | — | 1000 | 1 | 0.99 |" in tables
+    assert tables.count("| B |") == 1 and "At 60" not in tables

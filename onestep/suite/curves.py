@@ -123,6 +123,7 @@ def write_curves(suite: Suite, echo=print) -> list[Path]:
             "\n\\* a point before the run's last step that differs from a run stopped there: " + "; ".join(notes)
         )
     lines += standings(suite, rows, metrics)
+    lines += budget_tables(suite, rows, metrics)
     atomic_write(root / "curves.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
     written = [root / "curves.csv", root / "curves.md"]
     try:
@@ -203,6 +204,30 @@ def standings(suite: Suite, rows: list[dict], metrics: list[str]) -> list[str]:
             change += ", from a mid-schedule point \\*"
         minutes = f"{_num(a['budget_min'])} → {_num(b['budget_min'])}"
         lines.append(f"| {run.label} ({run.name}) | {minutes} | {_num(va)} → {_num(vb)} | {change} |")
+    return lines
+
+
+def budget_tables(suite: Suite, rows: list[dict], metrics: list[str]) -> list[str]:
+    """Markdown: one table per point of the budget scored on more samples than the curve (``full``
+    points and the last step): every run's passes there, so the 15-minute and 1-hour tables come
+    straight from the curves."""
+    curve_n = {run.name: run.curve.num_samples for run in suite.runs if run.curve is not None}
+    order = {run.name: i for i, run in enumerate(suite.runs)}
+    full = [r for r in rows if r["budget_min"] is not None and r["num_samples"] != curve_n.get(r["run"])]
+    points: dict[float, list[dict]] = {}
+    for r in full:
+        points.setdefault(round(float(r["budget_min"]), 1), []).append(r)
+    lines = []
+    head = ["method", "step", "NFE", "guidance", "samples", *(LABELS.get(m, m) for m in metrics)]
+    for minute in sorted(points):
+        lines += ["", f"At {_num(minute)} minutes of the budget:", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        group = sorted(points[minute], key=lambda r: (order[r["run"]], r["nfe"], r["guidance"] or 0.0, r["sampler"]))
+        for r in group:
+            nfe = str(r["nfe"]) + (" (restart)" if r["sampler"] == "restart" else "")
+            step = str(r["step"]) + (" *" if r["schedule"] else "")
+            cells = [r["method"], step, nfe, _num(r["guidance"]), str(r["num_samples"])]
+            lines.append("| " + " | ".join(cells + [_num(r.get(m)) for m in metrics]) + " |")
     return lines
 
 
