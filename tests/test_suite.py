@@ -4,6 +4,7 @@ tiny Fashion-MNIST files (the real IDX layout) with the toolkit's Fashion classi
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 from fashion_files import write_fashion
@@ -226,8 +227,19 @@ runs:
     assert {r["budget_min"] for r in rows if r["step"] == "3"} == {"5.0"}
     assert all(float(r["fd"]) > 0 and float(r["train_min"]) >= 0 and r["schedule"] == "" for r in rows)
     assert (root / "curves.png").stat().st_size > 0 and "| MeanFlow | 3 | 5 |" in (root / "curves.md").read_text()
+    # suite.jsonl: the invocation's start and end around every command's start and end, dated.
+    events = [json.loads(line) for line in (root / "suite.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and events[0]["runs"] == ["fm", "mf"] and events[-1]["event"] == "end"
+    commands = [(e["run"], e["what"], e["status"]) for e in events if e["event"] == "command"]
+    assert commands.count(("fm", "train", "started")) == 1 and commands.count(("fm", "train", "done")) == 1
+    assert sum(c[2] == "started" for c in commands) == sum(c[2] == "done" for c in commands) >= 4
+    assert (
+        "Suite wall time: " in (root / "results.md").read_text()
+        and "over 1 invocation since" in (root / "results.md").read_text()
+    )
     assert main(["suite", str(tmp_path / "curves.yaml")]) == 0
     assert "started" not in capfd.readouterr().err  # nothing trained or scored again
+    assert "over 2 invocations since" in (root / "results.md").read_text()
     # compare shows the last step's full scoring (40 samples), not the curve's 20 written after it.
     full = next(r for r in rows if (r["run"], r["step"], r["nfe"], r["num_samples"]) == ("mf", "6", "1", "40"))
     assert main(["compare", str(root / "mf"), "--format", "csv"]) == 0
@@ -492,3 +504,25 @@ def test_curve_standings_name_the_leader_per_point_and_how_each_curve_ends():
     tables = "\n".join(budget_tables(suite, rows, ["fd", "acc"]))
     assert "At 15 minutes of the budget:" in tables and "| B | 150 | 1 | — | 1000 | 1 | 0.99 |" in tables
     assert tables.count("| B |") == 1 and "At 60" not in tables
+
+
+def test_suite_wall_time_sums_each_invocation_to_its_last_event(tmp_path):
+    """Three invocations: one ended (10 min), one killed without a word (its last event 5 min after its
+    start), one stopped by a signal (30 min): 45 minutes, the killed one named."""
+    from onestep.suite.report import suite_wall_time
+
+    rows = [
+        {"time": "2026-12-07T10:00:00+00:00", "event": "start", "commit": "aaa"},
+        {"time": "2026-12-07T10:04:00+00:00", "event": "command", "run": "a", "status": "started"},
+        {"time": "2026-12-07T10:10:00+00:00", "event": "end"},
+        {"time": "2026-12-07T11:00:00+00:00", "event": "start", "commit": "bbb"},
+        {"time": "2026-12-07T11:05:00+00:00", "event": "command", "run": "a", "status": "started"},
+        "not json (a line cut short by a kill)",
+        {"time": "2026-12-07T12:00:00+00:00", "event": "start", "commit": "bbb"},
+        {"time": "2026-12-07T12:30:00+00:00", "event": "stopped", "signal": "SIGTERM"},
+    ]
+    (tmp_path / "suite.jsonl").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    line = suite_wall_time(tmp_path)
+    assert line.startswith("Suite wall time: 0.75 h over 3 invocations since 2026-12-07 10:00 UTC")
+    assert "commits aaa, bbb" in line and "1 ended without a record of its end (killed)" in line
+    assert suite_wall_time(tmp_path / "nothing") == ""

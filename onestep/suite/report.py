@@ -141,7 +141,8 @@ def write_results(suite: Suite, echo=print) -> None:
     notes = [f"\n{i}" for i in impl[:3]]
     groups = {r.name: r.seeds for r in suite.runs if r.seeds}
     seeds = seeds_table(rows, groups)
-    text = "\n".join(lines) + "\n" + "".join(notes) + "\n" + seeds
+    timing = suite_wall_time(suite.root)
+    text = "\n".join(lines) + "\n" + "".join(notes) + "\n" + (f"\n{timing}\n" if timing else "") + seeds
     atomic_write(suite.root / "results.md", lambda f: f.write(text.encode()))
     atomic_write(suite.root / "seeds.md", lambda f: f.write(seeds.encode()))
     by_group = seed_groups(rows, groups)
@@ -170,6 +171,39 @@ def write_results(suite: Suite, echo=print) -> None:
     from onestep.suite.curves import write_curves
 
     write_curves(suite, echo=echo)
+
+
+def suite_wall_time(root: Path) -> str:
+    """One line on the suite's wall time from ROOT/suite.jsonl: the sum over its invocations of each
+    one's span from its start to its last recorded event (an invocation killed without a word counts
+    to its last event), how many, since when and at which commits; "" without a log."""
+    from datetime import datetime
+
+    spans: list[dict[str, Any]] = []
+    for row in read_jsonl(Path(root) / "suite.jsonl"):
+        try:
+            when = datetime.fromisoformat(row["time"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if row.get("event") == "start":
+            spans.append({"start": when, "last": when, "commit": row.get("commit"), "closed": False})
+        elif spans:
+            spans[-1]["last"] = max(spans[-1]["last"], when)
+            spans[-1]["closed"] |= row.get("event") in ("end", "stopped")
+    if not spans:
+        return ""
+    hours = sum((s["last"] - s["start"]).total_seconds() for s in spans) / 3600
+    commits = list(dict.fromkeys(s["commit"] for s in spans if s["commit"]))
+    cut = sum(not s["closed"] for s in spans)
+    text = (
+        f"Suite wall time: {hours:.2f} h over {len(spans)} invocation{'s' * (len(spans) != 1)} since "
+        f"{spans[0]['start']:%Y-%m-%d %H:%M} UTC (suite.jsonl)"
+    )
+    if commits:
+        text += f", commits {', '.join(commits)}"
+    if cut:
+        text += f"; {cut} ended without a record of its end (killed) and count{'s' * (cut == 1)} to its last event"
+    return text + "."
 
 
 SEED_METRICS = ("fd", "acc", "precision", "recall")

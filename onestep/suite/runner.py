@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 
 from onestep.registry import ConfigError
 from onestep.suite.report import write_results
@@ -34,6 +35,18 @@ class Runner:
         self.causes: dict[str, str] = {}
         self._procs: set[subprocess.Popen] = set()  # the commands running now
         self.stopped_by: int | None = None  # the signal that stopped the suite
+        self._record_lock = threading.Lock()
+
+    def record(self, event: str, **fields) -> None:
+        """Append one dated row to ROOT/suite.jsonl, the suite's own log: each invocation's start (commit,
+        jobs, threads, runs) and end, and every command's start and end. Its times give the suite's
+        total wall time over all its invocations (``report.suite_wall_time``)."""
+        row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": os.getpid(), "event": event}
+        row.update(fields)
+        with self._record_lock:
+            self.suite.root.mkdir(parents=True, exist_ok=True)
+            with open(self.suite.root / "suite.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
@@ -56,12 +69,15 @@ class Runner:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env())
                 self._procs.add(proc)
             self.echo(f"[suite] {name}: {what} started ({shlex.join(cmd[2:])})")
+            self.record("command", run=name, what=what, status="started")
             try:
                 rc = proc.wait()
             finally:
                 with self._lock:
                     self._procs.discard(proc)
         minutes = (time.perf_counter() - t0) / 60
+        status = "done" if rc == 0 else ("stopped" if self.stopped_by is not None else "failed")
+        self.record("command", run=name, what=what, status=status, minutes=round(minutes, 2))
         if rc == 0:
             self.echo(f"[suite] {name}: {what} done in {minutes:.1f} min")
             return True
@@ -213,9 +229,20 @@ class Runner:
         self.by_name = {r.name: r for r in self.selected}
         t0 = time.perf_counter()
         with RunDir(self.suite.root).lock(), self._stop_on_signals():
+            from onestep.utils.version import source_commit
+
+            self.record(
+                "start",
+                commit=source_commit(),
+                jobs=self.jobs,
+                threads=self.threads,
+                runs=[r.name for r in self.selected],
+            )
             with ThreadPoolExecutor(self.jobs) as pool:
                 list(pool.map(self.run_one, self._ordered()))
             if self.stopped_by is not None:
+                by = signal.Signals(self.stopped_by).name
+                self.record("stopped", signal=by, wall_s=round(time.perf_counter() - t0))
                 self.echo(
                     f"[suite] stopped by {signal.Signals(self.stopped_by).name}: its commands were stopped "
                     f"(a training saves a checkpoint); run the same `onestep suite` to resume"
@@ -226,6 +253,8 @@ class Runner:
                     pool.map(lambda r: self.evaluate(r, late=True), [r for r in self.selected if r.status == "trained"])
                 )
             self.real_rows()
+            failed = [r for r in self.selected if r.status != "trained"]
+            self.record("end", wall_s=round(time.perf_counter() - t0), failed=[r.name for r in failed])
             write_results(self.suite, echo=self.echo)
         failed = [r for r in self.selected if r.status != "trained"]
         self.echo(
