@@ -526,3 +526,38 @@ def test_suite_wall_time_sums_each_invocation_to_its_last_event(tmp_path):
     assert line.startswith("Suite wall time: 0.75 h over 3 invocations since 2026-12-07 10:00 UTC")
     assert "commits aaa, bbb" in line and "1 ended without a record of its end (killed)" in line
     assert suite_wall_time(tmp_path / "nothing") == ""
+
+
+def test_curve_figure_draws_a_seeds_group_as_its_mean_and_range():
+    """curves.png: runs of one seeds group are one line (mean at the points all of them reached, the
+    range shaded); a run on its own is its own line."""
+    from types import SimpleNamespace
+
+    from onestep.suite.curves import curve_series
+    from onestep.suite.spec import EvalPass
+
+    def run(name, label, seeds=None):
+        curve = SimpleNamespace(num_samples=100, schedule="", evals=[EvalPass(nfe=[1])])
+        return SimpleNamespace(name=name, label=label, seeds=seeds, curve=curve, cfg=SimpleNamespace(objective={}))
+
+    suite = SimpleNamespace(runs=[run("a", "A", "g"), run("a1", "A", "g"), run("b", "B")])
+
+    def row(name, step, fd):
+        return {
+            "run": name,
+            "step": step,
+            "budget_min": step / 10,
+            "train_min": 1.0,
+            "nfe": 1,
+            "guidance": None,
+            "sampler": "euler",
+            "num_samples": 100,
+            "fd": fd,
+        }
+
+    rows = [row("a", 10, 50.0), row("a", 20, 40.0), row("a1", 10, 70.0), row("b", 10, 9.0), row("b", 20, 8.0)]
+    rows.append(dict(row("b", 20, 1.0), num_samples=1000))  # a full-count row is not on the curve
+    series = curve_series(suite, rows, ["fd"])
+    assert [(s["label"], s["runs"]) for s in series] == [("A (2 seeds: mean and range)", 2), ("B", 1)]
+    assert series[0]["fd"] == ([1.0], [60.0], [50.0], [70.0])  # a1 has not reached step 20 yet
+    assert series[1]["fd"] == ([1.0, 2.0], [9.0, 8.0], [9.0, 8.0], [9.0, 8.0])

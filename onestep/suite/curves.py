@@ -253,10 +253,48 @@ def panels(metrics: list[str]) -> list[str]:
     return [m for m in (metrics[0] if metrics else None, second) if m]
 
 
+def curve_series(suite: Suite, rows: list[dict], metrics: list[str]) -> list[dict[str, Any]]:
+    """The figure's lines: one per run at its first curve pass, or one per ``seeds`` group: for each
+    metric (xs, mean, low, high) over the points every run of the group reached (x: minutes of the
+    budget, else measured training minutes), with its label, run count and schedule mark."""
+    groups: dict[str, list[tuple[SuiteRun, list[dict]]]] = {}
+    for run in suite.runs:
+        line = _line_of(run, rows) if run.curve is not None else []
+        if line:
+            groups.setdefault(run.seeds or run.name, []).append((run, line))
+    out = []
+    for members in groups.values():
+        run = members[0][0]
+        x_key = "budget_min" if all(r["budget_min"] is not None for _, line in members for r in line) else "train_min"
+        first = run.curve.evals[0]
+        how = ([f"{first.nfe[0]} NFE"] if first.nfe[0] != 1 else []) + (
+            [f"guidance {first.guidance:g}"] if first.guidance is not None else []
+        )
+        if len(members) > 1:
+            how.append(f"{len(members)} seeds: mean and range")
+        series: dict[str, Any] = {
+            "label": run.label + (f" ({', '.join(how)})" if how else ""),
+            "runs": len(members),
+            "schedule": run.curve.schedule,
+        }
+        for metric in metrics:
+            per = [{r[x_key]: float(r[metric]) for r in line if r.get(metric) not in (None, "")} for _, line in members]
+            xs = sorted(set.intersection(*(set(d) for d in per)))
+            series[metric] = (
+                xs,
+                [sum(d[x] for d in per) / len(per) for x in xs],
+                [min(d[x] for d in per) for x in xs],
+                [max(d[x] for d in per) for x in xs],
+            )
+        out.append(series)
+    return out
+
+
 def plot_curves(suite: Suite, rows: list[dict], path: Path, metrics: list[str]) -> Path:
     """One panel per metric of ``panels`` against minutes (the first on a log scale when lower is
-    better), one line per run at its first curve pass; a run's ``yardstick`` pass (its last step,
-    full sample count) is a dashed line."""
+    better), one line per run at its first curve pass (runs of one ``seeds`` group: their mean at the
+    points they all reached, their range shaded); a run's ``yardstick`` pass (its last step, full
+    sample count) is a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,25 +304,17 @@ def plot_curves(suite: Suite, rows: list[dict], path: Path, metrics: list[str]) 
     fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 5), squeeze=False)
     axes = dict(zip(shown, axes[0]))
     higher = {k: v for r in rows for k, v in r.get("_higher", {}).items()}
-    for run in suite.runs:
-        if run.curve is None:
-            continue
-        line = _line_of(run, rows)
-        if not line:
-            continue
-        x_key = "budget_min" if all(r["budget_min"] is not None for r in line) else "train_min"
-        first = run.curve.evals[0]
-        how = ([f"{first.nfe[0]} NFE"] if first.nfe[0] != 1 else []) + (
-            [f"guidance {first.guidance:g}"] if first.guidance is not None else []
-        )
-        label = run.label + (f" ({', '.join(how)})" if how else "")
-        xs = [r[x_key] for r in line]
+    for series in curve_series(suite, rows, shown):
         for metric, ax in axes.items():
-            pts = [(x, r[metric]) for x, r in zip(xs, line) if r.get(metric) is not None]
-            if pts:
-                (drawn,) = ax.plot(*zip(*pts), marker="o", markersize=3, label=label if metric == shown[0] else None)
-                if run.curve.schedule:
-                    ax.plot(*zip(*pts[:-1]), linestyle="none", marker="x", color=drawn.get_color())
+            xs, mean, low, high = series[metric]
+            if not xs:
+                continue
+            label = series["label"] if metric == shown[0] else None
+            (drawn,) = ax.plot(xs, mean, marker="o", markersize=3, label=label)
+            if series["runs"] > 1:
+                ax.fill_between(xs, low, high, color=drawn.get_color(), alpha=0.2, linewidth=0)
+            if series["schedule"]:
+                ax.plot(xs[:-1], mean[:-1], linestyle="none", marker="x", color=drawn.get_color())
     for run in suite.runs:
         stick = yardstick(suite, run)
         for metric, ax in axes.items():
