@@ -455,11 +455,15 @@ def test_curve_standings_name_the_leader_per_point_and_how_each_curve_ends():
     from types import SimpleNamespace
 
     from onestep.suite.curves import budget_tables, standings
+    from onestep.suite.spec import EvalPass
 
-    def run(name, label, schedule=""):
-        return SimpleNamespace(name=name, label=label, curve=SimpleNamespace(num_samples=100, schedule=schedule))
+    def run(name, label, schedule="", guidance=None):
+        curve = SimpleNamespace(num_samples=100, schedule=schedule, evals=[EvalPass(nfe=[1], guidance=guidance)])
+        return SimpleNamespace(name=name, label=label, curve=curve, cfg=SimpleNamespace(objective={}))
 
-    suite = SimpleNamespace(runs=[run("a", "A"), run("a1", "A"), run("b", "B"), run("c", "C", "curriculum")])
+    # d: a one-call model with a guidance input (iMF): its first pass is guided and still one step.
+    runs = [run("a", "A"), run("a1", "A"), run("b", "B"), run("c", "C", "curriculum"), run("d", "D", guidance=2.0)]
+    suite = SimpleNamespace(runs=runs)
     higher = {"fd": False, "acc": True}
 
     def row(name, label, step, fd, acc, schedule="", nfe=1, guidance=None, num=100):
@@ -490,10 +494,11 @@ def test_curve_standings_name_the_leader_per_point_and_how_each_curve_ends():
         row("a1", "A", 600, 42.0, 0.92),
         row("b", "B", 600, 58.0, 0.95),
         row("c", "C", 600, 20.0, 0.93),
+        row("d", "D", 600, 30.0, 0.5, guidance=2.0),
     ]
     text = "\n".join(standings(suite, rows, ["fd", "is", "acc"]))
     assert "| 15 | B 55 (A (mean of 2) 60) | B 0.8 (A (mean of 2) 0.71) |" in text
-    assert "| 60 | C 20 (A (mean of 2) 41) | B 0.95 (C 0.93) |" in text
+    assert "| 60 | C 20 (D 30) | B 0.95 (C 0.93) |" in text
     assert "Left out before their last step (mid-schedule, marked \\*): C." in text
     assert "| B (b) | 15 → 60 | 55 → 58 | +5 % (not improving) |" in text
     assert "| A (a) | 15 → 60 | 50 → 40 | -20 % (still improving) |" in text

@@ -141,19 +141,18 @@ def _better(metric: str, higher: dict[str, bool]):
 
 def standings(suite: Suite, rows: list[dict], metrics: list[str]) -> list[str]:
     """Markdown that reads the curves for a reader: which method leads at each point of the budget at
-    one step (1 NFE, unguided, the curve's sample count; runs sharing a label, such as seeds, are
-    averaged), and how each run's curve moved between its last two points. Points marked as
+    one step (each run's first curve pass where it is 1 NFE: one network call, so iMF's guidance input
+    counts and flow matching's guided passes do not; the curve's sample count; runs sharing a label,
+    such as seeds, are averaged), and how each run's curve moved between its last two points. Points marked as
     differing from a run stopped there (mid-curriculum) do not compete."""
     shown = panels(metrics)
     curve_n = {run.name: run.curve.num_samples for run in suite.runs if run.curve is not None}
-    one = [
+    one = [  # each run's line of the figure (its first curve pass) where that pass is one step
         r
-        for r in rows
-        if r["nfe"] == 1
-        and r["guidance"] is None
-        and r["sampler"] == "euler"
-        and r["num_samples"] == curve_n.get(r["run"])
-        and r["budget_min"] is not None
+        for run in suite.runs
+        if run.curve is not None
+        for r in _line_of(run, rows)
+        if r["nfe"] == 1 and r["budget_min"] is not None
     ]
     if not shown or not one:
         return []
