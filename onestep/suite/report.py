@@ -202,7 +202,7 @@ def suite_wall_time(root: Path) -> str:
     if commits:
         text += f", commits {', '.join(commits)}"
     if cut:
-        text += f"; {cut} ended without a record of its end (killed) and count{'s' * (cut == 1)} to its last event"
+        text += f"; {cut} without a record of its end (running, or killed) count{'s' * (cut == 1)} to the last event"
     return text + "."
 
 
