@@ -529,7 +529,8 @@ def test_suite_wall_time_sums_each_invocation_to_its_last_event(tmp_path):
     (tmp_path / "suite.jsonl").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     line = suite_wall_time(tmp_path)
     assert line.startswith("Suite wall time: 0.75 h over 3 invocations since 2026-12-07 10:00 UTC")
-    assert "commits aaa, bbb" in line and "1 without a record of its end (running, or killed) counts to the last event" in line
+    assert "commits aaa, bbb" in line
+    assert "1 without a record of its end (running, or killed) counts to the last event" in line
     assert suite_wall_time(tmp_path / "nothing") == ""
 
 
