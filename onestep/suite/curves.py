@@ -170,7 +170,8 @@ def standings(suite: Suite, rows: list[dict], metrics: list[str]) -> list[str]:
         "|" + "---|" * (1 + len(shown)),
     ]
     for minute in sorted(points):
-        cells = [_num(minute)]
+        # the point's minutes as the runs give them (3.75, not the grouping key 3.8)
+        cells = [_num(min(float(r["budget_min"]) for group in points[minute].values() for r in group))]
         for metric in shown:
             means = []
             for method, group in points[minute].items():
@@ -219,7 +220,8 @@ def budget_tables(suite: Suite, rows: list[dict], metrics: list[str]) -> list[st
     lines = []
     head = ["method", "step", "NFE", "guidance", "samples", *(LABELS.get(m, m) for m in metrics)]
     for minute in sorted(points):
-        lines += ["", f"At {_num(minute)} minutes of the budget:", ""]
+        shown_min = _num(min(float(r["budget_min"]) for r in points[minute]))
+        lines += ["", f"At {shown_min} minutes of the budget:", ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         group = sorted(points[minute], key=lambda r: (order[r["run"]], r["nfe"], r["guidance"] or 0.0, r["sampler"]))
         for r in group:
