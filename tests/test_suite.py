@@ -457,12 +457,14 @@ def test_curve_standings_name_the_leader_per_point_and_how_each_curve_ends():
     from onestep.suite.curves import budget_tables, standings
     from onestep.suite.spec import EvalPass
 
-    def run(name, label, schedule="", guidance=None):
+    def run(name, label, schedule="", guidance=None, seeds=None):
         curve = SimpleNamespace(num_samples=100, schedule=schedule, evals=[EvalPass(nfe=[1], guidance=guidance)])
-        return SimpleNamespace(name=name, label=label, curve=curve, cfg=SimpleNamespace(objective={}))
+        return SimpleNamespace(name=name, label=label, curve=curve, cfg=SimpleNamespace(objective={}), seeds=seeds)
 
-    # d: a one-call model with a guidance input (iMF): its first pass is guided and still one step.
-    runs = [run("a", "A"), run("a1", "A"), run("b", "B"), run("c", "C", "curriculum"), run("d", "D", guidance=2.0)]
+    # a, a1: two seeds of one group; d: a one-call model with a guidance input (iMF): its first pass
+    # is guided and still one step; e: another run under A's label but no seed of it (not averaged in).
+    runs = [run("a", "A", seeds="g"), run("a1", "A", seeds="g"), run("b", "B"), run("c", "C", "curriculum")]
+    runs += [run("d", "D", guidance=2.0), run("e", "A")]
     suite = SimpleNamespace(runs=runs)
     higher = {"fd": False, "acc": True}
 
@@ -495,6 +497,7 @@ def test_curve_standings_name_the_leader_per_point_and_how_each_curve_ends():
         row("b", "B", 600, 58.0, 0.95),
         row("c", "C", 600, 20.0, 0.93),
         row("d", "D", 600, 30.0, 0.5, guidance=2.0),
+        row("e", "A", 150, 99.0, 0.1),
     ]
     text = "\n".join(standings(suite, rows, ["fd", "is", "acc"]))
     assert "| 15 | B 55 (A (mean of 2) 60) | B 0.8 (A (mean of 2) 0.71) |" in text
@@ -567,3 +570,9 @@ def test_curve_figure_draws_a_seeds_group_as_its_mean_and_range():
     assert [(s["label"], s["runs"]) for s in series] == [("A (2 seeds: mean and range)", 2), ("B", 1)]
     assert series[0]["fd"] == ([1.0], [60.0], [50.0], [70.0])  # a1 has not reached step 20 yet
     assert series[1]["fd"] == ([1.0, 2.0], [9.0, 8.0], [9.0, 8.0], [9.0, 8.0])
+    # Without a budget the x axis is measured training minutes, which differ between seeds at one step:
+    # the group still meets at its common steps (x: their mean minutes).
+    for r in rows:
+        r["budget_min"], r["train_min"] = None, r["step"] / 10 + (0.5 if r["run"] == "a1" else 0.0)
+    series = curve_series(suite, rows, ["fd"])
+    assert series[0]["fd"] == ([1.25], [60.0], [50.0], [70.0])

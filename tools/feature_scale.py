@@ -44,7 +44,7 @@ def fixed_batch(run, n: int, seed: int):
 
 
 @torch.no_grad()
-def scale_rows(run_dir: str, block: int | None, n: int, seed: int) -> list[dict]:
+def scale_rows(run_dir: str, block: int | None, n: int, seed: int, label: str | None = None) -> list[dict]:
     rows, batch = [], None
     l2 = DispersiveLoss(variant="infonce_l2", tau=0.5, gather=False)
     cosine = DispersiveLoss(variant="infonce_cosine", tau=0.5, gather=False)
@@ -57,7 +57,7 @@ def scale_rows(run_dir: str, block: int | None, n: int, seed: int) -> list[dict]
         _, (feats,) = run.net.forward_features(z, t, torch.zeros_like(t), y, blocks=[b])
         rows.append(
             {
-                "run": Path(run_dir).name,
+                "run": label or Path(run_dir).name,
                 "step": run.step,
                 "block": b,
                 "feature_rms": float(feature_rms([feats], torch.float64)),
@@ -119,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--plot", help="also draw them to this PNG file (needs matplotlib)")
     args = p.parse_args(argv)
-    rows = [r for run in args.runs for r in scale_rows(run, args.block, args.batch, args.seed)]
+    names = [Path(run).name for run in args.runs]
+    clash = len(set(names)) < len(names)  # runs/a/meanflow and runs/b/meanflow: label by path
+    rows = [
+        r
+        for run in args.runs
+        for r in scale_rows(run, args.block, args.batch, args.seed, label=str(run) if clash else None)
+    ]
     if not rows:
         print("no numbered checkpoints in " + ", ".join(args.runs), file=sys.stderr)
         return 2

@@ -158,9 +158,10 @@ def standings(suite: Suite, rows: list[dict], metrics: list[str]) -> list[str]:
         return []
     higher = {k: v for r in rows for k, v in r.get("_higher", {}).items()}
     points: dict[float, dict[str, list[dict]]] = {}
-    for r in one:
+    group_of = {run.name: run.seeds or run.name for run in suite.runs}
+    for r in one:  # runs of one seeds group are averaged; other runs stand alone, even under one label
         if not r["schedule"]:
-            points.setdefault(round(float(r["budget_min"]), 1), {}).setdefault(r["method"], []).append(r)
+            points.setdefault(round(float(r["budget_min"]), 1), {}).setdefault(group_of[r["run"]], []).append(r)
     counts = "/".join(sorted({str(n) for n in curve_n.values()}))
     lines = [
         "",
@@ -174,10 +175,11 @@ def standings(suite: Suite, rows: list[dict], metrics: list[str]) -> list[str]:
         cells = [_num(min(float(r["budget_min"]) for group in points[minute].values() for r in group))]
         for metric in shown:
             means = []
-            for method, group in points[minute].items():
+            for group in points[minute].values():
                 vals = [float(r[metric]) for r in group if r.get(metric) not in (None, "")]
                 if vals:
-                    means.append((method + (f" (mean of {len(vals)})" if len(vals) > 1 else ""), sum(vals) / len(vals)))
+                    name = group[0]["method"] + (f" (mean of {len(vals)})" if len(vals) > 1 else "")
+                    means.append((name, sum(vals) / len(vals)))
             ranked = sorted(means, key=_better(metric, higher))
             cell = " ".join(f"{name} {_num(v)}" for name, v in ranked[:1])
             if len(ranked) > 1:
@@ -279,13 +281,15 @@ def curve_series(suite: Suite, rows: list[dict], metrics: list[str]) -> list[dic
             "schedule": run.curve.schedule,
         }
         for metric in metrics:
-            per = [{r[x_key]: float(r[metric]) for r in line if r.get(metric) not in (None, "")} for _, line in members]
-            xs = sorted(set.intersection(*(set(d) for d in per)))
+            # keyed by step: measured training minutes differ between seeds at the same step
+            per = [{r["step"]: r for r in line if r.get(metric) not in (None, "")} for _, line in members]
+            steps = sorted(set.intersection(*(set(d) for d in per)))
+            values = [[float(d[step][metric]) for d in per] for step in steps]
             series[metric] = (
-                xs,
-                [sum(d[x] for d in per) / len(per) for x in xs],
-                [min(d[x] for d in per) for x in xs],
-                [max(d[x] for d in per) for x in xs],
+                [sum(float(d[step][x_key]) for d in per) / len(per) for step in steps],
+                [sum(v) / len(v) for v in values],
+                [min(v) for v in values],
+                [max(v) for v in values],
             )
         out.append(series)
     return out

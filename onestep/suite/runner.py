@@ -43,10 +43,13 @@ class Runner:
         total wall time over all its invocations (``report.suite_wall_time``)."""
         row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": os.getpid(), "event": event}
         row.update(fields)
-        with self._record_lock:
-            self.suite.root.mkdir(parents=True, exist_ok=True)
-            with open(self.suite.root / "suite.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        try:
+            with self._record_lock:
+                self.suite.root.mkdir(parents=True, exist_ok=True)
+                with open(self.suite.root / "suite.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        except OSError as exc:  # the log is a record, not the work: a full disk must not stop a run
+            self.echo(f"[suite] could not write {self.suite.root / 'suite.jsonl'}: {exc}")
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
@@ -69,8 +72,8 @@ class Runner:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env())
                 self._procs.add(proc)
             self.echo(f"[suite] {name}: {what} started ({shlex.join(cmd[2:])})")
-            self.record("command", run=name, what=what, status="started")
             try:
+                self.record("command", run=name, what=what, status="started")
                 rc = proc.wait()
             finally:
                 with self._lock:
@@ -241,17 +244,13 @@ class Runner:
             with ThreadPoolExecutor(self.jobs) as pool:
                 list(pool.map(self.run_one, self._ordered()))
             if self.stopped_by is not None:
-                by = signal.Signals(self.stopped_by).name
-                self.record("stopped", signal=by, wall_s=round(time.perf_counter() - t0))
-                self.echo(
-                    f"[suite] stopped by {signal.Signals(self.stopped_by).name}: its commands were stopped "
-                    f"(a training saves a checkpoint); run the same `onestep suite` to resume"
-                )
-                return 128 + self.stopped_by
+                return self._stopped(t0)
             with ThreadPoolExecutor(self.jobs) as pool:
                 list(
                     pool.map(lambda r: self.evaluate(r, late=True), [r for r in self.selected if r.status == "trained"])
                 )
+            if self.stopped_by is not None:
+                return self._stopped(t0)
             self.real_rows()
             failed = [r for r in self.selected if r.status != "trained"]
             self.record("end", wall_s=round(time.perf_counter() - t0), failed=[r.name for r in failed])
@@ -267,6 +266,16 @@ class Runner:
             if r.status == "trained" and r.error:
                 self.echo(f"[suite] {r.name}: trained, but {r.error}")
         return 0 if not failed else 1
+
+    def _stopped(self, t0: float) -> int:
+        """A signal stopped the suite: record it, say how to resume, and give 128 + the signal."""
+        by = signal.Signals(self.stopped_by).name
+        self.record("stopped", signal=by, wall_s=round(time.perf_counter() - t0))
+        self.echo(
+            f"[suite] stopped by {by}: its commands were stopped "
+            f"(a training saves a checkpoint); run the same `onestep suite` to resume"
+        )
+        return 128 + self.stopped_by
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
