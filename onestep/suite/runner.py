@@ -255,7 +255,6 @@ class Runner:
             failed = [r for r in self.selected if r.status != "trained"]
             self.record("end", wall_s=round(time.perf_counter() - t0), failed=[r.name for r in failed])
             write_results(self.suite, echo=self.echo)
-        failed = [r for r in self.selected if r.status != "trained"]
         self.echo(
             f"[suite] {len(self.selected) - len(failed)} of {len(self.selected)} runs trained; "
             f"wall time {(time.perf_counter() - t0) / 60:.1f} min; results in {self.suite.root / 'results.md'}"
