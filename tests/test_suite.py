@@ -328,8 +328,9 @@ def test_a_failing_run_is_reported_with_its_cause(tmp_path, capfd, monkeypatch):
     assert cause and "onestep train: error:" in cause[0] and "no-data" in cause[0], err
 
 
-def test_the_shipped_1h_dispersive_and_gpu_suites_load():
-    """recipes/suites/fashion_1h.yaml, fashion_dispersive.yaml and fashion_gpu.yaml: every run resolves,
+def test_the_shipped_1h_dispersive_ablation_and_gpu_suites_load():
+    """recipes/suites/fashion_1h.yaml, fashion_dispersive.yaml, fashion_alphaflow_ablation.yaml and
+    fashion_gpu.yaml: every run resolves,
     the runs that start from or distil flow matching wait for it, each 1-hour run has 4x the steps of
     its 15-minute recipe and a curve whose 1/4 point (15 minutes) is also scored on the full count."""
     from onestep.config import REPO_RECIPES, find_recipe, load_yaml
@@ -355,6 +356,18 @@ def test_the_shipped_1h_dispersive_and_gpu_suites_load():
         assert all(e.sampler is None for e in hour[name].curve.evals), name
     sweep = load_suite([str(suites / "fashion_dispersive.yaml")], overrides=["data.root=DIR"]).runs
     assert len(sweep) == 10 and all(r.steps == 900 and r.curve is None for r in sweep)
+    # The alpha-Flow ablation: both runs at MeanFlow's 900 steps; alpha0 keeps alpha = 0 at every step.
+    ablation = {
+        r.name: r
+        for r in load_suite([str(suites / "fashion_alphaflow_ablation.yaml")], overrides=["data.root=DIR"]).runs
+    }
+    assert all(r.steps == 900 for r in ablation.values())
+    from onestep.objectives.meanflow import alpha_schedule
+
+    o = ablation["alpha0"].cfg.objective
+    args = (o["alpha_start"], o["alpha_end"], *o["alpha_steps"], o["alpha_gamma"], o["alpha_clamp"])
+    assert all(alpha_schedule(k, *args) == 0 for k in (0, 450, 900))
+    assert ablation["ratio75"].cfg.objective["ratio_r_neq_t"] == 0.75
     gpu = {r.name: r for r in load_suite([str(suites / "fashion_gpu.yaml")], overrides=["data.root=DIR"]).runs}
     assert set(gpu) == {name for name in hour if "_seed" not in name}  # seed 0 of each seeds group
     for name, run in gpu.items():  # 10x the images of the 1-hour run: batch 4x, steps 2.5x
