@@ -356,17 +356,21 @@ def test_the_shipped_1h_dispersive_ablation_and_gpu_suites_load():
         assert all(e.sampler is None for e in hour[name].curve.evals), name
     sweep = load_suite([str(suites / "fashion_dispersive.yaml")], overrides=["data.root=DIR"]).runs
     assert len(sweep) == 10 and all(r.steps == 900 and r.curve is None for r in sweep)
-    # The alpha-Flow ablation: both runs at MeanFlow's 900 steps; alpha0 keeps alpha = 0 at every step.
+    # The alpha-Flow ablation: MeanFlow's 900 steps (15 minutes) and 3600 (1 hour, with the 1-hour curve);
+    # the alpha0 runs keep alpha = 0 at every step.
     ablation = {
         r.name: r
         for r in load_suite([str(suites / "fashion_alphaflow_ablation.yaml")], overrides=["data.root=DIR"]).runs
     }
-    assert all(r.steps == 900 for r in ablation.values())
+    assert {name: r.steps for name, r in ablation.items()} == {"alpha0": 900, "ratio75": 900, "alpha0_1h": 3600}
     from onestep.objectives.meanflow import alpha_schedule
 
-    o = ablation["alpha0"].cfg.objective
-    args = (o["alpha_start"], o["alpha_end"], *o["alpha_steps"], o["alpha_gamma"], o["alpha_clamp"])
-    assert all(alpha_schedule(k, *args) == 0 for k in (0, 450, 900))
+    for name in ("alpha0", "alpha0_1h"):
+        o = ablation[name].cfg.objective
+        args = (o["alpha_start"], o["alpha_end"], *o["alpha_steps"], o["alpha_gamma"], o["alpha_clamp"])
+        assert all(alpha_schedule(k, *args) == 0 for k in (0, 450, 900, 3600)), name
+    assert ablation["alpha0_1h"].curve.steps == hour["meanflow"].curve.steps
+    assert ablation["alpha0_1h"].curve.full_steps == [900] and not ablation["alpha0_1h"].curve.schedule
     assert ablation["ratio75"].cfg.objective["ratio_r_neq_t"] == 0.75
     gpu = {r.name: r for r in load_suite([str(suites / "fashion_gpu.yaml")], overrides=["data.root=DIR"]).runs}
     assert set(gpu) == {name for name in hour if "_seed" not in name}  # seed 0 of each seeds group
