@@ -144,6 +144,11 @@ def _point(row: dict) -> float:
     return round(float(row["budget_min"]), 1)
 
 
+def _shown_minutes(rows) -> str:
+    """A point's minutes as its runs give them (3.75, not the grouping key of ``_point``, 3.8)."""
+    return _num(min(float(r["budget_min"]) for r in rows))
+
+
 def _better(metric: str, higher: dict[str, bool]):
     """Sort key putting the best value of ``metric`` first."""
     sign = -1.0 if higher.get(metric) else 1.0
@@ -182,8 +187,7 @@ def standings(suite: Suite, rows: list[dict], metrics: list[str]) -> list[str]:
         "|" + "---|" * (1 + len(shown)),
     ]
     for minute in sorted(points):
-        # the point's minutes as the runs give them (3.75, not the grouping key 3.8)
-        cells = [_num(min(float(r["budget_min"]) for group in points[minute].values() for r in group))]
+        cells = [_shown_minutes(r for group in points[minute].values() for r in group)]
         for metric in shown:
             means = []
             for group in points[minute].values():
@@ -233,8 +237,7 @@ def budget_tables(suite: Suite, rows: list[dict], metrics: list[str]) -> list[st
     lines = []
     head = ["method", "step", "NFE", "guidance", "samples", *(LABELS.get(m, m) for m in metrics)]
     for minute in sorted(points):
-        shown_min = _num(min(float(r["budget_min"]) for r in points[minute]))
-        lines += ["", f"At {shown_min} minutes of the budget:", ""]
+        lines += ["", f"At {_shown_minutes(points[minute])} minutes of the budget:", ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         group = sorted(points[minute], key=lambda r: (order[r["run"]], r["nfe"], r["guidance"] or 0.0, r["sampler"]))
         for r in group:
