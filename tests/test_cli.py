@@ -242,6 +242,86 @@ def test_plot_panels_include_every_loss_term_and_the_feature_scale():
     assert panels["feature_rms_dispersive"] == {"plain": [], "disp": [(10, 2.5), (20, 3.0)]}
 
 
+def test_plot_legend_names_every_run_in_one_colour_each(tmp_path):
+    """The top panel's legend names lines that have no points there (a dispersive run's feature scale is
+    the top panel; the plain run has none), a run keeps its colour in every panel and its settings
+    (``metric_panels``) differ by dash."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from onestep.report.plot import _stacked_plot
+
+    figs = []
+
+    class Keep:  # pyplot, except that figures stay open to be inspected
+        def subplots(self, *a, **k):
+            figs.append(plt.subplots(*a, **k))
+            return figs[-1]
+
+        def close(self, fig):
+            pass
+
+    panels = {
+        "feature_rms_dispersive": {"plain": [], "disp": [(10, 2.5)]},
+        "loss": {"plain": [(10, 1.0)], "disp": [(10, 0.5)]},
+        "fd@1": {"other": [(10, 3.0)], ("disp", "2 000 samples"): [(10, 4.0)], ("disp", "10 000 samples"): [(10, 3.5)]},
+    }
+    _stacked_plot(Keep(), panels, tmp_path / "p.png")
+    fig, axes = figs[0]
+    legend = axes[0, 0].get_legend()
+    names = ["plain", "disp", "other", "disp (2 000 samples)", "disp (10 000 samples)"]
+    assert [t.get_text() for t in legend.get_texts()] == names
+    colour, dash = {}, {}
+    for ax in axes[:, 0]:
+        for line in ax.get_lines():
+            run = line.get_label().split(" (")[0]
+            assert colour.setdefault(run, line.get_color()) == line.get_color()
+            assert dash.setdefault(line.get_label(), line.get_linestyle()) == line.get_linestyle()
+    assert colour["disp"] != colour["plain"] and colour["other"] not in (colour["disp"], colour["plain"])
+    assert dash["disp (2 000 samples)"] != dash["disp (10 000 samples)"]
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    plt.close(fig)
+
+
+def test_metric_panels_split_a_run_by_evaluation_setting():
+    """A learning curve on 2 000 samples and the end on 10 000, or guided beside unguided passes, are
+    separate lines (not one zig-zag), named alike in every panel; a run with one setting is one line."""
+    from onestep.report.plot import metric_panels
+
+    def row(step, nfe, value, n=2000, guidance=None, metric="fd"):
+        return {"step": step, "nfe": nfe, "metric": metric, "value": value, "num_samples": n,
+                "guidance": guidance, "sampler": "euler", "weights": "ema", "seed": 0}  # fmt: skip
+
+    metrics = {
+        "curve": [
+            row(10, 1, 9.0),
+            row(20, 1, 5.0),
+            row(20, 1, 4.0, n=10000),
+            row(10, 2, 7.0),
+            row(20, 2, 3.0, n=10000),
+        ],
+        "fm": [
+            row(20, 1, 50.0, n=10000),
+            row(20, 10, 8.0, n=10000, guidance=2.0),
+            row(20, 50, 6.0, n=10000, guidance=2.0),
+        ],
+        "one": [row(10, 1, 8.0), row(20, 1, 6.0)],
+    }
+    panels = metric_panels(metrics)
+    assert set(panels) == {"fd@1", "fd@2", "fd@10", "fd@50"}
+    assert panels["fd@1"] == {
+        ("curve", "2 000 samples"): [(10, 9.0), (20, 5.0)],
+        ("curve", "10 000 samples"): [(20, 4.0)],
+        ("fm", "unguided"): [(20, 50.0)],
+        "one": [(10, 8.0), (20, 6.0)],
+    }
+    assert panels["fd@2"][("curve", "10 000 samples")] == [(20, 3.0)]
+    assert panels["fd@50"] == {("fm", "ω=2"): [(20, 6.0)], "one": []}
+
+
 def test_keep_checkpoints_retention(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     assert (

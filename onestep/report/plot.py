@@ -26,15 +26,8 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
     if not any(stats.values()):
         raise ConfigError(f"no {RunDir.STATS} rows in {', '.join(map(str, runs))}")
     written = [_stacked_plot(plt, training_panels(stats), out_dir / "training.png")]
-    series = sorted({(r["metric"], r["nfe"]) for rows in metrics.values() for r in rows})
-    if series:
-        panels = {
-            f"{metric}@{nfe}": {
-                name: sorted((r["step"], r["value"]) for r in rows if r["metric"] == metric and r["nfe"] == nfe)
-                for name, rows in metrics.items()
-            }
-            for metric, nfe in series
-        }
+    panels = metric_panels(metrics)
+    if panels:
         written.append(_stacked_plot(plt, panels, out_dir / "metrics.png", marker="o"))
     sweeps = guidance_sweeps(metrics)
     if sweeps:
@@ -63,6 +56,48 @@ def training_panels(stats: dict[str, list[dict]]) -> dict[str, dict[str, list[tu
     }
 
 
+# What makes two metrics.jsonl rows of one run, metric and NFE different measurements: a learning curve
+# scored on 2 000 samples beside a final 10 000, guided and unguided passes, another sampler or weights.
+_SETTING = (
+    ("num_samples", lambda v: f"{v:,} samples".replace(",", " ")),
+    ("guidance", lambda v: "unguided" if v is None else f"ω={v:g}"),
+    ("sampler", lambda v: v or "euler"),
+    ("weights", lambda v: f"{v} weights"),
+    ("seed", lambda v: f"sampling seed {v}"),
+)
+
+
+def metric_panels(metrics: dict[str, list[dict]]) -> dict[str, dict[str | tuple[str, str], list[tuple]]]:
+    """{metric@nfe: {line: [(step, value), ...]}} from each run's metrics.jsonl rows. A run whose rows
+    come from several settings (``_SETTING``: sample count, guidance, sampler, weights, sampling seed)
+    gets one line per setting, keyed (run, what differs within that run, e.g. "2 000 samples"), the
+    same words in every panel and its most frequent setting first, instead of one line zig-zagging
+    between them; a run with one setting is keyed by its name."""
+    settings: dict[str, dict[tuple, str]] = {}  # run -> {setting: its words}, most frequent first
+    for name, rows in metrics.items():
+        count: dict[tuple, int] = {}
+        for r in rows:
+            key = tuple(r.get(k) for k, _ in _SETTING)
+            count[key] = count.get(key, 0) + 1
+        varies = [i for i in range(len(_SETTING)) if len({key[i] for key in count}) > 1]
+        settings[name] = {
+            key: ", ".join(_SETTING[i][1](key[i]) for i in varies) for key in sorted(count, key=lambda k: -count[k])
+        }
+    panels: dict[str, dict] = {}
+    for metric, nfe in sorted({(r["metric"], r["nfe"]) for rows in metrics.values() for r in rows}):
+        panel = panels[f"{metric}@{nfe}"] = {}
+        for name, rows in metrics.items():
+            mine = [r for r in rows if r["metric"] == metric and r["nfe"] == nfe]
+            if len(settings[name]) <= 1:
+                panel[name] = sorted((r["step"], r["value"]) for r in mine)
+                continue
+            for key, what in settings[name].items():
+                pts = sorted((r["step"], r["value"]) for r in mine if tuple(r.get(k) for k, _ in _SETTING) == key)
+                if pts:
+                    panel[(name, what)] = pts
+    return panels
+
+
 def guidance_sweeps(metrics: dict[str, list[dict]]) -> dict[str, dict[str, list[tuple]]]:
     """{metric@nfe: {run (interval): [(ω, value), ...]}} from each run's latest step with guided rows,
     for series with at least two guidance values (the last row per ω wins)."""
@@ -89,16 +124,31 @@ def _stacked_plot(
     plt, panels: dict[str, dict[str, list[tuple]]], path: Path, marker: str | None = None, xlabel: str = "step"
 ) -> Path:
     """One panel per y-label, stacked over a shared x axis (step, or ω); in each, a line per run (its
-    (x, value) points; runs without points are skipped but keep their colour)."""
+    (x, value) points; runs without points are skipped). A line is keyed by its run, or by (run, setting)
+    where a run has several (``metric_panels``): a run keeps one colour over all panels, a setting one
+    dash pattern, and one legend, on the top panel, names every line, including those the top panel
+    has no points of."""
+    from matplotlib.lines import Line2D
+
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
+    colours: dict[str, str] = {}  # per run
+    styles: dict[str, tuple[str, str]] = {}  # per line: colour, dash (a run's settings: solid, dashed, ...)
     for ax, (label, runs) in zip(axes[:, 0], panels.items()):
-        for i, (name, pts) in enumerate(runs.items()):
+        for key, pts in runs.items():
+            name, setting = key if isinstance(key, tuple) else (key, "")
+            colours.setdefault(name, f"C{len(colours) % 10}")
+            line = f"{name} ({setting})" if setting else name
+            if line not in styles:
+                n = sum(1 for other in styles if other == name or other.startswith(name + " ("))
+                styles[line] = (colours[name], ("-", "--", ":", "-.")[n % 4])
             if pts:
-                ax.plot(*zip(*pts), color=f"C{i}", marker=marker, label=name)
+                ax.plot(*zip(*pts), color=styles[line][0], linestyle=styles[line][1], marker=marker, label=line)
         ax.set_ylabel(label)
-    axes[0, 0].legend(fontsize=7)
+    handles = [Line2D([], [], color=c, linestyle=ls, marker=marker, label=line) for line, (c, ls) in styles.items()]
+    # beside the top panel, outside the axes, so that a long legend hides no points
+    axes[0, 0].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel(xlabel)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
