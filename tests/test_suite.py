@@ -373,7 +373,10 @@ def test_the_shipped_1h_dispersive_ablation_and_gpu_suites_load():
     assert ablation["alpha0_1h"].curve.full_steps == [900] and not ablation["alpha0_1h"].curve.schedule
     assert ablation["ratio75"].cfg.objective["ratio_r_neq_t"] == 0.75
     gpu = {r.name: r for r in load_suite([str(suites / "fashion_gpu.yaml")], overrides=["data.root=DIR"]).runs}
-    assert set(gpu) == {name for name in hour if "_seed" not in name}  # seed 0 of each seeds group
+    assert set(gpu) == set(hour)  # every run, the dispersive arms' three seeds included
+    assert {n: (r.cfg.seed, r.seeds) for n, r in gpu.items() if r.seeds} == {
+        n: (r.cfg.seed, r.seeds) for n, r in hour.items() if r.seeds
+    }
     for name, run in gpu.items():  # 10x the images of the 1-hour run: batch 4x, steps 2.5x
         assert run.cfg.train.batch_size == 256 and run.cfg.train.precision == "bf16", name
         assert run.steps * 256 == 10 * hour[name].steps * 64, name
