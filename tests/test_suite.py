@@ -77,6 +77,8 @@ def test_suite_trains_scores_resumes_and_writes_the_table(tiny_suite, capfd):
     from PIL import Image
 
     assert "| mf | mf, mf_s1 |" in md  # the seeds group's mean ± std
+    # The two seeds share a label: each row names its run; a label of one run stands alone.
+    assert "| MeanFlow (mf) | 1 |" in md and "| MeanFlow (mf_s1) | 1 |" in md and "| CD | 1 |" in md
     assert Image.open(root / "seeds.png").size[0] > 0  # and its figure: each seed, mean ± std
     for name in ("fm", "cd", "mf", "mf_s1"):
         assert (root / "grids" / f"{name}.png").is_file()
@@ -532,6 +534,10 @@ def test_curve_standings_name_the_leader_per_point_and_how_each_curve_ends():
     tables = "\n".join(budget_tables(suite, rows, ["fd", "acc"]))
     assert "At 15 minutes of the budget:" in tables and "| B | 150 | 1 | — | 1000 | 1 | 0.99 |" in tables
     assert tables.count("| B |") == 1 and "At 60" not in tables
+    from onestep.suite.spec import table_labels
+
+    # In the tables' method column a label shared by several runs carries the run's name.
+    assert table_labels(runs) == {"a": "A (a)", "a1": "A (a1)", "b": "B", "c": "C", "d": "D", "e": "A (e)"}
 
 
 def test_suite_wall_time_sums_each_invocation_to_its_last_event(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from onestep.suite.spec import METRIC_LABELS as LABELS
-from onestep.suite.spec import Suite, SuiteRun, metric_columns, pass_sampler
+from onestep.suite.spec import Suite, SuiteRun, metric_columns, pass_sampler, table_labels
 from onestep.utils.atomic import atomic_write
 from onestep.utils.rundir import RunDir
 
@@ -111,10 +111,11 @@ def write_curves(suite: Suite, echo=print) -> list[Path]:
     atomic_write(root / "curves.csv", lambda f: f.write(buf.getvalue().encode()))
     head = ["method", "step", "budget min", "train min", "NFE", "guidance", "samples", *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    labels = table_labels(suite.runs)
     for r in rows:
         mark = " *" if r["schedule"] else ""
         nfe = str(r["nfe"]) + (" (restart)" if r["sampler"] == "restart" else "")
-        cells = [r["method"], str(r["step"]) + mark, _num(r["budget_min"]), _num(r["train_min"]), nfe]
+        cells = [labels[r["run"]], str(r["step"]) + mark, _num(r["budget_min"]), _num(r["train_min"]), nfe]
         cells += [_num(r["guidance"]), str(r["num_samples"]), *(_num(r.get(m)) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = sorted({f"{r['method']}: {r['schedule']}" for r in rows if r["schedule"]})
@@ -236,6 +237,7 @@ def budget_tables(suite: Suite, rows: list[dict], metrics: list[str]) -> list[st
         points.setdefault(_point(r), []).append(r)
     lines = []
     head = ["method", "step", "NFE", "guidance", "samples", *(LABELS.get(m, m) for m in metrics)]
+    labels = table_labels(suite.runs)
     for minute in sorted(points):
         lines += ["", f"At {_shown_minutes(points[minute])} minutes of the budget:", ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -243,7 +245,7 @@ def budget_tables(suite: Suite, rows: list[dict], metrics: list[str]) -> list[st
         for r in group:
             nfe = str(r["nfe"]) + (" (restart)" if r["sampler"] == "restart" else "")
             step = str(r["step"]) + (" *" if r["schedule"] else "")
-            cells = [r["method"], step, nfe, _num(r["guidance"]), str(r["num_samples"])]
+            cells = [labels[r["run"]], step, nfe, _num(r["guidance"]), str(r["num_samples"])]
             lines.append("| " + " | ".join(cells + [_num(r.get(m)) for m in metrics]) + " |")
     return lines
 

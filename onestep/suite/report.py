@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from onestep.registry import ConfigError
-from onestep.suite.spec import METRIC_COLUMNS, METRIC_LABELS, Suite, metric_columns, trained_step
+from onestep.suite.spec import METRIC_COLUMNS, METRIC_LABELS, Suite, metric_columns, table_labels, trained_step
 from onestep.utils.atomic import atomic_write
 from onestep.utils.rundir import RunDir, read_jsonl
 
@@ -121,8 +121,10 @@ def write_results(suite: Suite, echo=print) -> None:
     atomic_write(suite.root / "results.csv", lambda f: f.write(buf.getvalue().encode()))
     head = ["method", "NFE", "guidance", *(_heading(m, higher) for m in columns), "train min", "params", "img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    labels = table_labels(suite.runs)
     for r in rows:
-        cells = [r["method"] + ("" if r["status"] == "trained" else f" ({r['status']})"), _num(r["nfe"])]
+        method = labels[r["run"]]
+        cells = [method + ("" if r["status"] == "trained" else f" ({r['status']})"), _num(r["nfe"])]
         cells += [_num(r["guidance"]), *(_num(r.get(m)) for m in columns)]
         cells += [_num(r["train_min"]), _num(r["params"]), _num(r["images_per_s"])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -91,6 +91,15 @@ class Suite:
         return int(self.eval.get("seed", run.cfg.eval.seed))
 
 
+def table_labels(runs) -> dict[str, str]:
+    """{run name: its name in the tables' method column}: its label, followed by the run's name where
+    other runs share that label (the seeds of one method), so that every row says which run it is."""
+    count: dict[str, int] = {}
+    for run in runs:
+        count[run.label] = count.get(run.label, 0) + 1
+    return {run.name: f"{run.label} ({run.name})" if count[run.label] > 1 else run.label for run in runs}
+
+
 def _fmt(items: list[str], root: Path) -> list[str]:
     return [str(x).replace("{root}", str(root)) for x in items]
 
