@@ -92,6 +92,34 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_recipe, tmp_path):
     assert all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
+def test_a_stop_on_a_kept_step_keeps_its_numbered_checkpoint(tiny_recipe, tmp_path):
+    """SIGTERM handled at the end of a step that train.keep_steps names writes that step's numbered
+    checkpoint as well as last.pt (the resumed run starts after it and would never write it: a
+    learning curve's point would be lost); a stop on another step writes last.pt only."""
+    import signal
+
+    from onestep.train.loop import TrainingInterrupted
+
+    for stop_at, numbered in ((4, True), (3, False)):
+        cfg = load_config(tiny_recipe, ["train.keep_steps=[4]", "train.checkpoint_every=0"])
+        run = tmp_path / f"stop{stop_at}"
+        trainer = Trainer(cfg, run)
+        real_step = trainer.train_step
+
+        def step_then_signal(step, real_step=real_step, trainer=trainer, stop_at=stop_at):
+            logs = real_step(step)
+            if step + 1 == stop_at:  # the signal arrives during this step: handled after it
+                trainer._stop_signal = signal.SIGTERM
+            return logs
+
+        trainer.train_step = step_then_signal
+        with pytest.raises(TrainingInterrupted):
+            trainer.run()
+        rd = RunDir(run)
+        assert load_checkpoint(run)["step"] == stop_at
+        assert rd.checkpoint_path(stop_at).is_file() == numbered, stop_at
+
+
 def test_dry_run_prints_config_and_params(capsys):
     assert main(["train", "meanflow_b2", "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -346,15 +346,18 @@ class Trainer:
                             "time_s": round(now - t0, 2),
                         }
                     )
+                every = t.checkpoint_every and self.step % t.checkpoint_every == 0
+                numbered = bool(every or self.step in t.keep_steps) and self.step != t.steps
                 if self._stop_signal:
+                    # A step due a numbered checkpoint keeps it even when stopped there: the resumed
+                    # run starts after it and would never write it (a learning curve's point).
                     if main_proc:
-                        self.save(numbered=False)
+                        self.save(numbered=numbered)
                     distributed.barrier()
                     raise TrainingInterrupted(self.rundir, self.step, int(self._stop_signal))
                 if main_proc and t.sample_every and self.step % t.sample_every == 0:
                     self.preview()
-                every = t.checkpoint_every and self.step % t.checkpoint_every == 0
-                if main_proc and (every or self.step in t.keep_steps) and self.step != t.steps:
+                if main_proc and numbered:
                     self.save(numbered=True)
                 if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step != t.steps:
                     self.periodic_eval()  # on every rank
