@@ -67,6 +67,10 @@ _SETTING = (
 )
 
 
+def _setting(row: dict) -> tuple:
+    return tuple(row.get(k) for k, _ in _SETTING)
+
+
 def metric_panels(metrics: dict[str, list[dict]]) -> dict[str, dict[str | tuple[str, str], list[tuple]]]:
     """{metric@nfe: {line: [(step, value), ...]}} from each run's metrics.jsonl rows. A run whose rows
     come from several settings (``_SETTING``: sample count, guidance, sampler, weights, sampling seed)
@@ -77,8 +81,7 @@ def metric_panels(metrics: dict[str, list[dict]]) -> dict[str, dict[str | tuple[
     for name, rows in metrics.items():
         count: dict[tuple, int] = {}
         for r in rows:
-            key = tuple(r.get(k) for k, _ in _SETTING)
-            count[key] = count.get(key, 0) + 1
+            count[_setting(r)] = count.get(_setting(r), 0) + 1
         varies = [i for i in range(len(_SETTING)) if len({key[i] for key in count}) > 1]
         settings[name] = {
             key: ", ".join(_SETTING[i][1](key[i]) for i in varies) for key in sorted(count, key=lambda k: -count[k])
@@ -91,10 +94,12 @@ def metric_panels(metrics: dict[str, list[dict]]) -> dict[str, dict[str | tuple[
             if len(settings[name]) <= 1:
                 panel[name] = sorted((r["step"], r["value"]) for r in mine)
                 continue
+            by_setting: dict[tuple, list] = {}
+            for r in mine:
+                by_setting.setdefault(_setting(r), []).append((r["step"], r["value"]))
             for key, what in settings[name].items():
-                pts = sorted((r["step"], r["value"]) for r in mine if tuple(r.get(k) for k, _ in _SETTING) == key)
-                if pts:
-                    panel[(name, what)] = pts
+                if key in by_setting:
+                    panel[(name, what)] = sorted(by_setting[key])
     return panels
 
 
@@ -132,14 +137,15 @@ def _stacked_plot(
 
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
     colours: dict[str, str] = {}  # per run
-    styles: dict[str, tuple[str, str]] = {}  # per line: colour, dash (a run's settings: solid, dashed, ...)
+    lines_of: dict[str, int] = {}  # per run: its lines so far (its settings: solid, dashed, ...)
+    styles: dict[str, tuple[str, str]] = {}  # per line: colour, dash
     for ax, (label, runs) in zip(axes[:, 0], panels.items()):
         for key, pts in runs.items():
             name, setting = key if isinstance(key, tuple) else (key, "")
             colours.setdefault(name, f"C{len(colours) % 10}")
             line = f"{name} ({setting})" if setting else name
             if line not in styles:
-                n = sum(1 for other in styles if other == name or other.startswith(name + " ("))
+                n = lines_of[name] = lines_of.get(name, -1) + 1
                 styles[line] = (colours[name], ("-", "--", ":", "-.")[n % 4])
             if pts:
                 ax.plot(*zip(*pts), color=styles[line][0], linestyle=styles[line][1], marker=marker, label=line)
